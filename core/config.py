@@ -1,0 +1,143 @@
+"""The one settings tree: Python keywords, TOML keys and CLI flags all come from `Config`.
+
+A new setting is added here, once, with its default and its description; `LLM(**kw)`,
+`--config FILE` and `fastgen serve --flag` pick it up from this class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # What to serve.
+    model: Annotated[str | None, _doc(
+        "checkpoint folder (config.json, *.safetensors, tokenizer) or a .gguf file; "
+        "empty: the built-in demo model, SmolLM2-135M-Instruct")] = None
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], _doc(
+        "dtype of weights, activations and the KV cache")] = "float32"
+    device: Annotated[str, _doc("torch device to run on: auto, cpu, cuda, cuda:1, ...")] = "auto"
+    max_model_len: Annotated[int | None, _doc(
+        "longest sequence (prompt + generated) accepted; default: the model's own limit")] = None
+    served_model_name: Annotated[str | None, _doc(
+        "name clients use for the model; default: the checkpoint's folder name")] = None
+
+    # Which plugins do the work (each is the NAME of a KIND.NAME plugin).
+    kernels: Annotated[str, _doc("kernel backend plugin (kernels.NAME)")] = "torch"
+    scheduler: Annotated[str, _doc("scheduler plugin (schedulers.NAME)")] = "splitfuse"
+    transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "stdin"
+
+    # Scheduling.
+    token_budget: Annotated[int, _doc(
+        "tokens computed per forward pass (SplitFuse keeps every step at this size)")] = 512
+    max_num_seqs: Annotated[int, _doc("most sequences in one step")] = 64
+
+    # KV cache.
+    block_size: Annotated[int, _doc("tokens per KV cache block")] = 16
+    num_blocks: Annotated[int | None, _doc(
+        "KV cache blocks; default: as many as kv_cache_gb holds")] = None
+    kv_cache_gb: Annotated[float, _doc("memory given to the KV cache when num_blocks is unset")] = 1.0
+
+    # Runtime.
+    seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
+    threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
+    cache_dir: Annotated[str | None, _doc(
+        "where converted checkpoints are kept; default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen")] = None
+
+    # Serving.
+    host: Annotated[str, _doc("address a network transport binds")] = "127.0.0.1"
+    port: Annotated[int, _doc("port a network transport listens on")] = 8000
+
+    def __post_init__(self) -> None:
+        for name in ("token_budget", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}.")
+
+
+def config_fields() -> list[msgspec.structs.FieldInfo]:
+    return list(msgspec.structs.fields(Config))
+
+
+def make_config(base: Config | None = None, **overrides: Any) -> Config:
+    """A validated Config from keywords, on top of `base` (or the defaults)."""
+    values = msgspec.structs.asdict(base) if base is not None else {}
+    unknown = sorted(set(overrides) - {f.name for f in config_fields()})
+    if unknown:
+        known = ", ".join(f.name for f in config_fields())
+        raise ConfigError(f"Unknown setting {', '.join(unknown)}; the settings are: {known}.")
+    values.update({k: v for k, v in overrides.items()})
+    try:
+        return msgspec.convert(values, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"Invalid setting: {e}.") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML or JSON file, as a plain dict (validated when merged)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path}: {e.strerror}.") from None
+    try:
+        data = msgspec.json.decode(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
+    except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {e}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a table of settings.")
+    return data
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the type argparse should parse, whether None is allowed) for a field's annotation."""
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], len(non_none) < len(args)
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per Config field; unset flags stay absent so file values are not overridden."""
+    group = parser.add_argument_group("settings (also keys of --config FILE)")
+    for field in config_fields():
+        tp, _ = _base_type(field.type)
+        description = ""
+        if typing.get_origin(field.type) is Annotated:
+            for meta in typing.get_args(field.type)[1:]:
+                if isinstance(meta, msgspec.Meta) and meta.description:
+                    description = meta.description
+        flag = "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
+                                  "help": f"{description} (default: {field.default})"}
+        if typing.get_origin(tp) is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif tp in (int, float):
+            kwargs["type"] = tp
+        group.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then --config FILE, then the flags given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    names = {f.name for f in config_fields()}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return make_config(**values)

@@ -1,0 +1,290 @@
+"""Engine: the synchronous step loop — schedule, build the ragged batch, run the model, sample."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .block_allocator import BlockAllocator
+from .config import Config
+from .detokenizer import IncrementalDetokenizer
+from .errors import FastgenError, PluginError, RequestError
+from .kernels import SamplingMetadata
+from .model import load_model
+from .plugin_manager import PluginManager, load_plugins
+from .ragged_batch import RaggedBatch
+from .request import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepStats:
+    """What one step did and where its time went (seconds)."""
+
+    num_tokens: int = 0
+    num_seqs: int = 0
+    num_decodes: int = 0
+    num_preempted: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
+    schedule_s: float = 0.0     # scheduler, block growth, batch metadata: host work before the model
+    forward_s: float = 0.0      # the model's forward pass
+    sample_s: float = 0.0       # sampling, including the copy of the tokens to the host
+    postprocess_s: float = 0.0  # appending tokens, stop checks, detokenization
+
+    @property
+    def host_s(self) -> float:
+        return self.schedule_s + self.postprocess_s
+
+
+@dataclass
+class EngineTotals:
+    steps: int = 0
+    tokens: int = 0
+    preemptions: int = 0
+    time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("schedule_s", "forward_s", "sample_s", "postprocess_s"), 0.0))
+
+    def add(self, stats: StepStats) -> None:
+        self.steps += 1
+        self.tokens += stats.num_tokens
+        self.preemptions += stats.num_preempted
+        for key in self.time:
+            self.time[key] += getattr(stats, key)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FastgenError(f"Unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+
+
+class Engine:
+    def __init__(self, config: Config, plugins: PluginManager | None = None) -> None:
+        from .checkpoint import resolve_checkpoint
+
+        self.config = config
+        self.plugins = plugins or load_plugins()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.backend = self._make_backend()
+        scheduler_cls = self.plugins.registry.get("schedulers", config.scheduler).cls
+        self.scheduler = scheduler_cls(config)
+
+        self.checkpoint = resolve_checkpoint(config.model, config.cache_dir, config.dtype)
+        self.model, self.hf_config = load_model(self.checkpoint, self.plugins, self.backend,
+                                                self.dtype, self.device)
+        self.tokenizer, self.eos_token_ids = load_tokenizer(self.checkpoint, self.hf_config)
+        self.model_name = config.served_model_name or Path(config.model or "SmolLM2-135M-Instruct").stem
+
+        self.kv_cache = self._allocate_kv_cache()
+        self.allocator = BlockAllocator(len(self.kv_cache[0][0]))
+        pool_tokens = self.allocator.num_blocks * config.block_size
+        model_limit = getattr(self.hf_config, "max_position_embeddings", None) or pool_tokens
+        self.max_model_len = min(config.max_model_len or model_limit, model_limit, pool_tokens)
+
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.totals = EngineTotals()
+        self.last_stats = StepStats()
+        self._next_id = 0
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _make_backend(self):
+        info = self.plugins.registry.get("kernels", self.config.kernels)
+        reason = info.cls.unavailable_reason(self.device)
+        if reason:
+            usable = [i.full_name for i in self.plugins.registry.items["kernels"].values()
+                      if not i.cls.unavailable_reason(self.device)]
+            raise PluginError(f"kernels.{info.name} cannot run on {self.device}: {reason} "
+                              f"Usable here: {', '.join(usable) or 'none'}.")
+        return info.cls(self.device)
+
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        layers, kv_heads, head_dim = self.model.kv_cache_spec
+        bs = self.config.block_size
+        per_block = 2 * layers * bs * kv_heads * head_dim * self.dtype.itemsize
+        num_blocks = self.config.num_blocks or max(1, int(self.config.kv_cache_gb * 2**30 // per_block))
+        shape = (num_blocks, bs, kv_heads, head_dim)
+        # Zeroed, not empty: padding slots are masked out, but 0 * NaN garbage would still be NaN.
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(layers)]
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"Prompt token ids must be integers in [0, {vocab}); got {bad[:3]}.")
+        return list(prompt)
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise RequestError(f"The prompt has {len(token_ids)} tokens; this engine serves at most "
+                               f"{self.max_model_len - 1} prompt tokens (max_model_len "
+                               f"{self.max_model_len}). Shorten the prompt.")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        seq = Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.sequences:
+            raise RequestError(f"Request id {seq.request_id!r} is already in use.")
+        self.sequences[seq.request_id] = seq
+        self.detokenizers[seq.request_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.token_ids, seq.params.stop)
+        self.waiting.append(seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        seq = self.make_sequence(prompt, params, request_id)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        return self._finish(seq, FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass; return an output for every request that advanced or finished."""
+        if not self.has_unfinished():
+            return []
+        stats = StepStats()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule(self.waiting, self.running, self.allocator.num_free)
+        self._preempt(plan.preempted)
+        if not plan.scheduled:
+            if not plan.preempted:
+                raise FastgenError(f"Scheduler {self.config.scheduler!r} scheduled nothing with "
+                                   f"{len(self.waiting)} waiting and {len(self.running)} running.")
+            return []
+        self._admit_and_grow(plan.scheduled)
+        batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
+        batch.attn_metadata = self.backend.prepare(batch)
+        sampling = SamplingMetadata.build(batch.sampling_seqs, self.device)
+        t1 = time.perf_counter()
+        logits = self.model.forward(batch, self.kv_cache)
+        t2 = time.perf_counter()
+        next_tokens = self.backend.sample(logits, sampling, self.generator).tolist()
+        t3 = time.perf_counter()
+        outputs = self._postprocess(batch, next_tokens)
+        t4 = time.perf_counter()
+
+        stats.num_tokens, stats.num_seqs = batch.num_tokens, batch.num_seqs
+        stats.num_decodes, stats.num_preempted = batch.num_decodes, len(plan.preempted)
+        stats.blocks_used, stats.blocks_free = self.allocator.num_used, self.allocator.num_free
+        stats.schedule_s, stats.forward_s, stats.sample_s, stats.postprocess_s = (
+            t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        self.totals.add(stats)
+        self.last_stats = stats
+        self.plugins.hook.on_step_finished(engine=self, stats=stats)
+        return outputs
+
+    def _preempt(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.running.remove(seq)
+            self.allocator.free(seq.block_ids)
+            seq.block_ids = []
+            seq.num_computed = 0
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+        # Back to the front, oldest first, so they resume before newer requests.
+        for seq in sorted(seqs, key=lambda s: s.seq_index, reverse=True):
+            self.waiting.appendleft(seq)
+
+    def _admit_and_grow(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        bs = self.config.block_size
+        for seq, n in scheduled:
+            if seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+                seq.status = SequenceStatus.RUNNING
+            seq.block_ids += self.allocator.allocate(seq.blocks_needed(n, bs))
+
+    def _postprocess(self, batch: RaggedBatch, next_tokens: list[int]) -> list[RequestOutput]:
+        for seq, n in zip(batch.sequences, batch.query_lens):
+            seq.num_computed += n
+        outputs = []
+        now = time.monotonic()
+        for seq, token in zip(batch.sampling_seqs, next_tokens):
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                outputs.append(self._finish(seq, reason))
+            else:
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        hit_stop_string = self.detokenizers[seq.request_id].add(token)
+        if hit_stop_string or token in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token in seq.eos_token_ids:
+            return FinishReason.STOP
+        if seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, seq: Sequence, finished: bool = False) -> RequestOutput:
+        detok = self.detokenizers[seq.request_id]
+        new_text = detok.take_new_text(finished)
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.prompt_len],
+                             token_ids=seq.output_token_ids,
+                             text=detok.text if finished else detok.text[:detok.emitted],
+                             new_text=new_text, finished=finished,
+                             finish_reason=seq.finish_reason.value if seq.finish_reason else None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        output = self._output(seq, finished=True)
+        del self.sequences[seq.request_id]
+        del self.detokenizers[seq.request_id]
+        self.plugins.hook.on_request_finished(engine=self, output=output)
+        return output

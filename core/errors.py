@@ -1,0 +1,21 @@
+"""Errors users see: each message is one sentence saying what is wrong and what to do."""
+
+
+class FastgenError(Exception):
+    """Base of every error fastgen raises on purpose."""
+
+
+class ConfigError(FastgenError, ValueError):
+    """A setting is unknown or out of range."""
+
+
+class PluginError(FastgenError):
+    """A plugin is unknown, failed to load, clashes with another, or cannot run here."""
+
+
+class ModelLoadError(FastgenError):
+    """A checkpoint is missing, incomplete or of an architecture no plugin serves."""
+
+
+class RequestError(FastgenError, ValueError):
+    """A request cannot be served as given (too long, bad sampling parameters, ...)."""

@@ -1,0 +1,86 @@
+"""The KernelBackend protocol: the op set every backend implements over a RaggedBatch.
+
+Models call only these ops (plus plain torch linear algebra), so a backend is swapped without
+touching a model. The torch reference backend (`kernels.torch`) is the ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from .request import Sequence
+
+
+@dataclass
+class SamplingMetadata:
+    """Per sampling sequence parameters, as tensors on the device. S = sampling sequences."""
+
+    temperatures: torch.Tensor   # [S] float32; 0 = greedy
+    top_k: torch.Tensor          # [S] int64; 0 = off
+    top_p: torch.Tensor          # [S] float32; 1 = off
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    generators: list[torch.Generator | None]   # [S] per-request seeded generators
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], device: torch.device) -> "SamplingMetadata":
+        params = [s.params for s in seqs]
+        return cls(
+            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
+            all_greedy=all(p.temperature == 0 for p in params),
+            any_top_k=any(p.top_k > 0 for p in params),
+            any_top_p=any(p.top_p < 1 for p in params),
+            generators=[s.generator for s in seqs],
+        )
+
+
+class KernelBackend(Protocol):
+    name: ClassVar[str]
+
+    def __init__(self, device: torch.device) -> None: ...
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device | None) -> str | None:
+        """None when the backend can run on `device` (None: on this machine at all); else why not."""
+        ...
+
+    def prepare(self, batch: Any) -> Any:
+        """Derive once per step whatever the attention op needs from the batch metadata."""
+        ...
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]."""
+        ...
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  batch: Any, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D]. Causal within each sequence over its cached and new keys,
+        grouped-query heads (H a multiple of Hkv); with a window, query at position p sees keys at
+        positions > p - window."""
+        ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, E]. With a residual, normalises x + residual. Returns (normed, new residual)."""
+        ...
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2] for the first R dims of each head."""
+        ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2I] -> silu(x[:, :I]) * x[:, I:]: [T, I]."""
+        ...
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits: [S, V] float32 -> next token ids [S] int64 (greedy, temperature, top-k, top-p)."""
+        ...

@@ -1,0 +1,55 @@
+"""LLM: the offline Python API — build an engine from keywords, generate for a list of prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import make_config
+from .engine import Engine
+from .request import RequestOutput, SamplingParams
+from .tokenizer import apply_chat_template
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=DIR, kernels="torch", scheduler="splitfuse", token_budget=256)`.
+
+    Every `Config` field is a keyword.
+    """
+
+    def __init__(self, model: str | None = None, **settings: Any) -> None:
+        self.config = make_config(model=model, **settings)
+        self.engine = Engine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """One finished output per prompt, in prompt order. Prompts are strings or token id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"Got {len(params_list)} sampling params for {len(prompts)} prompts.")
+        # Validate every prompt before queueing any, so a bad one leaves the engine untouched.
+        seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompts, params_list)]
+        for seq in seqs:
+            self.engine.add_sequence(seq)
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[s.request_id] for s in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate answers to conversations, each a list of {"role", "content"} messages."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [apply_chat_template(self.tokenizer, conv) for conv in conversations]
+        return self.generate(prompts, sampling_params)

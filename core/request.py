@@ -1,0 +1,134 @@
+"""Requests as users give them, and sequences as the engine runs them."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import msgspec
+
+from .errors import RequestError
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0       # 0 means greedy
+    top_k: int = 0                 # 0 means no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None        # per-request seed: the same seed gives the same tokens
+    stop: list[str] = []           # generation ends before the first of these strings
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be 0 or more, got {self.temperature}.")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must not be empty.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # an end-of-sequence token, a stop token id or a stop string
+    LENGTH = "length"    # max_tokens or the model's context length
+    ABORT = "abort"      # the client went away or the engine shut down
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One request's generation state: its tokens, how many have KV in the cache, its blocks.
+
+    `token_ids` is the prompt followed by the generated tokens. The first `num_computed` of them
+    have their keys and values in the blocks of `block_ids`; the rest are pending and are what a
+    step computes. A preempted sequence drops its blocks and sets `num_computed` to 0: it is
+    recomputed from its tokens later, prompt and generated alike.
+    """
+
+    __slots__ = ("request_id", "token_ids", "prompt_len", "params", "num_computed", "block_ids",
+                 "status", "finish_reason", "arrival_time", "first_token_time", "seq_index",
+                 "generator", "stop_text_len", "eos_token_ids", "num_preemptions")
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        if not prompt_token_ids:
+            raise RequestError("The prompt is empty; give at least one token.")
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.prompt_len = len(prompt_token_ids)
+        self.params = params
+        self.num_computed = 0
+        self.block_ids: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.seq_index = next(_ids)  # admission order for fair, deterministic scheduling
+        self.generator = None        # torch.Generator, made by the sampler when a seed is given
+        self.stop_text_len: int | None = None
+        self.eos_token_ids = eos_token_ids
+        self.num_preemptions = 0
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def blocks_needed(self, num_new: int, block_size: int) -> int:
+        """Blocks to add so that `num_new` more tokens fit after the computed ones."""
+        total = -(-(self.num_computed + num_new) // block_size)
+        return max(0, total - len(self.block_ids))
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={len(self.token_ids)}, "
+                f"computed={self.num_computed}, blocks={len(self.block_ids)}, {self.status.value})")
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """What a request has produced so far; `finished` is set on the last one."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    new_text: str = ""             # text added since the previous output for this request
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt_token_ids),
+                "completion_tokens": len(self.token_ids),
+                "total_tokens": len(self.prompt_token_ids) + len(self.token_ids)}
