@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -104,7 +105,7 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.totals = EngineTotals()
         self.last_stats = StepStats()
-        self._next_id = 0
+        self._request_ids = itertools.count()   # next() is atomic: transports call from their thread
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -149,8 +150,7 @@ class Engine:
                                f"{self.max_model_len - 1} prompt tokens (max_model_len "
                                f"{self.max_model_len}). Shorten the prompt.")
         if request_id is None:
-            request_id = f"req-{self._next_id}"
-            self._next_id += 1
+            request_id = f"req-{next(self._request_ids)}"
         seq = Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)

@@ -1,0 +1,156 @@
+"""The `fastgen` command: serve | generate | plugins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .config import Config, add_config_arguments, config_from_args
+from .errors import FastgenError
+from .plugin_manager import KINDS, load_plugins
+
+# `--plugin KIND.NAME` sets the Config field that selects a plugin of that kind.
+_PLUGIN_FIELDS = {"kernels": "kernels", "schedulers": "scheduler", "transports": "transport"}
+
+
+def _apply_plugin_flags(args: argparse.Namespace) -> None:
+    registry = load_plugins().registry
+    for full_name in args.plugin or []:
+        kind, _, name = full_name.partition(".")
+        if kind == "models":
+            raise FastgenError(f"{full_name}: model plugins are chosen by the checkpoint's "
+                               f"architecture, not by --plugin.")
+        if kind not in _PLUGIN_FIELDS or not name:
+            raise FastgenError(f"--plugin takes KIND.NAME with KIND one of "
+                               f"{', '.join(_PLUGIN_FIELDS)}; got {full_name!r}.")
+        registry.get(kind, name)  # fails early, listing what is installed
+        setattr(args, _PLUGIN_FIELDS[kind], name)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings")
+    parser.add_argument("--plugin", action="append", metavar="KIND.NAME",
+                        help="select a plugin for its kind, e.g. kernels.torch (repeatable)")
+    add_config_arguments(parser)
+
+
+def _build_config(args: argparse.Namespace) -> Config:
+    _apply_plugin_flags(args)
+    return config_from_args(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .async_engine import AsyncEngine
+    from .engine import Engine
+
+    config = _build_config(args)
+    transport_cls = load_plugins().registry.get("transports", config.transport).cls
+    engine = Engine(config)
+    print(f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
+          f"kernels.{config.kernels}, schedulers.{config.scheduler} on {engine.device} "
+          f"({engine.allocator.num_blocks} KV blocks of {config.block_size} tokens)", file=sys.stderr)
+    transport_cls(AsyncEngine(engine).start(), config).run()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+    from .request import SamplingParams
+    from .tokenizer import apply_chat_template
+
+    config = _build_config(args)
+    llm = LLM(**{f: getattr(config, f) for f in config.__struct_fields__})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed_request,
+                            stop=args.stop or [], ignore_eos=args.ignore_eos)
+    use_chat = args.chat if args.chat is not None else bool(getattr(llm.tokenizer, "chat_template", None))
+    prompt = (apply_chat_template(llm.tokenizer, [{"role": "user", "content": args.prompt}])
+              if use_chat else args.prompt)
+    start = time.perf_counter()
+    out = llm.generate(prompt, params)[0]
+    elapsed = time.perf_counter() - start
+    print(out.text)
+    print(f"[{len(out.token_ids)} tokens in {elapsed:.2f} s, finish_reason={out.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def _plugin_rows() -> list[dict]:
+    from .engine import resolve_device
+
+    manager = load_plugins()
+    device = resolve_device("auto")
+    rows = []
+    for info in manager.registry.all():
+        check = getattr(info.cls, "unavailable_reason", None)
+        reason = check(device) if check else None
+        rows.append({"kind": info.kind, "name": info.full_name, "package": info.package,
+                     "available": reason is None, "reason": reason or ""})
+    for name, message in manager.registry.import_errors.items():
+        rows.append({"kind": name.partition(".")[0], "name": name, "package": "?",
+                     "available": False, "reason": message})
+    return rows
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    rows = _plugin_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("kind", "name", "package")}
+    header = "  ".join(k.upper().ljust(widths[k]) for k in widths) + "  AVAILABLE"
+    print(header)
+    for kind in KINDS:
+        for r in (r for r in rows if r["kind"] == kind):
+            status = "yes" if r["available"] else f"no: {r['reason']}"
+            print("  ".join(str(r[k]).ljust(widths[k]) for k in widths) + "  " + status)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model through a transport plugin")
+    _common(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed-request", type=int, default=None, help="seed of this request's sampling")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap the prompt in the model's chat template (default: when it has one)")
+    _common(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and whether they can run here")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FastgenError as e:
+        print(f"fastgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
