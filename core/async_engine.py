@@ -78,7 +78,8 @@ class AsyncEngine:
         its blocks at the engine's next step.
         """
         if not self.alive or not self.accepting:
-            raise EngineDeadError("The engine is not accepting requests (it is shutting down).")
+            state = "shutting down" if self._thread is not None else "not started"
+            raise EngineDeadError(f"The engine is not accepting requests (it is {state}).")
         seq = self.engine.make_sequence(prompt, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -114,9 +115,16 @@ class AsyncEngine:
         with self._lock:
             last = isinstance(item, BaseException) or item.finished
             target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if target is not None:
-            loop, queue = target
+        if target is None:
+            return
+        loop, queue = target
+        try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # that reader's event loop is closed: nobody will read this request
+            if not last:
+                with self._lock:
+                    self._streams.pop(request_id, None)
+                self.abort(request_id)
 
     def _take_commands(self) -> tuple[list, list[str]]:
         with self._lock:
@@ -125,6 +133,21 @@ class AsyncEngine:
         return adds, aborts
 
     def _loop(self) -> None:
+        try:
+            self._serve_steps()
+        except BaseException as e:  # never leave readers waiting on a thread that is gone
+            log.exception("the engine loop died")
+            self._stop = True
+            error = EngineDeadError(f"The engine loop stopped ({type(e).__name__}: {e}); restart the server.")
+            with self._lock:
+                streams, self._streams = self._streams, {}
+            for loop, queue in streams.values():
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, error)
+                except RuntimeError:
+                    pass
+
+    def _serve_steps(self) -> None:
         engine = self.engine
         while not self._stop:
             adds, aborts = self._take_commands()

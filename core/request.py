@@ -34,6 +34,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}.")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty.")
 

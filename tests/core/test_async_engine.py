@@ -1,0 +1,212 @@
+"""AsyncEngine: concurrent generate() from asyncio, consumers that leave, shutdown, bad requests.
+
+Each test runs in its own event loop (asyncio.run) with its own AsyncEngine around one shared
+Engine, and leaves that Engine with no sequences and every KV block free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from fastgen import LLM, RequestError, SamplingParams
+from fastgen.async_engine import AsyncEngine, EngineDeadError
+from fastgen.config import make_config
+from fastgen.engine import Engine
+
+SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
+LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)   # runs for seconds
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return Engine(make_config(model=str(tiny_llama[0]), **SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(model=str(tiny_llama[0]), **SETTINGS)
+
+
+def run(engine: Engine, body, timeout: float = 30.0):
+    """`await body(async_engine)` in a fresh event loop; check the engine is left clean."""
+    async def main():
+        async_engine = AsyncEngine(engine).start()
+        try:
+            return await asyncio.wait_for(body(async_engine), timeout)
+        finally:
+            await async_engine.shutdown(timeout=0)
+    result = asyncio.run(main())
+    assert not engine.sequences and not engine.has_unfinished()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    return result
+
+
+async def collect(async_engine: AsyncEngine, prompt, params: SamplingParams, request_id=None):
+    """All outputs of one request, checking that the pieces add up to the final output."""
+    outputs = [out async for out in async_engine.generate(prompt, params, request_id=request_id)]
+    final = outputs[-1]
+    assert final.finished and not any(out.finished for out in outputs[:-1])
+    assert "".join(out.new_text for out in outputs) == final.text
+    for before, after in zip(outputs, outputs[1:]):
+        assert after.token_ids[:len(before.token_ids)] == before.token_ids
+    return final
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        await asyncio.sleep(0.01)
+
+
+def blocks_all_free(engine: Engine):
+    return lambda: (engine.allocator.num_free == engine.allocator.num_blocks
+                    and not engine.sequences)
+
+
+PROMPTS = [
+    "The quick brown fox",
+    "Paris is the capital of",
+    "Ragged batches mix prompt chunks and decode tokens in one forward pass.",
+    [5, 17, 42, 99, 3],
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9",
+    "a",
+    "The lazy dog " * 12,           # a prompt longer than the token budget: split across steps
+    [200, 201, 202],
+]
+
+
+def test_concurrent_generate_matches_offline(engine, llm):
+    prompts = PROMPTS * 2
+    params = [SamplingParams(max_tokens=4 + (i * 5) % 21, temperature=0) for i in range(len(prompts))]
+    params[3] = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    params[9] = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=11)
+    expected = llm.generate(prompts, params)
+
+    async def body(async_engine):
+        return await asyncio.gather(*(collect(async_engine, p, sp) for p, sp in zip(prompts, params)))
+
+    steps_before = engine.totals.steps
+    got = run(engine, body)
+    assert [out.token_ids for out in got] == [out.token_ids for out in expected]
+    # Served together: far fewer steps than tokens generated (one at a time needs one per token).
+    generated = sum(len(out.token_ids) for out in got)
+    assert engine.totals.steps - steps_before < generated / 3
+    assert [out.text for out in got] == [out.text for out in expected]
+    assert [out.finish_reason for out in got] == [out.finish_reason for out in expected]
+    assert [out.usage for out in got] == [out.usage for out in expected]
+
+
+@pytest.mark.parametrize("how", ["break", "cancel"])
+def test_consumer_leaving_aborts_and_frees_blocks(engine, how):
+    async def body(async_engine):
+        seen = []
+        other = asyncio.create_task(collect(async_engine, "Paris is the", SamplingParams(max_tokens=40)))
+
+        async def consume():
+            async for out in async_engine.generate("The quick brown fox", LONG):
+                seen.append(out)
+                if how == "break" and len(seen) == 3:
+                    break
+
+        task = asyncio.create_task(consume())
+        await wait_until(lambda: len(seen) >= 3)
+        if how == "cancel":
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await other   # a request beside the one that left is served to the end
+        await wait_until(blocks_all_free(engine))
+        assert async_engine.num_in_flight == 0
+        return seen
+
+    seen = run(engine, body)
+    assert len(seen) < LONG.max_tokens and not seen[-1].finished
+
+
+def test_shutdown_aborts_requests_in_flight(engine):
+    async def body(async_engine):
+        started = asyncio.Event()
+
+        async def consume(prompt):
+            async for out in async_engine.generate(prompt, LONG):
+                started.set()
+            return out
+
+        tasks = [asyncio.create_task(consume(p)) for p in PROMPTS[:4]]
+        await started.wait()
+        start = time.monotonic()
+        await async_engine.shutdown(timeout=0.1)
+        assert time.monotonic() - start < 5
+        finals = await asyncio.gather(*tasks)
+        assert not async_engine.alive and not async_engine._thread.is_alive()
+        return finals
+
+    finals = run(engine, body)
+    assert [out.finish_reason for out in finals] == ["abort"] * 4
+    assert all(out.finished and len(out.token_ids) < LONG.max_tokens for out in finals)
+
+
+def test_request_error_raises_in_caller_and_engine_keeps_serving(engine, llm):
+    async def body(async_engine):
+        busy = asyncio.create_task(collect(async_engine, "The quick brown fox", SamplingParams(
+            max_tokens=24, temperature=0)))
+        with pytest.raises(RequestError, match=r"2000 tokens.*at most 1023 prompt tokens"):
+            async for _ in async_engine.generate([7] * 2000, SamplingParams()):
+                pass
+        with pytest.raises(RequestError, match="integers in"):
+            async for _ in async_engine.generate([1, 10**6], SamplingParams()):
+                pass
+        with pytest.raises(RequestError, match="already in use"):
+            first = async_engine.generate("Paris", LONG, request_id="same")
+            await first.__anext__()
+            try:
+                async for _ in async_engine.generate("Paris", LONG, request_id="same"):
+                    pass
+            finally:
+                await first.aclose()
+        after = await collect(async_engine, "a", SamplingParams(max_tokens=8, temperature=0))
+        return await busy, after
+
+    busy, after = run(engine, body)
+    expected = llm.generate(["The quick brown fox", "a"], [
+        SamplingParams(max_tokens=24, temperature=0), SamplingParams(max_tokens=8, temperature=0)])
+    assert [busy.token_ids, after.token_ids] == [out.token_ids for out in expected]
+
+
+def test_generate_after_shutdown_raises_engine_dead(engine):
+    async def body(async_engine):
+        await async_engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in async_engine.generate("Paris", SamplingParams()):
+                pass
+        never_started = AsyncEngine(engine)
+        with pytest.raises(EngineDeadError):
+            async for _ in never_started.generate("Paris", SamplingParams()):
+                pass
+
+    run(engine, body)
+
+
+def test_consumer_loop_closed_does_not_kill_engine(engine):
+    async_engine = AsyncEngine(engine).start()
+
+    async def leave():
+        async for _ in async_engine.generate("The quick brown fox", LONG):
+            break
+
+    try:
+        asyncio.run(leave())   # that loop closes while its request is still running
+        time.sleep(0.3)
+
+        async def again():
+            return await asyncio.wait_for(collect(async_engine, "a", SamplingParams(max_tokens=4)), 5)
+
+        assert asyncio.run(again()).finished
+    finally:
+        if async_engine._thread.is_alive():
+            asyncio.run(async_engine.shutdown(timeout=0))
+        for request_id in list(engine.sequences):   # the thread died: clean up for later tests
+            engine.abort_request(request_id)
