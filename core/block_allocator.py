@@ -40,15 +40,23 @@ class BlockAllocator:
             self._ref_counts[b] = 1
         return blocks
 
+    def _check_ids(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"block {b} is not in the pool of {self.num_blocks} blocks")
+
     def share(self, blocks: list[int]) -> None:
         """Add an owner to blocks that are already allocated (a fork shares its prefix)."""
-        for b in blocks:
+        self._check_ids(blocks)
+        for b in blocks:  # check all before changing any, so a refused call changes nothing
             if self._ref_counts[b] == 0:
                 raise ValueError(f"block {b} is free and cannot be shared")
+        for b in blocks:
             self._ref_counts[b] += 1
 
     def free(self, blocks: list[int]) -> None:
         """Drop one owner of each block; a block with no owner left returns to the pool."""
+        self._check_ids(blocks)
         for b in blocks:
             count = self._ref_counts[b]
             if count == 0:

@@ -64,8 +64,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("token_budget", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ConfigError(f"num_blocks must be at least 1, got {self.num_blocks}.")
+        for name in ("num_blocks", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}.")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2 (a prompt token and an answer), "
+                              f"got {self.max_model_len}.")
+        if not self.kv_cache_gb > 0:
+            raise ConfigError(f"kv_cache_gb must be more than 0, got {self.kv_cache_gb}.")
 
 
 def config_fields() -> list[msgspec.structs.FieldInfo]:

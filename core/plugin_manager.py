@@ -110,20 +110,35 @@ class PluginManager:
         return self.pm.hook
 
     def register(self, plugin: Any, name: str, package: str = "(in-process)") -> None:
-        """Register a plugin object (usually a module) and collect what its hooks register."""
+        """Register a plugin object (usually a module) and collect what its hooks register.
+
+        All or nothing: a plugin whose registrations are refused leaves no trace behind.
+        """
         try:
             self.pm.register(plugin, name=name)
         except ValueError as e:
             raise PluginError(f"Plugin {name!r} ({package}) cannot be registered: {e}.") from None
+        try:
+            self.pm.check_pending()
+            staged = Registry()
+            for kind in KINDS:
+                hook = getattr(self.pm.hook, f"register_{kind}")
+                for impl in (i for i in hook.get_hookimpls() if i.plugin_name == name):
+                    # Called per plugin (not through pm.hook) so each registration is attributed to it.
+                    register_fn = lambda cls, _k=kind: staged.add(_k, cls, name, package)
+                    impl.function(**({"register": register_fn} if "register" in impl.argnames else {}))
+            for info in staged.all():
+                existing = self.registry.items[info.kind].get(info.name)
+                if existing is not None:
+                    raise PluginError(f"{info.full_name} is registered twice: by {existing.plugin!r} "
+                                      f"({existing.package}) and by {name!r} ({package}); "
+                                      f"uninstall or block one of them.")
+        except Exception:
+            self.pm.unregister(name=name)
+            raise
+        for info in staged.all():
+            self.registry.items[info.kind][info.name] = info
         self.packages[name] = package
-        self.pm.check_pending()
-        for kind in KINDS:
-            hook = getattr(self.pm.hook, f"register_{kind}")
-            impls = [i for i in hook.get_hookimpls() if i.plugin_name == name]
-            for impl in impls:
-                # Called per plugin (not through pm.hook) so each registration is attributed to it.
-                register_fn = lambda cls, _k=kind: self.registry.add(_k, cls, name, package)
-                impl.function(**({"register": register_fn} if "register" in impl.argnames else {}))
 
     def load_entry_points(self) -> None:
         allow = _env_list("FASTGEN_LOAD_PLUGINS")

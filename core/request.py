@@ -28,7 +28,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             self.stop = [self.stop]
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise RequestError(f"temperature must be 0 or more, got {self.temperature}.")
         if self.top_k < 0:
             raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.")

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints built once per session, and isolated plugin managers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_models import make_checkpoint
+
+ARCHS = ("llama", "mistral", "qwen2")   # llama3 rope scaling, sliding window 24, qkv bias
+
+
+def _checkpoint(tmp_path_factory, arch: str):
+    folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+    model = make_checkpoint(folder, arch)
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Llama with llama3 rope scaling."""
+    return _checkpoint(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Mistral with sliding_window 24."""
+    return _checkpoint(tmp_path_factory, "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Qwen2 (biases on q, k, v)."""
+    return _checkpoint(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_checkpoint(request):
+    """Each tiny architecture in turn: (arch, folder, transformers model)."""
+    folder, model = request.getfixturevalue(f"tiny_{request.param}")
+    return request.param, folder, model
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh PluginManager with the installed entry points loaded, shared with nothing else."""
+    from fastgen.plugin_manager import PluginManager
+
+    manager = PluginManager()
+    manager.load_entry_points()
+    return manager
+
+
+@pytest.fixture
+def empty_plugin_manager():
+    """A fresh PluginManager with nothing registered."""
+    from fastgen.plugin_manager import PluginManager
+
+    return PluginManager()
+
