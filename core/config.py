@@ -103,7 +103,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = msgspec.json.decode(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
     except (msgspec.DecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {e}.") from None
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"Config file {path} is not valid {kind}: {e}.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a table of settings.")
     return data

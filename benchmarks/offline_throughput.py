@@ -1,0 +1,398 @@
+"""Offline throughput: fastgen against transformers on the same checkpoint, dtype and threads.
+
+    python benchmarks/offline_throughput.py --dtype float32 --requests 16 --prompt-len 256 \
+        --gen-len 64 [--model DIR] [--threads 2] [--json FILE]
+
+Measures, in one process:
+- fastgen: all requests submitted at once, greedy, ignore_eos; generated tokens/s from submit to
+  all done (after a warm-up run), and the split of fastgen's time per step (EngineTotals).
+- transformers `generate` with static batching (no padding: every prompt has the same length),
+  attn_implementation sdpa and eager; the best is reported.
+- transformers `generate_batch` (continuous batching); an error is reported in the table.
+- single-request decode tokens/s (time after the first token) for fastgen and `generate`.
+It also checks that fastgen's greedy tokens equal transformers' static `generate` tokens.
+Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def status(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint folder or .gguf; default: the demo model")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
+    p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--attn", default="sdpa,eager",
+                   help="transformers attn_implementation values to try, comma separated")
+    p.add_argument("--skip-generate-batch", action="store_true",
+                   help="skip transformers' continuous batching (slow on CPU)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="timed runs per measurement; the fastest counts (the machine may be shared)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+# --- workload --------------------------------------------------------------------------------
+
+def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> list[list[int]]:
+    """n random prompts of `length` token ids, none of them a special or added token."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    allowed = torch.tensor([t for t in range(vocab_size) if t not in special])
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(allowed), (n, length), generator=gen)
+    return allowed[idx].tolist()
+
+
+# --- fastgen ---------------------------------------------------------------------------------
+
+def bench_fastgen(args, prompts) -> dict:
+    from fastgen import LLM, SamplingParams
+
+    status("fastgen: loading the engine")
+    settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs)
+    if args.threads:
+        settings["threads"] = args.threads
+    llm = LLM(model=args.model, **settings)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+
+    status("fastgen: warm-up")
+    llm.generate([p[:64] for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+
+    status(f"fastgen: {len(prompts)} requests x {args.prompt_len} prompt + {args.gen_len} generated")
+    best = None
+    for _ in range(args.repeat):
+        before_steps, before_tokens = engine.totals.steps, engine.totals.tokens
+        before_time = dict(engine.totals.time)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        run = (wall, outs, engine.totals.steps - before_steps, engine.totals.tokens - before_tokens,
+               {k: engine.totals.time[k] - before_time[k] for k in before_time})
+        status(f"fastgen: run {wall:.2f} s")
+        if best is None or wall < best[0]:
+            best = run
+    wall, outs, steps, step_tokens, split = best
+    generated = sum(len(o.token_ids) for o in outs)
+    host = split["schedule_s"] + split["postprocess_s"]
+    result = {
+        "tokens_per_s": generated / wall,
+        "wall_s": wall,
+        "generated_tokens": generated,
+        "steps": steps,
+        "step_tokens": step_tokens,
+        "split_s": {"host": host, "forward": split["forward_s"], "sample": split["sample_s"],
+                    "schedule": split["schedule_s"], "postprocess": split["postprocess_s"]},
+        "untracked_s": wall - sum(split.values()),
+        "token_ids": [list(o.token_ids) for o in outs],
+    }
+    status(f"fastgen: {result['tokens_per_s']:.1f} tok/s over {steps} steps")
+
+    status("fastgen: single-request decode")
+    result["single"] = min((fastgen_single(engine, prompts[0], params) for _ in range(args.repeat)),
+                           key=lambda r: r["decode_s"])
+    status(f"fastgen: single-request decode {result['single']['decode_tokens_per_s']:.1f} tok/s")
+    del llm, engine
+    gc.collect()
+    return result
+
+
+def fastgen_single(engine, prompt: list[int], params) -> dict:
+    """One request stepped by hand, so the time of its first token is known."""
+    engine.add_request(prompt, params)   # warm-up of the batch-1 shapes
+    while engine.has_unfinished():
+        engine.step()
+    steps0, time0 = engine.totals.steps, dict(engine.totals.time)
+    t0 = time.perf_counter()
+    engine.add_request(prompt, params)
+    t_first = None
+    n_tokens = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            n_tokens = len(out.token_ids)
+            if t_first is None and n_tokens:
+                t_first = time.perf_counter()
+    t_end = time.perf_counter()
+    split = {k: engine.totals.time[k] - time0[k] for k in time0}
+    return {"ttft_s": t_first - t0, "decode_s": t_end - t_first,
+            "decode_tokens_per_s": (n_tokens - 1) / (t_end - t_first),
+            "steps": engine.totals.steps - steps0, "split_s": split}
+
+
+# --- transformers ----------------------------------------------------------------------------
+
+class FirstTokenTimer:
+    """A generate() streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.t_first = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:      # the first call carries the prompt
+            self.t_first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def load_hf(folder, dtype, attn):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def hf_generate(model, input_ids: torch.Tensor, gen_len: int, streamer=None) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             do_sample=False, max_new_tokens=gen_len, min_new_tokens=gen_len,
+                             pad_token_id=0, streamer=streamer, temperature=None, top_p=None, top_k=None)
+    return out[:, input_ids.shape[1]:]
+
+
+def bench_hf_generate(args, folder, dtype, prompts) -> dict:
+    batch = torch.tensor(prompts)
+    results = {}
+    for attn in [a.strip() for a in args.attn.split(",") if a.strip()]:
+        status(f"transformers generate ({attn}): loading")
+        try:
+            model = load_hf(folder, dtype, attn)
+            status(f"transformers generate ({attn}): warm-up")
+            hf_generate(model, batch[:2, :64], 4)
+            hf_generate(model, batch, 2)
+            status(f"transformers generate ({attn}): batch of {len(prompts)}")
+            wall, out = float("inf"), None
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                out = hf_generate(model, batch, args.gen_len)
+                wall = min(wall, time.perf_counter() - t0)
+                status(f"transformers generate ({attn}): run {time.perf_counter() - t0:.2f} s")
+            r = {"tokens_per_s": out.numel() / wall, "wall_s": wall, "token_ids": out.tolist()}
+            status(f"transformers generate ({attn}): {r['tokens_per_s']:.1f} tok/s; single-request decode")
+            hf_generate(model, batch[:1], 4)
+            singles = []
+            for _ in range(args.repeat):
+                timer = FirstTokenTimer()
+                t0 = time.perf_counter()
+                single = hf_generate(model, batch[:1], args.gen_len, streamer=timer)
+                t_end = time.perf_counter()
+                singles.append({"ttft_s": timer.t_first - t0, "decode_s": t_end - timer.t_first,
+                                "decode_tokens_per_s": (single.shape[1] - 1) / (t_end - timer.t_first)})
+            r["single"] = min(singles, key=lambda x: x["decode_s"])
+            status(f"transformers generate ({attn}): single-request decode "
+                   f"{r['single']['decode_tokens_per_s']:.1f} tok/s")
+            del model
+        except Exception as e:  # noqa: BLE001 - reported in the table, not fatal
+            status(f"transformers generate ({attn}) failed: {e!r}")
+            r = {"error": f"{type(e).__name__}: {e}"}
+        results[attn] = r
+        gc.collect()
+    return results
+
+
+def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str) -> dict:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    status(f"transformers generate_batch ({attn}): loading")
+    try:
+        model = load_hf(folder, dtype, attn)
+        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=args.gen_len, eos_token_id=None,
+                                   pad_token_id=0)
+        # CPU: a small, explicit cache (nothing to infer from GPU memory), fastgen's token budget.
+        page = 256
+        pages_per_req = -(-(args.prompt_len + args.gen_len) // page)
+        cb_cfg = ContinuousBatchingConfig(
+            page_size=page, num_blocks=pages_per_req * len(prompts) + 8,
+            max_batch_tokens=args.token_budget, max_requests_per_batch=min(len(prompts), args.max_num_seqs),
+            allow_block_sharing=False, use_cuda_graph=False)
+
+        def run(inputs, n):
+            out = model.generate_batch(inputs, generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                       max_new_tokens=n, warmup=False)
+            errors = [o.error for o in out.values() if o.error is not None]
+            if errors or len(out) != len(inputs):
+                raise RuntimeError(f"{len(errors)} requests failed, {len(inputs) - len(out)} missing: "
+                                   f"{errors[:1]}")
+            return out
+
+        status(f"transformers generate_batch ({attn}): warm-up")
+        run([p[:64] for p in prompts[:2]], 4)
+        status(f"transformers generate_batch ({attn}): batch of {len(prompts)}")
+        wall, out = float("inf"), None
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            out = run(prompts, args.gen_len)
+            wall = min(wall, time.perf_counter() - t0)
+            status(f"transformers generate_batch ({attn}): run {time.perf_counter() - t0:.2f} s")
+        generated = sum(len(o.generated_tokens) for o in out.values())
+        r = {"tokens_per_s": generated / wall, "wall_s": wall, "attn": attn,
+             "token_ids": [list(o.generated_tokens) for o in out.values()]}
+        status(f"transformers generate_batch: {r['tokens_per_s']:.1f} tok/s")
+        del model
+    except Exception as e:  # noqa: BLE001 - reported in the table, not fatal
+        status(f"transformers generate_batch failed: {e!r}")
+        traceback.print_exc(file=sys.stderr)
+        r = {"error": f"{type(e).__name__}: {e}"}
+    gc.collect()
+    return r
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def compare(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How many sequences match exactly, and the tokens before the first difference."""
+    same_seqs = sum(x == y for x, y in zip(a, b))
+    prefix = 0
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefix += n
+    return {"equal_sequences": same_seqs, "sequences": len(a), "agreeing_prefix_tokens": prefix,
+            "tokens": sum(len(x) for x in a)}
+
+
+def fmt(v, spec=".1f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def report(args, fg: dict, hf: dict, cb: dict | None, match: dict | None) -> str:
+    ok = {k: v for k, v in hf.items() if "error" not in v}
+    best_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
+    tf_numbers = [v["tokens_per_s"] for v in ok.values()]
+    if cb and "error" not in cb:
+        tf_numbers.append(cb["tokens_per_s"])
+    best_tf = max(tf_numbers) if tf_numbers else None
+
+    def ratio(x):
+        return None if x is None or not best_tf else x / best_tf
+
+    lines = [
+        f"## Offline throughput: {args.requests} requests x {args.prompt_len} prompt + {args.gen_len} "
+        f"generated tokens (greedy)",
+        "",
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+        f"fastgen token_budget {args.token_budget}; best of {args.repeat} runs; "
+        f"load average at the end {os.getloadavg()[0]:.2f}",
+        "",
+        "| engine | tokens/s | ratio to best transformers | single-request decode tokens/s |",
+        "|---|---:|---:|---:|",
+        f"| fastgen | {fmt(fg['tokens_per_s'])} | {fmt(ratio(fg['tokens_per_s']), '.2f')}x "
+        f"| {fmt(fg['single']['decode_tokens_per_s'])} |",
+    ]
+    if best_attn:
+        b = ok[best_attn]
+        others = ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in ok.items() if k != best_attn)
+        label = f"transformers generate ({best_attn}{'; ' + others if others else ''})"
+        lines.append(f"| {label} | {fmt(b['tokens_per_s'])} | {fmt(ratio(b['tokens_per_s']), '.2f')}x "
+                     f"| {fmt(b['single']['decode_tokens_per_s'])} |")
+    else:
+        errs = "; ".join(f"{k}: {v['error']}" for k, v in hf.items())
+        lines.append(f"| transformers generate | error: {errs} | — | — |")
+    if cb is None:
+        lines.append("| transformers generate_batch | skipped | — | — |")
+    elif "error" in cb:
+        lines.append(f"| transformers generate_batch | error: {cb['error'][:200]} | — | — |")
+    else:
+        lines.append(f"| transformers generate_batch ({cb['attn']}) | {fmt(cb['tokens_per_s'])} "
+                     f"| {fmt(ratio(cb['tokens_per_s']), '.2f')}x | — |")
+    s = fg["split_s"]
+    steps = max(fg["steps"], 1)
+    ms = {k: 1e3 * v / steps for k, v in s.items()}
+    total = sum(fg["split_s"][k] for k in ("host", "forward", "sample")) or 1.0
+    lines += [
+        "",
+        f"fastgen time split over {fg['steps']} steps ({fg['step_tokens']} tokens computed, "
+        f"wall {fg['wall_s']:.2f} s): per step host {ms['host']:.2f} ms "
+        f"(schedule {ms['schedule']:.2f} + postprocess {ms['postprocess']:.2f}), "
+        f"forward {ms['forward']:.2f} ms, sample {ms['sample']:.2f} ms; "
+        f"shares host {100 * s['host'] / total:.1f}% / forward {100 * s['forward'] / total:.1f}% / "
+        f"sample {100 * s['sample'] / total:.1f}%; outside steps {fg['untracked_s'] * 1e3:.1f} ms",
+    ]
+    single = fg["single"]
+    lines.append(f"fastgen single request: ttft {single['ttft_s'] * 1e3:.1f} ms, "
+                 f"decode {single['decode_s'] * 1e3 / max(single['steps'] - 1, 1):.2f} ms/token "
+                 f"over {single['steps']} steps")
+    if best_attn:
+        hs = ok[best_attn]["single"]
+        lines.append(f"transformers ({best_attn}) single request: ttft {hs['ttft_s'] * 1e3:.1f} ms, "
+                     f"decode {hs['decode_s'] * 1e3 / max(args.gen_len - 1, 1):.2f} ms/token")
+    if match:
+        lines.append(f"greedy tokens, fastgen vs transformers generate ({match['against']}): "
+                     f"{match['equal_sequences']}/{match['sequences']} sequences equal, "
+                     f"{match['agreeing_prefix_tokens']}/{match['tokens']} tokens before the first "
+                     f"difference")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fastgen.checkpoint import resolve_checkpoint
+    from transformers import AutoConfig, AutoTokenizer
+
+    status(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}")
+    folder = resolve_checkpoint(args.model, None, args.dtype)
+    dtype = DTYPES[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    prompts = make_prompts(tokenizer, vocab, args.requests, args.prompt_len, args.seed)
+
+    fg = bench_fastgen(args, prompts)
+    hf = bench_hf_generate(args, folder, dtype, prompts)
+    ok = {k: v for k, v in hf.items() if "error" not in v}
+    match = None
+    if ok:
+        against = "sdpa" if "sdpa" in ok else next(iter(ok))
+        match = compare(fg["token_ids"], ok[against]["token_ids"]) | {"against": against}
+    cb = None
+    if not args.skip_generate_batch:
+        cb_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else "sdpa"
+        cb = bench_hf_generate_batch(args, folder, dtype, prompts, cb_attn)
+        if "error" not in cb and match:
+            match["generate_batch_vs_fastgen"] = compare(fg["token_ids"], cb["token_ids"])
+
+    table = report(args, fg, hf, cb, match)
+    print(table, flush=True)
+    if args.json:
+        def strip(d):
+            return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "token_ids"}
+        data = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "fastgen": strip(fg), "transformers_generate": {k: strip(v) for k, v in hf.items()},
+                "transformers_generate_batch": strip(cb) if cb else None, "match": match,
+                "table": table}
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+        status(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
