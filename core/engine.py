@@ -24,9 +24,6 @@ from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclass
 class StepStats:
     """What one step did and where its time went (seconds)."""
@@ -74,7 +71,7 @@ def resolve_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, config: Config, plugins: PluginManager | None = None) -> None:
-        from .checkpoint import resolve_checkpoint
+        from .checkpoint import DTYPES, resolve_checkpoint
 
         self.config = config
         self.plugins = plugins or load_plugins()
