@@ -43,21 +43,13 @@ from fastgen.async_engine import AsyncEngine
 from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
 from fastgen.request import SamplingParams
-from fastgen.tokenizer import apply_chat_template
+
+from ._common import UNSET, Message, Unset, render_chat, sampling_params
 
 log = logging.getLogger(__name__)
 
 LINE_LIMIT = 64 * 2**20   # bytes; a longer input line is answered with an error and skipped
 _CHUNK = 2**16
-
-Unset = msgspec.UnsetType
-UNSET = msgspec.UNSET
-
-
-class Message(msgspec.Struct, forbid_unknown_fields=True):
-    role: str
-    content: str
-
 
 class StdinRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One input line. Sampling fields left UNSET take `SamplingParams`' defaults."""
@@ -76,9 +68,7 @@ class StdinRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool | Unset = UNSET
 
     def sampling_params(self) -> SamplingParams:
-        given = {name: getattr(self, name, UNSET) for name in SamplingParams.__struct_fields__
-                 if getattr(self, name, UNSET) is not UNSET}
-        return SamplingParams(**given)
+        return sampling_params(self)
 
 
 _decoder = msgspec.json.Decoder(StdinRequest)
@@ -294,13 +284,7 @@ class StdinTransport:
                                'and "messages" (a list of {"role", "content"} objects).')
         if request.prompt is not None:
             return request.prompt
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        try:
-            return apply_chat_template(self.engine.engine.tokenizer, messages)
-        except FastgenError:
-            raise
-        except Exception as e:   # a template may reject the conversation (roles out of order, ...)
-            raise RequestError(f"The model's chat template rejected these messages: {e}.") from None
+        return render_chat(self.engine.engine.tokenizer, request.messages)
 
     async def _serve_request(self, request: StdinRequest, prompt: str | list[int],
                              params: SamplingParams) -> None:

@@ -1,0 +1,736 @@
+"""transports.http: an OpenAI-compatible HTTP API on aiohttp.
+
+    fastgen serve --model DIR --plugin transports.http [--host 127.0.0.1] [--port 8000]
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and
+/v1/models/{id}), GET /health. Bodies follow OpenAI's API; docs/serving.md lists the fields
+served and those refused. A field this server does not serve yet is refused with a 400 naming it,
+unless it is at its neutral value (presence_penalty 0, logprobs false, ...): nothing a client
+asks for is silently ignored.
+
+Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
+400 for a bad request, 404 for an unknown model or path, 413 for a body over MAX_BODY_BYTES,
+503 while the engine is not accepting requests, 500 (with a log line) for a bug.
+
+A request is served as one engine request per choice (n per prompt); leaving the `async for`
+over `AsyncEngine.generate` aborts it, so a client that disconnects (aiohttp then cancels its
+handler) gives its KV blocks back at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+import msgspec
+from aiohttp import web
+
+import fastgen
+from fastgen.async_engine import AsyncEngine, EngineDeadError
+from fastgen.config import Config
+from fastgen.errors import FastgenError, RequestError
+from fastgen.request import RequestOutput, SamplingParams
+
+from ._common import UNSET, Message, Unset, render_chat, sampling_params
+
+log = logging.getLogger(__name__)
+
+# These should become Config fields (http_max_body_bytes, http_max_choices, shutdown_timeout).
+MAX_BODY_BYTES = 16 * 2**20   # a larger request body is refused with 413
+MAX_CHOICES = 128             # most engine requests one HTTP request may start (prompts x n)
+SHUTDOWN_TIMEOUT = 30.0       # seconds in-flight requests get to finish after SIGINT/SIGTERM
+
+_encoder = msgspec.json.Encoder()
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool | None = None
+
+
+class _RequestFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields both endpoints take; sampling fields left out or null take SamplingParams' defaults."""
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_RequestFields):
+    """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids or a
+    list of token-id lists."""
+
+    prompt: str | list[str | int | list[int]]
+
+
+class ChatRequest(_RequestFields):
+    """POST /v1/chat/completions; `max_completion_tokens` is OpenAI's newer name for max_tokens."""
+
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class _Neutral:
+    """The values at which a field not served yet changes nothing (a bool is never a number)."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = values
+        self.default = next((v for v in values if v is not None), None)   # named in the error
+
+    def __contains__(self, value: Any) -> bool:
+        return any(value is v if v is None or isinstance(v, bool)
+                   else (value == v and not isinstance(value, bool)) for v in self.values)
+
+
+# OpenAI fields (and vLLM extensions) that are not served yet: refused unless at their neutral value.
+_UNSUPPORTED_COMMON = {
+    "presence_penalty": _Neutral(None, 0),
+    "frequency_penalty": _Neutral(None, 0),
+    "repetition_penalty": _Neutral(None, 1),
+    "min_p": _Neutral(None, 0),
+    "logit_bias": _Neutral(None, {}),
+    "best_of": _Neutral(None, 1),
+}
+UNSUPPORTED_FIELDS = {
+    CompletionRequest: {**_UNSUPPORTED_COMMON,
+                        "logprobs": _Neutral(None, False),
+                        "echo": _Neutral(None, False),
+                        "suffix": _Neutral(None, "")},
+    ChatRequest: {**_UNSUPPORTED_COMMON,
+                  "logprobs": _Neutral(None, False),
+                  "top_logprobs": _Neutral(None, 0),
+                  "tools": _Neutral(None, []),
+                  "tool_choice": _Neutral(None, "none", "auto"),
+                  "parallel_tool_calls": _Neutral(None, True, False),
+                  "functions": _Neutral(None, []),
+                  "function_call": _Neutral(None, "none", "auto"),
+                  "response_format": _Neutral(None, {"type": "text"}),
+                  "modalities": _Neutral(None, ["text"]),
+                  "audio": _Neutral(None),
+                  "prediction": _Neutral(None),
+                  "reasoning_effort": _Neutral(None),
+                  "web_search_options": _Neutral(None),
+                  "store": _Neutral(None, False),
+                  "metadata": _Neutral(None, {}),
+                  "service_tier": _Neutral(None, "auto", "default")},
+}
+
+
+# --- response bodies --------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    """A /v1/completions answer, and each chunk of a streamed one (OpenAI uses one shape)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | Unset = UNSET
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: ChatMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | Unset = UNSET
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "fastgen"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered with `status` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> ErrorResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return ErrorResponse(ErrorBody(message=self.message, type=kind, param=self.param, code=self.code))
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=_encoder.encode(self.body()),
+                            content_type="application/json")
+
+
+def _error_from(e: FastgenError, fields: tuple[str, ...] = ()) -> ApiError:
+    """An ApiError for an engine error: a bad request 400, a stopped engine 503, anything else 500."""
+    if isinstance(e, RequestError):
+        word = str(e).split(" ", 1)[0]
+        return ApiError(400, str(e), param=word if word in fields else None)
+    if isinstance(e, EngineDeadError):
+        return ApiError(503, str(e), code="engine_unavailable")
+    return ApiError(500, str(e))
+
+
+def _validation_error(e: msgspec.ValidationError, request_type: type) -> ApiError:
+    """A 400 naming the field that failed validation, e.g. `stream_options.bad` or `messages[0].role`."""
+    message = str(e)
+    text, _, path = message.partition(" - at `$")
+    path = path.rstrip("`").lstrip(".")
+    field = None
+    for marker in ("unknown field `", "missing required field `"):
+        if marker in text:
+            field = text.split(marker, 1)[1].split("`", 1)[0]
+    param = ".".join(p for p in (path, field) if p) or None
+    if "unknown field" in text and not path:
+        fields = ", ".join(sorted(request_type.__struct_fields__))
+        return ApiError(400, f"Unrecognized request field `{field}`; the fields this endpoint "
+                             f"takes are {fields}.", param=param, code="unknown_parameter")
+    return ApiError(400, f"Invalid request: {message}.", param=param)
+
+
+# --- reading requests -------------------------------------------------------------------------
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = MAX_BODY_BYTES
+    too_large = ApiError(413, f"The request body is larger than {limit} bytes; send a shorter "
+                              f"prompt.", code="request_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    while chunk := await request.content.read(2**16):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _decode(body: bytes, request_type: type) -> Any:
+    """The body as `request_type`, after refusing fields this server does not serve yet."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"The request body is not valid JSON ({e}); send a JSON object.",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    for name, neutral in UNSUPPORTED_FIELDS[request_type].items():
+        if name in data:
+            value = data.pop(name)
+            if value not in neutral:
+                default = msgspec.json.encode(neutral.default).decode()
+                raise ApiError(400, f"`{name}` is not supported by this server yet; leave it out "
+                                    f"or set it to {default}.", param=name, code="unsupported_parameter")
+    try:
+        return msgspec.convert(data, request_type)
+    except msgspec.ValidationError as e:
+        raise _validation_error(e, request_type) from None
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a completion request: one string or token-id list per prompt."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list; send a string, a list of strings, a list of "
+                            "token ids or a list of token-id lists.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        return list(prompt)
+    raise ApiError(400, "prompt mixes strings, token ids and lists; send a string, a list of "
+                        "strings, a list of token ids or a list of token-id lists.", param="prompt")
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+class _Reply:
+    """How one endpoint shapes its answer: chunks while streaming, one body otherwise."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.id, self.model, self.created = request_id, model, int(time.time())
+        self.include_usage = include_usage
+        self.usage = None if include_usage else UNSET   # chunks carry "usage": null when asked for
+
+    def start(self, index: int) -> Any | None:
+        """The chunk that opens choice `index`, if the format has one."""
+        return None
+
+
+class _CompletionReply(_Reply):
+    def chunk(self, index: int, text: str, finish_reason: str | None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, usage=self.usage,
+                          choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def body(self, finals: dict[int, RequestOutput], usage: Usage) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
+            for i, out in sorted(finals.items())])
+
+
+class _ChatReply(_Reply):
+    def start(self, index: int) -> ChatCompletionChunk:
+        return self._chunk(index, Delta(role="assistant", content=""), None)
+
+    def chunk(self, index: int, text: str, finish_reason: str | None) -> ChatCompletionChunk:
+        return self._chunk(index, Delta(content=text or None), finish_reason)
+
+    def _chunk(self, index: int, delta: Delta, finish_reason: str | None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, usage=self.usage,
+                                   choices=[ChatChunkChoice(index=index, delta=delta,
+                                                            finish_reason=finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[],
+                                   usage=usage)
+
+    def body(self, finals: dict[int, RequestOutput], usage: Usage) -> ChatCompletion:
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
+            ChatChoice(index=i, message=ChatMessage(role="assistant", content=out.text),
+                       finish_reason=out.finish_reason)
+            for i, out in sorted(finals.items())])
+
+
+def _sse(item: Any) -> bytes:
+    return b"data: " + _encoder.encode(item) + b"\n\n"
+
+
+_ABORTED = "The server shut down before this request finished; send it again."
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from several engine requests as they come.
+
+    Closing this iterator (or cancelling its reader) cancels the readers of every stream, which
+    leaves their `async for` over `AsyncEngine.generate` and so aborts the requests not finished.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as e:
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the application --------------------------------------------------------------------------
+
+
+class OpenAIServer:
+    """The request handlers, around one AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, config: Config) -> None:
+        self.engine = engine
+        self.config = config
+        self.model_name = engine.engine.model_name
+        self.created = int(time.time())
+        self.in_flight: set[str] = set()   # engine request ids being served
+
+    # --- small endpoints ---------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        ok = self.engine.alive and self.engine.accepting
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(ModelList(data=[self._card()]))
+
+    async def model(self, request: web.Request) -> web.Response:
+        self._check_model(request.match_info["model"])
+        return _json(self._card())
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.model_name}`.", param="model", code="model_not_found")
+
+    # --- completions -------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = _decode(await _read_body(request), CompletionRequest)
+        self._check_model(body.model)
+        prompts = _prompt_list(body.prompt)
+        prompt_ids = await self._off_loop(lambda: [self.engine.engine.tokenize(p) for p in prompts],
+                                          "prompt")
+        params = self._params(body, prompt_ids, body.max_tokens, "max_tokens", "prompt")
+        reply = _CompletionReply(f"cmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body))
+        return await self._serve(request, body, reply, prompt_ids, params)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = _decode(await _read_body(request), ChatRequest)
+        self._check_model(body.model)
+        prompt = await self._off_loop(lambda: render_chat(self.engine.engine.tokenizer, body.messages),
+                                      "messages")
+        max_tokens, name = body.max_tokens, "max_tokens"
+        if body.max_completion_tokens is not None:
+            max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
+        if max_tokens is None:   # OpenAI's chat default: up to the context length
+            max_tokens = max(1, self.engine.engine.max_model_len - len(prompt))
+        params = self._params(body, [prompt], max_tokens, name, "messages")
+        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body))
+        return await self._serve(request, body, reply, [prompt], params)
+
+    async def _off_loop(self, work: Callable[[], Any], param: str) -> Any:
+        """Tokenizing and templating a long prompt takes a while: keep it off the event loop."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, work)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    @staticmethod
+    def _include_usage(body: _RequestFields) -> bool:
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true.",
+                           param="stream_options")
+        return bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+    def _params(self, body: _RequestFields, prompt_ids: list[list[int]], max_tokens: int | None,
+                max_tokens_name: str, prompt_name: str) -> SamplingParams:
+        if body.n < 1:
+            raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
+        if body.n * len(prompt_ids) > MAX_CHOICES:
+            raise ApiError(400, f"This request asks for {body.n * len(prompt_ids)} completions "
+                                f"(n={body.n} for each of {len(prompt_ids)} prompts); at most "
+                                f"{MAX_CHOICES} are served per request.", param="n")
+        overrides = {} if max_tokens is None else {"max_tokens": max_tokens}
+        try:
+            params = sampling_params(body, **overrides)
+        except RequestError as e:
+            message = str(e).replace("max_tokens", max_tokens_name, 1)
+            raise _error_from(RequestError(message), tuple(body.__struct_fields__)) from None
+        limit = self.engine.engine.max_model_len
+        for ids in prompt_ids:
+            if not ids:
+                raise ApiError(400, "The prompt is empty; give at least one token.", param=prompt_name)
+            if len(ids) + params.max_tokens > limit:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens, but "
+                                    f"{len(ids) + params.max_tokens} were requested ({len(ids)} in "
+                                    f"the prompt, {params.max_tokens} for the completion); shorten "
+                                    f"the prompt or lower {max_tokens_name}.",
+                               param=prompt_name, code="context_length_exceeded")
+        return params
+
+    # --- running the engine requests ---------------------------------------------------------
+
+    async def _serve(self, request: web.Request, body: _RequestFields, reply: _Reply,
+                     prompt_ids: list[list[int]], params: SamplingParams) -> web.StreamResponse:
+        """One engine request per choice: choice p * n + i is prompt p's i-th sample; with a seed,
+        sample i uses seed + i, so choice 0 is what n=1 gives."""
+        jobs = []
+        for p, ids in enumerate(prompt_ids):
+            for i in range(body.n):
+                choice = params
+                if params.seed is not None and i:
+                    choice = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
+                jobs.append((f"{reply.id}-{len(jobs)}", ids, choice))
+        streams = [self.engine.generate(ids, choice, request_id) for request_id, ids, choice in jobs]
+        ids_here = {request_id for request_id, _, _ in jobs}
+        self.in_flight |= ids_here
+        try:
+            async with contextlib.aclosing(_merge(streams)) as outputs:
+                if body.stream:
+                    return await self._stream(request, reply, outputs, prompt_ids)
+                finals: dict[int, RequestOutput] = {}
+                async for index, output in outputs:
+                    if output.finished:
+                        if output.finish_reason == "abort":
+                            raise ApiError(503, _ABORTED, code="engine_unavailable")
+                        finals[index] = output
+        except FastgenError as e:
+            raise _error_from(e) from None
+        finally:
+            self.in_flight -= ids_here
+        return _json(reply.body(finals, _usage(prompt_ids, finals)))
+
+    async def _stream(self, request: web.Request, reply: _Reply,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]],
+                      prompt_ids: list[list[int]]) -> web.StreamResponse:
+        """Server-sent events. The response starts with the first output, so an error before
+        it (the engine shutting down, ...) still gets its own status code."""
+        response: web.StreamResponse | None = None
+        started: set[int] = set()
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, output in outputs:
+                if response is None:
+                    response = web.StreamResponse(headers={
+                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no"})
+                    await response.prepare(request)
+                if output.finish_reason == "abort":
+                    raise ApiError(503, _ABORTED, code="engine_unavailable")
+                if index not in started:
+                    started.add(index)
+                    if (first := reply.start(index)) is not None:
+                        await response.write(_sse(first))
+                if output.finished:
+                    finals[index] = output
+                    await response.write(_sse(reply.chunk(index, output.new_text, output.finish_reason)))
+                elif output.new_text:
+                    await response.write(_sse(reply.chunk(index, output.new_text, None)))
+            if response is None:
+                raise ApiError(500, "The engine ended this request without an answer; see the server log.")
+            if reply.include_usage:
+                await response.write(_sse(reply.usage_chunk(_usage(prompt_ids, finals))))
+        except (FastgenError, ApiError) as e:
+            if response is None:
+                raise
+            error = e if isinstance(e, ApiError) else _error_from(e)
+            if error.status >= 500:
+                log.warning("stream %s ended early: %s", reply.id, error.message)
+            try:
+                await response.write(_sse(error.body()))
+            except ConnectionError:
+                return response
+        except ConnectionError:   # the client went away: leaving the loop aborts its requests
+            return response
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        return response
+
+
+def _usage(prompt_ids: list[list[int]], finals: dict[int, RequestOutput]) -> Usage:
+    """Each prompt counts once, however many choices it has."""
+    prompt = sum(len(ids) for ids in prompt_ids)
+    completion = sum(len(out.token_ids) for out in finals.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _json(item: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_encoder.encode(item), content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure as OpenAI's error body; a bug is a 500 and a log line, never a traceback page."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = {404: f"There is no {request.path}; the endpoints are /v1/completions, "
+                        f"/v1/chat/completions, /v1/models and /health.",
+                   405: f"{request.method} is not allowed on {request.path}."}.get(e.status, e.reason)
+        return ApiError(e.status, message).response()
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return ApiError(500, "The server failed while handling this request; see the server log.").response()
+
+
+SERVER_KEY = web.AppKey("fastgen_openai_server", OpenAIServer)
+
+
+def make_app(engine: AsyncEngine, config: Config) -> web.Application:
+    """The aiohttp application serving `engine`; `HttpTransport` runs it, tests can too."""
+    server = OpenAIServer(engine, config)
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[SERVER_KEY] = server
+    app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.chat_completions)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_get("/v1/models/{model}", server.model)
+    app.router.add_get("/health", server.health)
+    return app
+
+
+# --- the transport ----------------------------------------------------------------------------
+
+
+class HttpTransport:
+    """Serves the OpenAI-compatible API on config.host:config.port until SIGINT or SIGTERM."""
+
+    name = "http"
+
+    def __init__(self, engine: AsyncEngine, config: Config) -> None:
+        self.engine = engine
+        self.config = config
+        self.app = make_app(engine, config)
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM; then finish the requests in flight and shut the engine down."""
+        asyncio.run(self._serve_until_signal())
+
+    async def start(self) -> str:
+        """Listen (port 0 picks a free port); returns the URL served."""
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise FastgenError(f"Cannot listen on {self.config.host}:{self.config.port} "
+                               f"({e.strerror}); choose another --host or --port.") from None
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return self.url
+
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Stop listening, let requests in flight finish for up to `timeout` s (then abort them),
+        shut the engine down and close the connections. Stopping twice is harmless."""
+        await self._stop_listening()
+        if self._runner is not None:
+            await self.engine.shutdown(timeout)
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _stop_listening(self) -> None:
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+
+    def abort_all(self) -> None:
+        for request_id in list(self.app[SERVER_KEY].in_flight):
+            self.engine.abort(request_id)
+
+    async def _serve_until_signal(self) -> None:
+        url = await self.start()
+        print(f"fastgen: listening on {url} (OpenAI API at {url}/v1); Ctrl-C stops", file=sys.stderr,
+              flush=True)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+
+        def on_signal() -> None:
+            if stopping.is_set():   # a second signal: abort what is still running
+                print("fastgen: aborting the requests in flight", file=sys.stderr, flush=True)
+                self.abort_all()
+            stopping.set()
+
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+                loop.add_signal_handler(sig, on_signal)
+        try:
+            await stopping.wait()
+            await self._stop_listening()
+            print(f"fastgen: shutting down; {self.engine.num_in_flight} requests in flight get up to "
+                  f"{SHUTDOWN_TIMEOUT:g} s to finish (signal again to abort them)", file=sys.stderr,
+                  flush=True)
+            await self.stop()
+        finally:
+            for sig in signals:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+
+
+@fastgen.hookimpl
+def register_transports(register):
+    register(HttpTransport)
