@@ -165,7 +165,8 @@ class AsyncEngine:
                 outputs = engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed; aborting the requests in flight")
-                error = FastgenError(f"The engine failed while serving this request: {e}")
+                error = FastgenError(f"The engine failed while serving this request ({e}); "
+                                     f"retry it, and report the error if it repeats.")
                 for request_id in list(engine.sequences):
                     engine.abort_request(request_id)
                     self._deliver(request_id, error)

@@ -37,7 +37,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Which plugins do the work (each is the NAME of a KIND.NAME plugin).
     kernels: Annotated[str, _doc("kernel backend plugin (kernels.NAME)")] = "torch"
     scheduler: Annotated[str, _doc("scheduler plugin (schedulers.NAME)")] = "splitfuse"
-    transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "stdin"
+    transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "http"
 
     # Scheduling.
     token_budget: Annotated[int, _doc(
@@ -59,9 +59,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Serving.
     host: Annotated[str, _doc("address a network transport binds")] = "127.0.0.1"
     port: Annotated[int, _doc("port a network transport listens on")] = 8000
+    max_body_bytes: Annotated[int, _doc(
+        "largest request body a network transport accepts (larger: 413)")] = 16 * 2**20
+    max_choices: Annotated[int, _doc("most completions one HTTP request may start (prompts x n)")] = 128
+    shutdown_timeout: Annotated[float, _doc(
+        "seconds requests in flight get to finish after SIGINT/SIGTERM before they are aborted")] = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("token_budget", "max_num_seqs", "block_size"):
+        for name in ("token_budget", "max_num_seqs", "block_size", "max_body_bytes", "max_choices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("num_blocks", "threads"):

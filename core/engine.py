@@ -134,7 +134,8 @@ class Engine:
         vocab = self.hf_config.vocab_size
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"Prompt token ids must be integers in [0, {vocab}); got {bad[:3]}.")
+            raise RequestError(f"Prompt token ids must be integers in [0, {vocab}); got {bad[:3]}.",
+                               param="prompt")
         return list(prompt)
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,7 +146,7 @@ class Engine:
         if len(token_ids) >= self.max_model_len:
             raise RequestError(f"The prompt has {len(token_ids)} tokens; this engine serves at most "
                                f"{self.max_model_len - 1} prompt tokens (max_model_len "
-                               f"{self.max_model_len}). Shorten the prompt.")
+                               f"{self.max_model_len}). Shorten the prompt.", param="prompt")
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
         seq = Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
@@ -155,7 +156,8 @@ class Engine:
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.sequences:
-            raise RequestError(f"Request id {seq.request_id!r} is already in use.")
+            raise RequestError(f"Request id {seq.request_id!r} is already in use; give each request "
+                               f"its own id.")
         self.sequences[seq.request_id] = seq
         self.detokenizers[seq.request_id] = IncrementalDetokenizer(
             self.tokenizer, seq.token_ids, seq.params.stop)

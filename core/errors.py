@@ -18,4 +18,11 @@ class ModelLoadError(FastgenError):
 
 
 class RequestError(FastgenError, ValueError):
-    """A request cannot be served as given (too long, bad sampling parameters, ...)."""
+    """A request cannot be served as given (too long, bad sampling parameters, ...).
+
+    `param` names the request field at fault, when there is one, for transports to report.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

@@ -27,17 +27,17 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.", param="max_tokens")
         if not self.temperature >= 0:  # also refuses NaN
-            raise RequestError(f"temperature must be 0 or more, got {self.temperature}.")
+            raise RequestError(f"temperature must be 0 or more, got {self.temperature}.", param="temperature")
         if self.top_k < 0:
-            raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.")
+            raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.", param="top_k")
         if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.", param="top_p")
         if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}.")
+            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}.", param="seed")
         if any(not s for s in self.stop):
-            raise RequestError("stop strings must not be empty.")
+            raise RequestError("stop strings must not be empty.", param="stop")
 
     @property
     def greedy(self) -> bool:
@@ -75,7 +75,7 @@ class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
         if not prompt_token_ids:
-            raise RequestError("The prompt is empty; give at least one token.")
+            raise RequestError("The prompt is empty; give at least one token.", param="prompt")
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.prompt_len = len(prompt_token_ids)

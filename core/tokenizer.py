@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RequestError
 
 
 def _as_set(value) -> set[int]:
@@ -33,7 +33,8 @@ def load_tokenizer(folder: Path, hf_config):
 def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a chat prompt, ending where the assistant's answer starts."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError("This model's tokenizer has no chat template; send a plain prompt instead.")
+        raise RequestError("This model's tokenizer has no chat template; send a plain prompt instead.",
+                           param="messages")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here, older versions a plain list.
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from fastgen.errors import FastgenError, RequestError
+from fastgen.errors import RequestError
 from fastgen.request import SamplingParams
 from fastgen.tokenizer import apply_chat_template
 
@@ -65,8 +65,8 @@ def render_chat(tokenizer, messages: list[Message]) -> list[int]:
     conversation = message_dicts(messages)
     try:
         return apply_chat_template(tokenizer, conversation)
-    except FastgenError as e:   # no chat template: the client should send a plain prompt
-        raise RequestError(str(e)) from None
+    except RequestError:        # no chat template: the client should send a plain prompt
+        raise
     except Exception as e:      # the template itself raised (jinja's raise_exception, ...)
         raise RequestError(f"The model's chat template rejected these messages: {e}.") from None
 

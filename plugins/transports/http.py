@@ -9,7 +9,7 @@ unless it is at its neutral value (presence_penalty 0, logprobs false, ...): not
 asks for is silently ignored.
 
 Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
-400 for a bad request, 404 for an unknown model or path, 413 for a body over MAX_BODY_BYTES,
+400 for a bad request, 404 for an unknown model or path, 413 for a body over config.max_body_bytes,
 503 while the engine is not accepting requests, 500 (with a log line) for a bug.
 
 A request is served as one engine request per choice (n per prompt); leaving the `async for`
@@ -42,9 +42,6 @@ from ._common import UNSET, Message, Unset, render_chat, sampling_params
 log = logging.getLogger(__name__)
 
 # These should become Config fields (http_max_body_bytes, http_max_choices, shutdown_timeout).
-MAX_BODY_BYTES = 16 * 2**20   # a larger request body is refused with 413
-MAX_CHOICES = 128             # most engine requests one HTTP request may start (prompts x n)
-SHUTDOWN_TIMEOUT = 30.0       # seconds in-flight requests get to finish after SIGINT/SIGTERM
 
 _encoder = msgspec.json.Encoder()
 
@@ -249,8 +246,7 @@ class ApiError(Exception):
 def _error_from(e: FastgenError, fields: tuple[str, ...] = ()) -> ApiError:
     """An ApiError for an engine error: a bad request 400, a stopped engine 503, anything else 500."""
     if isinstance(e, RequestError):
-        word = str(e).split(" ", 1)[0]
-        return ApiError(400, str(e), param=word if word in fields else None)
+        return ApiError(400, str(e), param=e.param if e.param in fields else None)
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), code="engine_unavailable")
     return ApiError(500, str(e))
@@ -276,8 +272,7 @@ def _validation_error(e: msgspec.ValidationError, request_type: type) -> ApiErro
 # --- reading requests -------------------------------------------------------------------------
 
 
-async def _read_body(request: web.Request) -> bytes:
-    limit = MAX_BODY_BYTES
+async def _read_body(request: web.Request, limit: int) -> bytes:
     too_large = ApiError(413, f"The request body is larger than {limit} bytes; send a shorter "
                               f"prompt.", code="request_too_large")
     if request.content_length is not None and request.content_length > limit:
@@ -459,7 +454,7 @@ class OpenAIServer:
     # --- completions -------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = _decode(await _read_body(request), CompletionRequest)
+        body = _decode(await _read_body(request, self.config.max_body_bytes), CompletionRequest)
         self._check_model(body.model)
         prompts = _prompt_list(body.prompt)
         prompt_ids = await self._off_loop(lambda: [self.engine.engine.tokenize(p) for p in prompts],
@@ -469,7 +464,7 @@ class OpenAIServer:
         return await self._serve(request, body, reply, prompt_ids, params)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = _decode(await _read_body(request), ChatRequest)
+        body = _decode(await _read_body(request, self.config.max_body_bytes), ChatRequest)
         self._check_model(body.model)
         prompt = await self._off_loop(lambda: render_chat(self.engine.engine.tokenizer, body.messages),
                                       "messages")
@@ -500,16 +495,18 @@ class OpenAIServer:
                 max_tokens_name: str, prompt_name: str) -> SamplingParams:
         if body.n < 1:
             raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
-        if body.n * len(prompt_ids) > MAX_CHOICES:
+        if body.n * len(prompt_ids) > self.config.max_choices:
             raise ApiError(400, f"This request asks for {body.n * len(prompt_ids)} completions "
                                 f"(n={body.n} for each of {len(prompt_ids)} prompts); at most "
-                                f"{MAX_CHOICES} are served per request.", param="n")
+                                f"{self.config.max_choices} are served per request.", param="n")
         overrides = {} if max_tokens is None else {"max_tokens": max_tokens}
         try:
             params = sampling_params(body, **overrides)
         except RequestError as e:
+            # The chat API calls it max_completion_tokens when the client did.
+            param = max_tokens_name if e.param == "max_tokens" else e.param
             message = str(e).replace("max_tokens", max_tokens_name, 1)
-            raise _error_from(RequestError(message), tuple(body.__struct_fields__)) from None
+            raise _error_from(RequestError(message, param), tuple(body.__struct_fields__)) from None
         limit = self.engine.engine.max_model_len
         for ids in prompt_ids:
             if not ids:
@@ -638,7 +635,7 @@ SERVER_KEY = web.AppKey("fastgen_openai_server", OpenAIServer)
 def make_app(engine: AsyncEngine, config: Config) -> web.Application:
     """The aiohttp application serving `engine`; `HttpTransport` runs it, tests can too."""
     server = OpenAIServer(engine, config)
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
     app[SERVER_KEY] = server
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
@@ -683,12 +680,12 @@ class HttpTransport:
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         return self.url
 
-    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Stop listening, let requests in flight finish for up to `timeout` s (then abort them),
         shut the engine down and close the connections. Stopping twice is harmless."""
         await self._stop_listening()
         if self._runner is not None:
-            await self.engine.shutdown(timeout)
+            await self.engine.shutdown(self.config.shutdown_timeout if timeout is None else timeout)
             await self._runner.cleanup()
             self._runner = None
 
@@ -722,7 +719,7 @@ class HttpTransport:
             await stopping.wait()
             await self._stop_listening()
             print(f"fastgen: shutting down; {self.engine.num_in_flight} requests in flight get up to "
-                  f"{SHUTDOWN_TIMEOUT:g} s to finish (signal again to abort them)", file=sys.stderr,
+                  f"{self.config.shutdown_timeout:g} s to finish (signal again to abort them)", file=sys.stderr,
                   flush=True)
             await self.stop()
         finally:

@@ -359,7 +359,7 @@ def test_unknown_paths_and_methods(server):
 
 
 def test_body_over_the_limit_is_413(server, monkeypatch):
-    monkeypatch.setattr(http_transport, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(server.transport.config, "max_body_bytes", 1000)
     status, _, raw = request(server, "POST", COMPLETIONS, {"prompt": "x" * 2000})
     assert status == 413 and "larger than 1000 bytes" in json.loads(raw)["error"]["message"]
     assert request(server, "POST", COMPLETIONS, {"prompt": "Paris", "max_tokens": 1})[0] == 200
@@ -368,7 +368,8 @@ def test_body_over_the_limit_is_413(server, monkeypatch):
 def test_model_without_chat_template_is_400(server, monkeypatch):
     monkeypatch.setattr(server.engine.tokenizer, "chat_template", None)
     status, _, raw = request(server, "POST", CHAT, {"messages": HI})
-    assert status == 400 and "no chat template" in json.loads(raw)["error"]["message"]
+    error = json.loads(raw)["error"]
+    assert status == 400 and "no chat template" in error["message"] and error["param"] == "messages"
 
 
 def test_unexpected_exception_is_500_and_logged(server, monkeypatch, caplog):
@@ -391,7 +392,7 @@ def test_failed_engine_step_is_500(server, monkeypatch, stream):
     status, _, raw = request(server, "POST", COMPLETIONS, {"prompt": "x", "stream": stream})
     error = json.loads(raw)["error"]
     assert status == 500 and error["type"] == "server_error"
-    assert error["message"] == "The engine failed while serving this request: kaput"
+    assert error["message"] == "The engine failed while serving this request (kaput); retry it, and report the error if it repeats."
     monkeypatch.undo()
     server.wait_idle()
     assert request(server, "POST", COMPLETIONS, {"prompt": "Paris", "max_tokens": 2})[0] == 200
