@@ -59,6 +59,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Serving.
     host: Annotated[str, _doc("address a network transport binds")] = "127.0.0.1"
     port: Annotated[int, _doc("port a network transport listens on")] = 8000
+    api_key: Annotated[str | None, _doc(
+        "when set, a network transport requires `Authorization: Bearer KEY` (also from the "
+        "FASTGEN_API_KEY environment variable)")] = None
     max_body_bytes: Annotated[int, _doc(
         "largest request body a network transport accepts (larger: 413)")] = 16 * 2**20
     max_choices: Annotated[int, _doc("most completions one HTTP request may start (prompts x n)")] = 128

@@ -1,0 +1,1 @@
+"""The serving benchmark: workloads, metrics and runners behind `fastgen bench serve`."""
