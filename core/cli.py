@@ -1,4 +1,4 @@
-"""The `fastgen` command: serve | generate | plugins."""
+"""The `fastgen` command: serve | generate | bench | plugins."""
 
 from __future__ import annotations
 
@@ -110,6 +110,58 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench.report import format_table
+    from .bench.serving import benchmark_from_args, run_serve_benchmark
+
+    bench = benchmark_from_args(args)
+    results = run_serve_benchmark(bench)
+    results["meta"]["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"fastgen: results written to {args.json}", file=sys.stderr)
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    from .bench.workload import PRESETS
+
+    bench = sub.add_parser("bench", help="benchmark the engine")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    serve = bench_sub.add_parser(
+        "serve", help="serving benchmark: every scheduler under the same load (see docs/benchmarks.md)",
+        description="Run every scheduler x load on the same random-token workload in this process; "
+                    "print one table (stdout) and, with --json, write everything. Progress goes to stderr.")
+    serve.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                       help="workload shapes, request count, budget, clients and SLAs to start from "
+                            "(default: cpu); the flags below override it")
+    serve.add_argument("--schedulers", metavar="A,B", help="schedulers to compare (default: all installed)")
+    serve.add_argument("--clients", metavar="N,M", help="closed-loop client counts (default: the preset's)")
+    serve.add_argument("--rate", metavar="R,S",
+                       help="Poisson arrival rates in requests/s, instead of closed-loop clients")
+    serve.add_argument("--prompt-mean", type=int, help="mean prompt tokens (one workload instead of the preset's)")
+    serve.add_argument("--gen-mean", type=int, help="mean generated tokens (one workload instead of the preset's)")
+    serve.add_argument("--requests", type=int, help="requests per run")
+    serve.add_argument("--prompt-sla-rate", type=float, help="prompt SLA: first token within |prompt| / RATE s")
+    serve.add_argument("--gen-sla-rates", metavar="R,S", help="generation SLA thresholds in tokens/s")
+    serve.add_argument("--ema-span", type=int, default=16, help="EMA span of the generation SLA (default: 16)")
+    serve.add_argument("--warmup", type=int, default=2, help="warm-up requests per engine (default: 2)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the workload and Poisson arrivals")
+    serve.add_argument("--json", metavar="FILE", help="write settings, summaries and traces to FILE")
+    engine = serve.add_argument_group("engine settings (as in `fastgen serve`)")
+    engine.add_argument("--model", help="checkpoint folder or .gguf (default: the demo model)")
+    engine.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    engine.add_argument("--device")
+    engine.add_argument("--kernels")
+    engine.add_argument("--threads", type=int)
+    engine.add_argument("--token-budget", type=int, help="tokens per step (default: the preset's)")
+    engine.add_argument("--max-num-seqs", type=int)
+    engine.add_argument("--kv-cache-gb", type=float)
+    serve.set_defaults(func=cmd_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgen", description=__doc__)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
@@ -132,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wrap the prompt in the model's chat template (default: when it has one)")
     _common(gen)
     gen.set_defaults(func=cmd_generate)
+
+    _bench_parser(sub)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and whether they can run here")
     plugins.add_argument("--json", action="store_true")
