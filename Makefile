@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup serve test test-slow bench clean
+.PHONY: setup serve test test-slow bench bench-serve clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/offline_throughput.py $(ARGS)
+
+bench-serve: $(STAMP)
+	$(VENV)/bin/fastgen bench serve $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
