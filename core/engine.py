@@ -19,7 +19,8 @@ from .kernels import SamplingMetadata
 from .model import load_model
 from .plugin_manager import PluginManager, load_plugins
 from .ragged_batch import RaggedBatch
-from .request import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
+from .request import (FinishReason, RequestMetrics, RequestOutput, SamplingParams, Sequence,
+                      SequenceStatus)
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class StepStats:
     num_seqs: int = 0
     num_decodes: int = 0
     num_preempted: int = 0
+    num_running: int = 0        # sequences running after the step (finished ones gone)
+    num_waiting: int = 0        # sequences waiting after the step (preempted ones included)
     blocks_used: int = 0
     blocks_free: int = 0
     schedule_s: float = 0.0     # scheduler, block growth, batch metadata: host work before the model
@@ -192,10 +195,13 @@ class Engine:
         t0 = time.perf_counter()
         plan = self.scheduler.schedule(self.waiting, self.running, self.allocator.num_free)
         self._preempt(plan.preempted)
+        stats.num_preempted = len(plan.preempted)
         if not plan.scheduled:
             if not plan.preempted:
                 raise FastgenError(f"Scheduler {self.config.scheduler!r} scheduled nothing with "
                                    f"{len(self.waiting)} waiting and {len(self.running)} running.")
+            stats.schedule_s = time.perf_counter() - t0
+            self._record(stats)  # a step that only preempted still counts its preemptions
             return []
         self._admit_and_grow(plan.scheduled)
         batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
@@ -209,15 +215,19 @@ class Engine:
         outputs = self._postprocess(batch, next_tokens)
         t4 = time.perf_counter()
 
-        stats.num_tokens, stats.num_seqs = batch.num_tokens, batch.num_seqs
-        stats.num_decodes, stats.num_preempted = batch.num_decodes, len(plan.preempted)
-        stats.blocks_used, stats.blocks_free = self.allocator.num_used, self.allocator.num_free
+        stats.num_tokens, stats.num_seqs, stats.num_decodes = (
+            batch.num_tokens, batch.num_seqs, batch.num_decodes)
         stats.schedule_s, stats.forward_s, stats.sample_s, stats.postprocess_s = (
             t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        self._record(stats)
+        return outputs
+
+    def _record(self, stats: StepStats) -> None:
+        stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
+        stats.blocks_used, stats.blocks_free = self.allocator.num_used, self.allocator.num_free
         self.totals.add(stats)
         self.last_stats = stats
         self.plugins.hook.on_step_finished(engine=self, stats=stats)
-        return outputs
 
     def _preempt(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -233,11 +243,14 @@ class Engine:
 
     def _admit_and_grow(self, scheduled: list[tuple[Sequence, int]]) -> None:
         bs = self.config.block_size
+        now = time.monotonic()
         for seq, n in scheduled:
             if seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
                 self.running.append(seq)
                 seq.status = SequenceStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
             seq.block_ids += self.allocator.allocate(seq.blocks_needed(n, bs))
 
     def _postprocess(self, batch: RaggedBatch, next_tokens: list[int]) -> list[RequestOutput]:
@@ -275,7 +288,14 @@ class Engine:
                              token_ids=seq.output_token_ids,
                              text=detok.text if finished else detok.text[:detok.emitted],
                              new_text=new_text, finished=finished,
-                             finish_reason=seq.finish_reason.value if seq.finish_reason else None)
+                             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                             metrics=self._metrics(seq) if finished else None)
+
+    @staticmethod
+    def _metrics(seq: Sequence) -> RequestMetrics:
+        return RequestMetrics(arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+                              first_token_time=seq.first_token_time, finished_time=time.monotonic(),
+                              num_preemptions=seq.num_preemptions)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         seq.status = SequenceStatus.FINISHED

@@ -140,6 +140,15 @@ class PluginManager:
             self.registry.items[info.kind][info.name] = info
         self.packages[name] = package
 
+    def unregister(self, name: str) -> None:
+        """Remove a plugin and everything it registered (observers leave when their server stops)."""
+        self.pm.unregister(name=name)
+        self.packages.pop(name, None)
+        for kind in KINDS:
+            items = self.registry.items[kind]
+            for item_name in [n for n, info in items.items() if info.plugin == name]:
+                del items[item_name]
+
     def load_entry_points(self) -> None:
         allow = _env_list("FASTGEN_LOAD_PLUGINS")
         block = _env_list("FASTGEN_BLOCK_PLUGINS") or set()

@@ -69,8 +69,8 @@ class Sequence:
     """
 
     __slots__ = ("request_id", "token_ids", "prompt_len", "params", "num_computed", "block_ids",
-                 "status", "finish_reason", "arrival_time", "first_token_time", "seq_index",
-                 "generator", "stop_text_len", "eos_token_ids", "num_preemptions")
+                 "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
+                 "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -85,6 +85,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None   # the first step that computed any of it
         self.first_token_time: float | None = None
         self.seq_index = next(_ids)  # admission order for fair, deterministic scheduling
         self.generator = None        # torch.Generator, made by the sampler when a seed is given
@@ -118,8 +119,20 @@ class Sequence:
                 f"computed={self.num_computed}, blocks={len(self.block_ids)}, {self.status.value})")
 
 
+class RequestMetrics(msgspec.Struct, kw_only=True):
+    """When a request reached each stage, in `time.monotonic()` seconds, and how often it was
+    preempted. A time is None when the request was aborted before that stage."""
+
+    arrival_time: float                    # when it was made into a Sequence (tokenized, validated)
+    first_scheduled_time: float | None     # the first step that computed any of its tokens
+    first_token_time: float | None         # when its first token was sampled
+    finished_time: float
+    num_preemptions: int = 0
+
+
 class RequestOutput(msgspec.Struct, kw_only=True):
-    """What a request has produced so far; `finished` is set on the last one."""
+    """What a request has produced so far; `finished` is set on the last one, which also
+    carries the request's `metrics`."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -128,6 +141,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finished: bool = False
     finish_reason: str | None = None
     new_text: str = ""             # text added since the previous output for this request
+    metrics: RequestMetrics | None = None   # on the finished output only
 
     @property
     def usage(self) -> dict[str, int]:

@@ -3,14 +3,18 @@
     fastgen serve --model DIR --plugin transports.http [--host 127.0.0.1] [--port 8000]
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and
-/v1/models/{id}), GET /health. Bodies follow OpenAI's API; docs/serving.md lists the fields
-served and those refused. A field this server does not serve yet is refused with a 400 naming it,
-unless it is at its neutral value (presence_penalty 0, logprobs false, ...): nothing a client
-asks for is silently ignored.
+/v1/models/{id}), GET /health, and GET /metrics (Prometheus; see metrics.py). Bodies follow
+OpenAI's API; docs/serving.md lists the fields served and those refused. A field this server does
+not serve yet is refused with a 400 naming it, unless it is at its neutral value (presence_penalty
+0, logprobs false, ...): nothing a client asks for is silently ignored.
+
+With an API key (config.api_key, else the FASTGEN_API_KEY environment variable), every endpoint
+but GET /health requires `Authorization: Bearer KEY`; the key is compared in constant time.
 
 Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
-400 for a bad request, 404 for an unknown model or path, 413 for a body over config.max_body_bytes,
-503 while the engine is not accepting requests, 500 (with a log line) for a bug.
+400 for a bad request, 401 for a missing or wrong API key, 404 for an unknown model or path, 413
+for a body over config.max_body_bytes, 503 while the engine is not accepting requests, 500 (with
+a log line) for a bug.
 
 A request is served as one engine request per choice (n per prompt); leaving the `async for`
 over `AsyncEngine.generate` aborts it, so a client that disconnects (aiohttp then cancels its
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import signal
 import sys
 import time
@@ -38,10 +44,11 @@ from fastgen.errors import FastgenError, RequestError
 from fastgen.request import RequestOutput, SamplingParams
 
 from ._common import UNSET, Message, Unset, render_chat, sampling_params
+from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-# These should become Config fields (http_max_body_bytes, http_max_choices, shutdown_timeout).
+API_KEY_ENV = "FASTGEN_API_KEY"   # the API key when config.api_key is unset
 
 _encoder = msgspec.json.Encoder()
 
@@ -230,9 +237,10 @@ class ApiError(Exception):
     """An error answered with `status` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -240,7 +248,7 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=_encoder.encode(self.body()),
-                            content_type="application/json")
+                            content_type="application/json", headers=self.headers)
 
 
 def _error_from(e: FastgenError, fields: tuple[str, ...] = ()) -> ApiError:
@@ -426,15 +434,33 @@ class OpenAIServer:
     def __init__(self, engine: AsyncEngine, config: Config) -> None:
         self.engine = engine
         self.config = config
+        self.api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
         self.model_name = engine.engine.model_name
         self.created = int(time.time())
         self.in_flight: set[str] = set()   # engine request ids being served
+        self.metrics = ServerMetrics(engine.engine)
+
+    def authenticate(self, request: web.Request) -> None:
+        """Refuse a request without the API key with a 401 (nothing to check when none is set)."""
+        if self.api_key is None:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "This server requires an API key; send it as `Authorization: Bearer "
+                                "KEY`.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                   self.api_key.encode("utf-8", "surrogateescape")):
+            raise ApiError(401, "Incorrect API key provided; send the key the server was started "
+                                "with.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     # --- small endpoints ---------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
         ok = self.engine.alive and self.engine.accepting
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def prometheus_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     def _card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created)
@@ -532,7 +558,8 @@ class OpenAIServer:
                 if params.seed is not None and i:
                     choice = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
                 jobs.append((f"{reply.id}-{len(jobs)}", ids, choice))
-        streams = [self.engine.generate(ids, choice, request_id) for request_id, ids, choice in jobs]
+        streams = [self.metrics.timed(self.engine.generate(ids, choice, request_id))
+                   for request_id, ids, choice in jobs]
         ids_here = {request_id for request_id, _, _ in jobs}
         self.in_flight |= ids_here
         try:
@@ -621,7 +648,7 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         message = {404: f"There is no {request.path}; the endpoints are /v1/completions, "
-                        f"/v1/chat/completions, /v1/models and /health.",
+                        f"/v1/chat/completions, /v1/models, /health and /metrics.",
                    405: f"{request.method} is not allowed on {request.path}."}.get(e.status, e.reason)
         return ApiError(e.status, message).response()
     except Exception:
@@ -632,16 +659,37 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 SERVER_KEY = web.AppKey("fastgen_openai_server", OpenAIServer)
 
 
+@web.middleware
+async def _authenticate(request: web.Request, handler) -> web.StreamResponse:
+    """The API key check, for every path but GET /health (a load balancer's probe has no key)."""
+    if not (request.path == "/health" and request.method in ("GET", "HEAD")):
+        request.app[SERVER_KEY].authenticate(request)
+    return await handler(request)
+
+
 def make_app(engine: AsyncEngine, config: Config) -> web.Application:
-    """The aiohttp application serving `engine`; `HttpTransport` runs it, tests can too."""
+    """The aiohttp application serving `engine`; `HttpTransport` runs it, tests can too.
+
+    While the application runs (from its startup to its cleanup), its metrics observe the engine.
+    """
     server = OpenAIServer(engine, config)
-    app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[_errors, _authenticate], client_max_size=config.max_body_bytes)
     app[SERVER_KEY] = server
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/v1/models/{model}", server.model)
     app.router.add_get("/health", server.health)
+    app.router.add_get("/metrics", server.prometheus_metrics)
+
+    async def observe(app: web.Application) -> None:
+        server.metrics.register()
+
+    async def stop_observing(app: web.Application) -> None:
+        server.metrics.unregister()
+
+    app.on_startup.append(observe)
+    app.on_cleanup.append(stop_observing)
     return app
 
 
@@ -700,8 +748,10 @@ class HttpTransport:
 
     async def _serve_until_signal(self) -> None:
         url = await self.start()
-        print(f"fastgen: listening on {url} (OpenAI API at {url}/v1); Ctrl-C stops", file=sys.stderr,
-              flush=True)
+        auth = ("API key required" if self.app[SERVER_KEY].api_key else
+                f"no API key required (set --api-key or {API_KEY_ENV} to require one)")
+        print(f"fastgen: listening on {url} (OpenAI API at {url}/v1, metrics at {url}/metrics); "
+              f"{auth}; Ctrl-C stops", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
 

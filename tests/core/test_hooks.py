@@ -203,3 +203,39 @@ def test_hook_on_request_finished(tiny_llama, plugin_manager, reference):
     engine.abort_request(aborted)
     assert finished[-1].request_id == aborted and finished[-1].finish_reason == "abort"
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_a_step_that_only_preempts_is_observed(tiny_llama, plugin_manager, reference):
+    seen = []
+
+    class PreemptOnce:
+        """Runs one request at a time, but preempts it once right after its prompt."""
+        name = "preempt_once"
+
+        def __init__(self, config):
+            self.preempted = False
+
+        def schedule(self, waiting, running, num_free_blocks):
+            if running and running[0].num_generated == 1 and not self.preempted:
+                self.preempted = True
+                return StepPlan(preempted=[running[0]])
+            seq = running[0] if running else waiting[0]
+            return StepPlan(scheduled=[(seq, seq.num_pending)])
+
+    class Plugin:
+        @fastgen.hookimpl
+        def register_schedulers(self, register):
+            register(PreemptOnce)
+
+        @fastgen.hookimpl
+        def on_step_finished(self, engine, stats):
+            seen.append(stats)
+
+    plugin_manager.register(Plugin(), name="schedulers.preempt_once")
+    folder, _ = tiny_llama
+    engine = Engine(make_config(model=str(folder), scheduler="preempt_once"), plugins=plugin_manager)
+    assert run_to_completion(engine, PROMPTS) == reference
+    only_preempted = [s for s in seen if s.num_preempted]
+    assert len(only_preempted) == 1 and only_preempted[0].num_tokens == 0
+    assert only_preempted[0].num_waiting == len(PROMPTS)   # the victim is back in the queue
+    assert engine.totals.preemptions == 1 and engine.totals.steps == len(seen)

@@ -293,3 +293,21 @@ def test_hook_on_request_finished(recorded_engine):
     assert [(o.request_id, o.finish_reason) for o in recorder.finished] == [
         (aborted, "abort"), (kept, "length")]
     assert recorder.finished[1] == finals[0]
+
+
+def test_unregister_removes_the_plugin_and_what_it_registered(empty_plugin_manager):
+    from fastgen.plugins.schedulers.splitfuse import SplitFuseScheduler
+
+    class Plugin:
+        @fastgen.hookimpl
+        def register_schedulers(self, register):
+            register(SplitFuseScheduler)
+
+    manager = empty_plugin_manager
+    manager.register(Plugin(), name="schedulers.mine", package="mine")
+    assert manager.registry.get("schedulers", "splitfuse").plugin == "schedulers.mine"
+    manager.unregister("schedulers.mine")
+    with pytest.raises(PluginError, match="No plugin named schedulers.splitfuse"):
+        manager.registry.get("schedulers", "splitfuse")
+    assert "schedulers.mine" not in manager.packages
+    manager.register(Plugin(), name="schedulers.mine", package="mine")   # and it can come back

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import queue
 import re
 import signal
@@ -26,7 +27,7 @@ from fastgen.async_engine import AsyncEngine
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugins.transports import http as http_transport
-from fastgen.plugins.transports.http import HttpTransport, OpenAIServer
+from fastgen.plugins.transports.http import SERVER_KEY, HttpTransport, OpenAIServer
 
 SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
 GREEDY = dict(temperature=0)
@@ -88,14 +89,14 @@ def client(server):
 
 
 def request(server: Server | int, method: str, path: str, body: dict | bytes | str | None = None,
-            timeout: float = 30) -> tuple[int, dict, bytes]:
+            timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one raw HTTP request to a Server or a port."""
     port = server if isinstance(server, int) else server.port
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     if isinstance(body, dict):
         body = json.dumps(body)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -358,6 +359,62 @@ def test_unknown_paths_and_methods(server):
     assert status == 405 and "GET is not allowed" in json.loads(raw)["error"]["message"]
 
 
+# --- API keys ---------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_when_set(server, monkeypatch):
+    monkeypatch.setattr(server.transport.app[SERVER_KEY], "api_key", "sk-right")
+    right = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-right", max_retries=0, timeout=30)
+    answer = right.completions.create(model=server.engine.model_name, prompt="Paris", max_tokens=2)
+    assert answer.usage.completion_tokens == 2
+    assert [m.id for m in right.models.list().data] == [server.engine.model_name]
+
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.completions.create(model=server.engine.model_name, prompt="Paris", max_tokens=2)
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=server.engine.model_name, messages=HI, stream=True)
+
+    for path, method, headers in [
+            (COMPLETIONS, "POST", {}),                                    # no key
+            (COMPLETIONS, "POST", {"Authorization": "sk-right"}),         # not Bearer
+            (COMPLETIONS, "POST", {"Authorization": "Basic sk-right"}),
+            (COMPLETIONS, "POST", {"Authorization": "Bearer sk-righ"}),
+            (COMPLETIONS, "POST", {"Authorization": "Bearer \u00e9"}),    # not ASCII
+            ("/v1/models", "GET", {}), ("/metrics", "GET", {}),
+            ("/v1/nothing", "GET", {})]:                                  # no 404 before the key
+        status, got_headers, raw = request(server, method, path, {"prompt": "Paris", "max_tokens": 1},
+                                           headers=headers)
+        assert status == 401, (path, headers, raw)
+        error = json.loads(raw)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert "sk-right" not in error["message"] and got_headers["WWW-Authenticate"] == "Bearer"
+    assert request(server, "GET", "/health")[0] == 200
+    assert request(server, "GET", "/metrics", headers={"Authorization": "bearer sk-right"})[0] == 200
+    server.wait_idle()
+
+
+def test_without_an_api_key_any_key_or_none_is_accepted(server, client):
+    assert server.transport.app[SERVER_KEY].api_key is None
+    assert client.models.list().data   # the client sends "Bearer x"
+    for headers in ({}, {"Authorization": "Bearer anything"}, {"Authorization": "nonsense"}):
+        assert request(server, "GET", "/v1/models", headers=headers)[0] == 200
+        assert request(server, "GET", "/metrics", headers=headers)[0] == 200
+
+
+def test_api_key_comes_from_config_else_environment(engine, monkeypatch):
+    def api_key(**settings) -> str | None:
+        return OpenAIServer(AsyncEngine(engine), make_config(engine.config, **settings)).api_key
+
+    monkeypatch.delenv("FASTGEN_API_KEY", raising=False)
+    assert api_key() is None and api_key(api_key="sk-config") == "sk-config"
+    monkeypatch.setenv("FASTGEN_API_KEY", "sk-env")
+    assert api_key() == "sk-env" and api_key(api_key="sk-config") == "sk-config"
+    monkeypatch.setenv("FASTGEN_API_KEY", "")
+    assert api_key() is None
+
+
 def test_body_over_the_limit_is_413(server, monkeypatch):
     monkeypatch.setattr(server.transport.config, "max_body_bytes", 1000)
     status, _, raw = request(server, "POST", COMPLETIONS, {"prompt": "x" * 2000})
@@ -443,11 +500,12 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def open_stream(port: int, path: str = COMPLETIONS, **fields) -> http.client.HTTPResponse:
+def open_stream(port: int, path: str = COMPLETIONS, headers: dict[str, str] | None = None,
+                **fields) -> http.client.HTTPResponse:
     """A streamed request whose first event has been read: it is generating."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     body = {"prompt": [5, 17, 42], "ignore_eos": True, "temperature": 0, "stream": True, **fields}
-    conn.request("POST", path, body=json.dumps(body))
+    conn.request("POST", path, body=json.dumps(body), headers=headers or {})
     response = conn.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")
@@ -507,11 +565,13 @@ def test_registered_as_transports_http(plugin_manager):
 
 
 def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
-    """SIGTERM: stop listening, let the requests in flight finish, shut the engine down, exit 0."""
+    """SIGTERM: stop listening, let the requests in flight finish, shut the engine down, exit 0.
+    The server takes its API key from FASTGEN_API_KEY and says that it requires one."""
+    key = "sk-from-the-environment"
     process = subprocess.Popen(
         [sys.executable, "-m", "fastgen.cli", "serve", "--model", str(tiny_llama[0]),
          "--plugin", "transports.http", "--port", "0", "--token-budget", "32", "--num-blocks", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FASTGEN_API_KEY": key})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
     reader.start()
@@ -520,7 +580,10 @@ def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
         while not (match := re.search(r"listening on http://127\.0\.0\.1:(\d+)", "".join(stderr))):
             stderr.append(lines.get(timeout=60))
         port = int(match.group(1))
-        stream = open_stream(port, max_tokens=1000, stream_options={"include_usage": True})
+        assert "API key required" in "".join(stderr)
+        assert request(port, "GET", "/v1/models")[0] == 401
+        stream = open_stream(port, max_tokens=1000, stream_options={"include_usage": True},
+                             headers={"Authorization": f"Bearer {key}"})
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: "shutting down" in "".join(stderr + list(lines.queue)))
         with pytest.raises(ConnectionRefusedError):   # no new connections ...
@@ -536,3 +599,4 @@ def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
     reader.join(10)
     stderr = "".join(stderr) + "".join(lines.get() for _ in range(lines.qsize()))
     assert "shutting down" in stderr and "Traceback" not in stderr, stderr
+    assert key not in stderr
