@@ -26,7 +26,6 @@ from fastgen import LLM, SamplingParams
 from fastgen.async_engine import AsyncEngine
 from fastgen.config import make_config
 from fastgen.engine import Engine
-from fastgen.plugins.transports import http as http_transport
 from fastgen.plugins.transports.http import SERVER_KEY, HttpTransport, OpenAIServer
 
 SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
