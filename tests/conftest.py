@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_models import make_checkpoint
+from tiny_models import SERVE_SETTINGS, make_checkpoint
 
 ARCHS = ("llama", "mistral", "qwen2")   # llama3 rope scaling, sliding window 24, qkv bias
 
@@ -57,3 +57,20 @@ def empty_plugin_manager():
 
     return PluginManager()
 
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    """An Engine on the tiny Llama with SERVE_SETTINGS, one per test module."""
+    from fastgen.config import make_config
+    from fastgen.engine import Engine
+
+    return Engine(make_config(model=str(tiny_llama[0]), **SERVE_SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    """The offline LLM on the tiny Llama with SERVE_SETTINGS: the reference for served outputs."""
+    from fastgen import LLM
+
+    return LLM(model=str(tiny_llama[0]), **SERVE_SETTINGS)

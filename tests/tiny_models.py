@@ -19,6 +19,9 @@ _CORPUS = [
     "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u00fcber \u4f60\u597d \U0001f600 emoji and accents test.",
 ]
 
+# Engine settings for the serving tests: small steps and pool, so requests really share them.
+SERVE_SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
+
 ARCHS = {
     "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),

@@ -11,23 +11,13 @@ import time
 
 import pytest
 
-from fastgen import LLM, RequestError, SamplingParams
+from fastgen import RequestError, SamplingParams
 from fastgen.async_engine import AsyncEngine, EngineDeadError
-from fastgen.config import make_config
 from fastgen.engine import Engine
 
-SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
 LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)   # runs for seconds
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return Engine(make_config(model=str(tiny_llama[0]), **SETTINGS))
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama):
-    return LLM(model=str(tiny_llama[0]), **SETTINGS)
 
 
 def run(engine: Engine, body, timeout: float = 30.0):

@@ -28,18 +28,9 @@ from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugins.transports.http import SERVER_KEY, HttpTransport, OpenAIServer
 
-SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
 GREEDY = dict(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return Engine(make_config(model=str(tiny_llama[0]), **SETTINGS))
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama):
-    return LLM(model=str(tiny_llama[0]), **SETTINGS)
 
 
 class Server:

@@ -12,21 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastgen import LLM, SamplingParams
-from fastgen.config import make_config
-from fastgen.engine import Engine, StepStats
+from fastgen.engine import StepStats
 from fastgen.plugins.transports.http import SERVER_KEY
 from fastgen.plugins.transports.metrics import ServerMetrics
 
-from test_http import HI, SETTINGS, Server, open_stream, request
+from test_http import HI, Server, open_stream, request
 from test_http import slow_steps  # noqa: F401 (a fixture)
 
 HISTOGRAMS = ("fastgen_time_to_first_token_seconds", "fastgen_e2e_request_latency_seconds",
               "fastgen_request_queue_time_seconds")
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return Engine(make_config(model=str(tiny_llama[0]), **SETTINGS))
 
 
 @pytest.fixture(scope="module")

@@ -18,25 +18,15 @@ import time
 
 import pytest
 
-from fastgen import LLM, SamplingParams
+from fastgen import SamplingParams
 from fastgen.async_engine import AsyncEngine
-from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugins.transports import stdin as stdin_transport
 from fastgen.plugins.transports.stdin import StdinRequest, StdinTransport
 
-SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
 GREEDY = dict(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return Engine(make_config(model=str(tiny_llama[0]), **SETTINGS))
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama):
-    return LLM(model=str(tiny_llama[0]), **SETTINGS)
 
 
 def encode(lines: list[dict | str]) -> bytes:
