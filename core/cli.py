@@ -115,13 +115,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .bench.serving import benchmark_from_args, run_serve_benchmark
 
     bench = benchmark_from_args(args)
-    results = run_serve_benchmark(bench)
-    results["meta"]["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+    results = run_serve_benchmark(bench, show_progress=not args.no_progress)
+    results["meta"]["args"] = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
         print(f"fastgen: results written to {args.json}", file=sys.stderr)
+    if args.plot:
+        from .bench.plot import plot_results
+
+        plot_results(results, args.plot)
+        print(f"fastgen: plot written to {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -132,8 +137,9 @@ def _bench_parser(sub) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     serve = bench_sub.add_parser(
         "serve", help="serving benchmark: every scheduler under the same load (see docs/benchmarks.md)",
-        description="Run every scheduler x load on the same random-token workload in this process; "
-                    "print one table (stdout) and, with --json, write everything. Progress goes to stderr.")
+        description="Run every scheduler x load on the same random-token workload in this process (or "
+                    "through a server at --url, and transformers with --peers); print one table (stdout) "
+                    "and, with --json, write everything. Progress goes to stderr.")
     serve.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                        help="workload shapes, request count, budget, clients and SLAs to start from "
                             "(default: cpu); the flags below override it")
@@ -150,6 +156,17 @@ def _bench_parser(sub) -> None:
     serve.add_argument("--warmup", type=int, default=2, help="warm-up requests per engine (default: 2)")
     serve.add_argument("--seed", type=int, default=0, help="seed of the workload and Poisson arrivals")
     serve.add_argument("--json", metavar="FILE", help="write settings, summaries and traces to FILE")
+    serve.add_argument("--plot", metavar="FILE.png",
+                       help="draw latency against throughput and effective throughput against load (matplotlib)")
+    serve.add_argument("--no-progress", action="store_true", help="no progress bars or lines on stderr")
+    serve.add_argument("--peers", metavar="transformers",
+                       help="also run the workload through transformers on the same checkpoint: its "
+                            "generate (static batches) and continuous batching, where installed")
+    remote = serve.add_argument_group("a running server instead of in-process schedulers")
+    remote.add_argument("--url", help="OpenAI base URL of a running server, e.g. http://127.0.0.1:8000/v1; "
+                                      "--model names a local copy of its checkpoint for the tokenizer")
+    remote.add_argument("--served-model", help="model name to request (default: the first the server lists)")
+    remote.add_argument("--api-key", help="bearer token for the server")
     engine = serve.add_argument_group("engine settings (as in `fastgen serve`)")
     engine.add_argument("--model", help="checkpoint folder or .gguf (default: the demo model)")
     engine.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

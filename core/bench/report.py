@@ -1,4 +1,4 @@
-"""The serving benchmark's table: one row per workload x scheduler x load, as Markdown."""
+"""The serving benchmark's table: one row per workload x target x load, as Markdown."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def format_table(results: dict) -> str:
     """A Markdown table of every run's summary (latencies in ms unless marked s)."""
     rates = [g["rate"] for g in results["runs"][0]["summary"]["generation_sla"]] if results["runs"] else []
     prompt_rate = results["sla"]["prompt_rate"]
-    header = (["workload", "scheduler", "load", "req/s", "tok/s", "TTFT P50 s", "TTFT P95 s",
+    header = (["workload", "target", "load", "req/s", "tok/s", "TTFT P50 s", "TTFT P95 s",
                "tok lat P50 ms", "tok lat P95 ms", "tok lat P99 ms", "e2e P50 s"]
               + [f"eff req/s @{r:g}" for r in rates]
               + [f"miss prompt@{prompt_rate:g} %"] + [f"miss gen@{r:g} %" for r in rates]
@@ -33,7 +33,7 @@ def format_table(results: dict) -> str:
         s = run["summary"]
         ttft, tok, e2e = s["ttft_s"], s["per_token_latency_s"], s["e2e_latency_s"]
         gen = s["generation_sla"]
-        rows.append([run["workload"], run["scheduler"], run["load_label"],
+        rows.append([run["workload"], run["target"], run["load_label"],
                      _num(s["request_throughput"], 3), _num(s["token_throughput"], 1),
                      _s(ttft["p50"]), _s(ttft["p95"]),
                      _ms(tok["p50"]), _ms(tok["p95"]), _ms(tok["p99"]), _s(e2e["p50"])]

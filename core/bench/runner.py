@@ -2,8 +2,9 @@
 
 A **target** serves benchmark requests and streams their tokens back. `InProcessTarget` is an
 AsyncEngine built in this process for one config (one scheduler); it also records every step's
-StepStats through the engine's `on_step_finished` hook. A target for a server URL (HTTP) is a
-later addition: it implements the same `Target` protocol and records no steps.
+StepStats through the engine's `on_step_finished` hook. `HttpTarget` (fastgen.bench.remote) sends
+them to a running OpenAI-compatible server, and the transformers peers (fastgen.bench.peers) to
+transformers on the same checkpoint; they implement the same `Target` protocol and record no steps.
 
 A **load** decides when requests are sent: `ClosedLoop(clients)` keeps N clients busy, each
 sending its next request when its previous one finishes; `Poisson(rate)` sends requests at
@@ -18,7 +19,7 @@ import gc
 import itertools
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import numpy as np
 
@@ -201,22 +202,29 @@ async def warm_up(target: Target, requests: list[BenchRequest], count: int = 2) 
 
 
 async def run_load(target: Target, requests: list[BenchRequest], load: Load,
-                   workload: str = "") -> RunTrace:
+                   workload: str = "", on_done: Callable[[RequestTrace], None] | None = None) -> RunTrace:
     """Send every request of the workload under `load`; return what was recorded.
 
-    The target must be started. Steps recorded before the call are dropped.
+    The target must be started. Steps recorded before the call are dropped. `on_done` is called
+    with each request's trace as it ends (a progress bar).
     """
     origin = time.perf_counter()
     target.take_steps()
     run_id = next(_run_ids)
     traces: list[RequestTrace] = []
 
+    async def send(request: BenchRequest) -> None:
+        trace = await _send(target, request, f"bench{run_id}-{request.index}", origin)
+        traces.append(trace)
+        if on_done is not None:
+            on_done(trace)
+
     if isinstance(load, ClosedLoop):
         queue = iter(requests)
 
         async def client() -> None:
             for request in queue:   # a shared iterator: each request goes to one client
-                traces.append(await _send(target, request, f"bench{run_id}-{request.index}", origin))
+                await send(request)
 
         await asyncio.gather(*(client() for _ in range(load.clients)))
     else:
@@ -226,7 +234,7 @@ async def run_load(target: Target, requests: list[BenchRequest], load: Load,
             delay = origin + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            traces.append(await _send(target, request, f"bench{run_id}-{request.index}", origin))
+            await send(request)
 
         await asyncio.gather(*(arrive(r, t) for r, t in zip(requests, offsets)))
 
@@ -244,12 +252,13 @@ _run_ids = itertools.count()
 
 
 async def run_session(target: Target, requests: list[BenchRequest], load: Load,
-                      workload: str = "", warmup: int = 2) -> RunTrace:
+                      workload: str = "", warmup: int = 2,
+                      on_done: Callable[[RequestTrace], None] | None = None) -> RunTrace:
     """Start an opened target, warm it up, run the load, and stop it."""
     await target.start()
     try:
         if warmup:
             await warm_up(target, requests, warmup)
-        return await run_load(target, requests, load, workload)
+        return await run_load(target, requests, load, workload, on_done)
     finally:
         await target.stop()

@@ -1,13 +1,16 @@
-"""`fastgen bench serve`: every scheduler under every load on the same workloads.
+"""`fastgen bench serve`: every target under every load on the same workloads.
 
-For each workload shape, for each load (client count or arrival rate), each scheduler in turn
-(alternating, so a drift in the machine's speed touches every scheduler alike) gets a freshly
-built engine, a warm-up, and the same requests. The previous engine is freed first.
+A **target** is one row group of the table: a scheduler of fastgen's engine built in this process,
+a running OpenAI-compatible server (`--url`), or a peer (transformers on the same checkpoint).
+For each workload shape, for each load (client count or arrival rate), each target in turn
+(alternating, so a drift in the machine's speed touches every target alike) is freshly built,
+warmed up and given the same requests. The previous target is freed first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import platform
 import sys
 import time
@@ -17,13 +20,19 @@ from typing import Callable
 from ..config import make_config
 from ..errors import ConfigError
 from .metrics import SLA, summarize
-from .runner import ClosedLoop, InProcessTarget, Load, Poisson, run_session
+from .peers import PEERS, TransformersContinuousTarget, TransformersGenerateTarget
+from .remote import HttpTarget
+from .runner import ClosedLoop, InProcessTarget, Load, Poisson, Target, run_session
 from .workload import BenchRequest, WorkloadShape, WorkloadSpec, make_workload
 
 
 @dataclass
 class ServeBenchmark:
-    """What to run. Engine settings not named here keep their Config defaults."""
+    """What to run. Engine settings not named here keep their Config defaults.
+
+    With `url`, the server there is the one fastgen target (its scheduler is its own) and
+    `schedulers` must be empty; `peers` run in this process either way.
+    """
 
     schedulers: list[str]
     loads: list[Load]
@@ -35,17 +44,70 @@ class ServeBenchmark:
     warmup: int = 2
     engine_settings: dict = field(default_factory=dict)   # model, dtype, threads, ... (Config keys)
     preset: str | None = None
+    url: str | None = None
+    served_model: str | None = None
+    api_key: str | None = None
+    peers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One target of the benchmark: its name in the table, its kind, and how to build it for a run."""
+
+    name: str
+    kind: str                                  # "fastgen" (in process), "url" or "peer"
+    make: Callable[[Load, list[BenchRequest] | None], Target]   # unopened; requests when known
+    scheduler: str | None = None
 
 
 def status(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """A progress line on stderr that does not break a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr)
 
 
-def _make_target(bench: ServeBenchmark, scheduler: str) -> InProcessTarget:
-    config = make_config(**bench.engine_settings, scheduler=scheduler, token_budget=bench.token_budget)
-    target = InProcessTarget(config)
-    target.open()
-    return target
+def _checkpoint_folder(bench: ServeBenchmark):
+    from ..checkpoint import resolve_checkpoint
+
+    settings = bench.engine_settings
+    return resolve_checkpoint(settings.get("model"), settings.get("cache_dir"),
+                              settings.get("dtype", "float32"))
+
+
+def _batch_cap(load: Load, bench: ServeBenchmark) -> int:
+    """Most requests a peer serves at once: the client count, else the engine's max_num_seqs."""
+    limit = bench.engine_settings.get("max_num_seqs") or make_config().max_num_seqs
+    return min(load.clients, limit) if isinstance(load, ClosedLoop) else limit
+
+
+def target_specs(bench: ServeBenchmark) -> list[TargetSpec]:
+    """The targets of a benchmark, in the order each load runs them."""
+    specs = []
+    for scheduler in bench.schedulers:
+        def in_process(load, requests, scheduler=scheduler):
+            return InProcessTarget(make_config(**bench.engine_settings, scheduler=scheduler,
+                                               token_budget=bench.token_budget))
+        specs.append(TargetSpec(scheduler, "fastgen", in_process, scheduler))
+    if bench.url:
+        specs.append(TargetSpec(bench.url, "url", lambda load, requests: HttpTarget(
+            bench.url, _checkpoint_folder(bench), bench.served_model, bench.api_key)))
+    if "transformers" in bench.peers:
+        settings = bench.engine_settings
+        dtype, threads = settings.get("dtype", "float32"), settings.get("threads")
+        specs.append(TargetSpec(TransformersGenerateTarget.name, "peer", lambda load, requests:
+                                TransformersGenerateTarget(_checkpoint_folder(bench), dtype, threads,
+                                                           max_batch=_batch_cap(load, bench))))
+        if importlib.util.find_spec("transformers.generation.continuous_batching") is not None:
+            def continuous(load, requests):
+                longest = max((r.prompt_len + r.max_tokens for r in requests), default=2048)
+                return TransformersContinuousTarget(
+                    _checkpoint_folder(bench), dtype, threads, max_requests=_batch_cap(load, bench),
+                    token_budget=bench.token_budget, max_seq_len=longest)
+            specs.append(TargetSpec(TransformersContinuousTarget.name, "peer", continuous))
+        else:
+            status("this transformers has no continuous batching: its peer row is left out")
+    return specs
 
 
 def _load_dict(load: Load) -> dict:
@@ -54,14 +116,18 @@ def _load_dict(load: Load) -> dict:
     return {"kind": "poisson", "rate": load.rate, "seed": load.seed}
 
 
-def run_serve_benchmark(bench: ServeBenchmark,
-                        progress: Callable[[str], None] = status) -> dict:
-    """Run every workload x load x scheduler; return the results (see docs/benchmarks.md)."""
-    import torch
+def run_serve_benchmark(bench: ServeBenchmark, show_progress: bool = True) -> dict:
+    """Run every workload x load x target; return the results (see docs/benchmarks.md).
 
-    if not bench.schedulers or not bench.loads or not bench.shapes:
-        raise ConfigError("Give at least one scheduler, one load and one workload.")
-    total = len(bench.shapes) * len(bench.loads) * len(bench.schedulers)
+    With `show_progress`, each run draws a progress bar of its requests on stderr.
+    """
+    import torch
+    from tqdm import tqdm
+
+    specs = target_specs(bench)
+    if not specs or not bench.loads or not bench.shapes:
+        raise ConfigError("Give at least one scheduler (or --url), one load and one workload.")
+    total = len(bench.shapes) * len(bench.loads) * len(specs)
     results: dict = {
         "meta": {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -69,6 +135,9 @@ def run_serve_benchmark(bench: ServeBenchmark,
             "engine_settings": dict(bench.engine_settings),
             "token_budget": bench.token_budget,
             "schedulers": list(bench.schedulers),
+            "url": bench.url,
+            "peers": list(bench.peers),
+            "targets": [{"name": s.name, "kind": s.kind} for s in specs],
             "seed": bench.seed,
             "warmup_requests": bench.warmup,
             "python": platform.python_version(),
@@ -86,31 +155,43 @@ def run_serve_benchmark(bench: ServeBenchmark,
         spec = WorkloadSpec(shape, bench.num_requests, seed=bench.seed)
         requests: list[BenchRequest] | None = None
         for load in bench.loads:
-            for scheduler in bench.schedulers:
+            for target_spec in specs:
                 index += 1
-                where = f"run {index}/{total}: {shape.name}, {scheduler}, {load.label}"
-                progress(f"{where}: building the engine")
-                target = _make_target(bench, scheduler)
+                where = f"run {index}/{total}: {shape.name}, {target_spec.name}, {load.label}"
+                if show_progress:
+                    status(f"{where}: building the target")
+                target = target_spec.make(load, requests)
+                target.open()
                 try:
                     if requests is None:
+                        # The first target's vocabulary and length limit make the workload for all.
                         requests = make_workload(spec, target.allowed_token_ids(), target.max_model_len)
                         results["meta"]["model"] = target.model_name
-                        results["meta"]["device"] = str(target.engine.device)
+                        if isinstance(target, InProcessTarget):
+                            results["meta"]["device"] = str(target.engine.device)
                         results["workloads"].append(_workload_dict(spec, requests))
-                    progress(f"{where}: {len(requests)} requests")
-                    trace = asyncio.run(run_session(target, requests, load, shape.name, bench.warmup))
+                    with tqdm(total=len(requests), desc=f"{target_spec.name}, {load.label}", unit="req",
+                              file=sys.stderr, disable=not show_progress, leave=False) as bar:
+                        trace = asyncio.run(run_session(target, requests, load, shape.name, bench.warmup,
+                                                        on_done=lambda _: bar.update()))
                 finally:
                     target.close()
                 summary = summarize(trace, bench.sla)
                 failed = summary["requests"] - summary["completed"]
-                progress(f"{where}: done in {summary['duration_s']:.1f} s, "
-                         f"{summary['request_throughput']:.2f} req/s, "
-                         f"{summary['token_throughput']:.1f} tok/s"
-                         + (f", {failed} requests FAILED" if failed else ""))
-                results["runs"].append({"workload": shape.name, "scheduler": scheduler,
+                if show_progress:
+                    status(f"{where}: done in {summary['duration_s']:.1f} s, "
+                           f"{summary['request_throughput']:.2f} req/s, "
+                           f"{summary['token_throughput']:.1f} tok/s"
+                           + (f", {failed} requests FAILED (first: {_first_error(trace)})" if failed else ""))
+                results["runs"].append({"workload": shape.name, "target": target_spec.name,
+                                        "kind": target_spec.kind, "scheduler": target_spec.scheduler,
                                         "load": _load_dict(load), "load_label": load.label,
                                         "summary": summary, "trace": trace.to_dict()})
     return results
+
+
+def _first_error(trace) -> str | None:
+    return next((r.error for r in trace.requests if r.error), None)
 
 
 def _workload_dict(spec: WorkloadSpec, requests: list[BenchRequest]) -> dict:
@@ -163,7 +244,14 @@ def benchmark_from_args(args) -> ServeBenchmark:
     from .workload import get_preset
 
     preset = get_preset(args.preset)
-    schedulers = _split(args.schedulers, str, "--schedulers") or default_schedulers()
+    if args.url and args.schedulers:
+        raise ConfigError("--schedulers runs fastgen in this process; a server at --url runs its own "
+                          "scheduler, so give one of the two.")
+    schedulers = [] if args.url else _split(args.schedulers, str, "--schedulers") or default_schedulers()
+    peers = _split(args.peers, str, "--peers") or []
+    for peer in peers:
+        if peer not in PEERS:
+            raise ConfigError(f"Unknown peer {peer!r}; the peers are: {', '.join(PEERS)}.")
     registry = load_plugins().registry
     for name in schedulers:
         registry.get("schedulers", name)   # fails early, listing what is installed
@@ -192,4 +280,8 @@ def benchmark_from_args(args) -> ServeBenchmark:
         warmup=args.warmup,
         engine_settings=engine_settings,
         preset=preset.name,
+        url=args.url,
+        served_model=args.served_model,
+        api_key=args.api_key,
+        peers=peers,
     )

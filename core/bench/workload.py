@@ -152,3 +152,14 @@ def make_workload(spec: WorkloadSpec, allowed_ids: np.ndarray,
         prompt = allowed_ids[rng.integers(0, len(allowed_ids), size=int(prompt_lens[i]))]
         requests.append(BenchRequest(i, prompt.tolist(), int(gen_lens[i])))
     return requests
+
+
+def checkpoint_vocabulary(folder) -> tuple[np.ndarray, int]:
+    """(token ids a random prompt may use, longest sequence) of a checkpoint folder, read with
+    transformers: for targets that have no fastgen engine to ask (a server URL, a peer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder).get_text_config()
+    return (allowed_token_ids(tokenizer, config.vocab_size),
+            int(getattr(config, "max_position_embeddings", None) or 2048))

@@ -20,28 +20,36 @@ def run_bench(folder, tmp_path, *flags):
     return json.loads(out.read_text())
 
 
+def check_requests(results, run):
+    """Every request of `run` completed with all its tokens, in workload order."""
+    workload = results["workloads"][0]
+    summary, trace = run["summary"], run["trace"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["completed"] == summary["requests"] == 6
+    assert [r["index"] for r in trace["requests"]] == list(range(6))
+    for request, prompt_len, max_tokens in zip(trace["requests"], workload["prompt_lens"],
+                                               workload["max_tokens"]):
+        assert request["error"] is None and request["finish_reason"] == "length"
+        assert request["prompt_len"] == prompt_len
+        assert len(request["token_times"]) == request["max_tokens"] == max_tokens
+        assert request["arrival"] <= request["token_times"][0] <= request["finish"]
+
+
 def check_runs(results):
     workload = results["workloads"][0]
     for run in results["runs"]:
-        summary, trace = run["summary"], run["trace"]
-        assert SUMMARY_KEYS <= set(summary)
-        assert summary["completed"] == summary["requests"] == 6
-        assert [r["index"] for r in trace["requests"]] == list(range(6))
-        for request, prompt_len, max_tokens in zip(trace["requests"], workload["prompt_lens"],
-                                                   workload["max_tokens"]):
-            assert request["error"] is None and request["finish_reason"] == "length"
-            assert request["prompt_len"] == prompt_len
-            assert len(request["token_times"]) == request["max_tokens"] == max_tokens
-            assert request["arrival"] <= request["token_times"][0] <= request["finish"]
+        trace = run["trace"]
+        check_requests(results, run)
         # Every prompt token and every generated token but the last is computed once (no preemption).
         assert sum(s["num_tokens"] for s in trace["steps"]) == \
             sum(workload["prompt_lens"]) + sum(workload["max_tokens"]) - 6
-        assert [g["rate"] for g in summary["generation_sla"]] == results["sla"]["gen_rates"]
+        assert [g["rate"] for g in run["summary"]["generation_sla"]] == results["sla"]["gen_rates"]
 
 
 def test_closed_loop_two_schedulers(tiny_llama, tmp_path, capsys):
     folder, _ = tiny_llama
     results = run_bench(folder, tmp_path, "--schedulers", "splitfuse,prefill_first", "--clients", "1,2")
+    assert all(r["target"] == r["scheduler"] and r["kind"] == "fastgen" for r in results["runs"])
     assert [(r["scheduler"], r["load"]) for r in results["runs"]] == [
         ("splitfuse", {"kind": "closed_loop", "clients": 1}),
         ("prefill_first", {"kind": "closed_loop", "clients": 1}),
@@ -51,7 +59,7 @@ def test_closed_loop_two_schedulers(tiny_llama, tmp_path, capsys):
     assert [w["name"] for w in results["workloads"]] == ["p24g5"]
     check_runs(results)
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| workload | scheduler | load | req/s")
+    assert table[0].startswith("| workload | target | load | req/s")
     assert len(table) == 2 + 4 and "| p24g5 | prefill_first | 2 clients |" in table[-1]
 
 
