@@ -16,6 +16,8 @@ from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import SamplingMetadata
+from .logits_processors import apply_logits_processors
+from .logprobs import PromptLogprobPlan, extend_for_prompt_logprobs, token_logprobs
 from .model import load_model
 from .plugin_manager import PluginManager, load_plugins
 from .ragged_batch import RaggedBatch
@@ -207,10 +209,11 @@ class Engine:
         batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
         batch.attn_metadata = self.backend.prepare(batch)
         sampling = SamplingMetadata.build(batch.sampling_seqs, self.device)
+        prompt_logprobs = extend_for_prompt_logprobs(batch)
         t1 = time.perf_counter()
         logits = self.model.forward(batch, self.kv_cache)
         t2 = time.perf_counter()
-        next_tokens = self.backend.sample(logits, sampling, self.generator).tolist()
+        next_tokens = self._sample(batch, logits, sampling, prompt_logprobs)
         t3 = time.perf_counter()
         outputs = self._postprocess(batch, next_tokens)
         t4 = time.perf_counter()
@@ -221,6 +224,26 @@ class Engine:
             t1 - t0, t2 - t1, t3 - t2, t4 - t3)
         self._record(stats)
         return outputs
+
+    def _sample(self, batch: RaggedBatch, logits: torch.Tensor, sampling: SamplingMetadata,
+                prompt_logprobs: PromptLogprobPlan) -> list[int]:
+        """logits: [S + R, V], the sampling rows then the prompt-logprob rows -> next tokens [S].
+        Records the log-probabilities that sequences asked for."""
+        seqs = batch.sampling_seqs
+        logits, extra = logits[:len(seqs)], logits[len(seqs):]
+        if prompt_logprobs:
+            prompt_logprobs.record(extra)
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        # From the logits before processing: logprobs are the model's own distribution.
+        raw = logits[wanted].log_softmax(dim=-1) if wanted else None
+        logits = apply_logits_processors(logits, seqs)
+        next_tokens = self.backend.sample(logits, sampling, self.generator).tolist()
+        if wanted:
+            entries = token_logprobs(raw, [next_tokens[i] for i in wanted],
+                                     [seqs[i].params.logprobs for i in wanted])
+            for i, entry in zip(wanted, entries):
+                seqs[i].logprobs.append(entry)
+        return next_tokens
 
     def _record(self, stats: StepStats) -> None:
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
@@ -289,7 +312,10 @@ class Engine:
                              text=detok.text if finished else detok.text[:detok.emitted],
                              new_text=new_text, finished=finished,
                              finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                             metrics=self._metrics(seq) if finished else None)
+                             metrics=self._metrics(seq) if finished else None,
+                             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                             prompt_logprobs=(seq.prompt_logprobs
+                                              if seq.params.prompt_logprobs is not None else None))
 
     @staticmethod
     def _metrics(seq: Sequence) -> RequestMetrics:

@@ -11,6 +11,9 @@ import msgspec
 from .errors import RequestError
 
 
+MAX_LOGPROBS = 20   # most alternatives a request may ask for per token (OpenAI's top_logprobs cap)
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     """How one request picks its tokens and when it stops."""
 
@@ -22,6 +25,14 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     stop: list[str] = []           # generation ends before the first of these strings
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    min_p: float = 0.0             # drop tokens less likely than min_p times the most likely one
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0 # subtracted once per time a token was already generated
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of tokens
+                                     # seen in the prompt or the output; 1 is off
+    logprobs: int | None = None    # return each generated token's log-probability and this many
+                                   # most likely alternatives (0: the chosen token's only)
+    prompt_logprobs: int | None = None   # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +49,23 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise RequestError(f"seed must be in [0, 2**63), got {self.seed}.", param="seed")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty.", param="stop")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}.", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}.", param=name)
+        if not 0 < self.repetition_penalty <= 10:
+            raise RequestError(f"repetition_penalty must be in (0, 10], got "
+                               f"{self.repetition_penalty}.", param="repetition_penalty")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise RequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}.",
+                                   param=name)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
     def greedy(self) -> bool:
@@ -70,7 +98,8 @@ class Sequence:
 
     __slots__ = ("request_id", "token_ids", "prompt_len", "params", "num_computed", "block_ids",
                  "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
-                 "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions")
+                 "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions",
+                 "logprobs", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -92,6 +121,8 @@ class Sequence:
         self.stop_text_len: int | None = None
         self.eos_token_ids = eos_token_ids
         self.num_preemptions = 0
+        self.logprobs: list[TokenLogprob] = []          # one per generated token, when asked for
+        self.prompt_logprobs: list[TokenLogprob] = []   # one per prompt token after the first
 
     @property
     def num_pending(self) -> int:
@@ -119,6 +150,15 @@ class Sequence:
                 f"computed={self.num_computed}, blocks={len(self.block_ids)}, {self.status.value})")
 
 
+class TokenLogprob(msgspec.Struct):
+    """A token's log-probability under the model, and the most likely tokens at its position
+    (`top`: (token id, log-probability) pairs, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
 class RequestMetrics(msgspec.Struct, kw_only=True):
     """When a request reached each stage, in `time.monotonic()` seconds, and how often it was
     preempted. A time is None when the request was aborted before that stage."""
@@ -142,6 +182,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     new_text: str = ""             # text added since the previous output for this request
     metrics: RequestMetrics | None = None   # on the finished output only
+    logprobs: list[TokenLogprob] | None = None          # [len(token_ids)], when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None   # [len(prompt) - 1], when asked for
 
     @property
     def usage(self) -> dict[str, int]:

@@ -41,7 +41,7 @@ import fastgen
 from fastgen.async_engine import AsyncEngine, EngineDeadError
 from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
-from fastgen.request import RequestOutput, SamplingParams
+from fastgen.request import RequestOutput, SamplingParams, TokenLogprob
 
 from ._common import UNSET, Message, Unset, render_chat, sampling_params
 from .metrics import ServerMetrics
@@ -73,6 +73,10 @@ class _RequestFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -83,6 +87,8 @@ class CompletionRequest(_RequestFields):
     list of token-id lists."""
 
     prompt: str | list[str | int | list[int]]
+    logprobs: int | None = None    # the chosen token's logprob and this many alternatives
+    echo: bool = False             # the prompt before the completion (with logprobs: its logprobs)
 
 
 class ChatRequest(_RequestFields):
@@ -90,6 +96,8 @@ class ChatRequest(_RequestFields):
 
     messages: list[Message]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None   # alternatives per token, with logprobs true
 
 
 class _Neutral:
@@ -106,21 +114,13 @@ class _Neutral:
 
 # OpenAI fields (and vLLM extensions) that are not served yet: refused unless at their neutral value.
 _UNSUPPORTED_COMMON = {
-    "presence_penalty": _Neutral(None, 0),
-    "frequency_penalty": _Neutral(None, 0),
-    "repetition_penalty": _Neutral(None, 1),
-    "min_p": _Neutral(None, 0),
     "logit_bias": _Neutral(None, {}),
     "best_of": _Neutral(None, 1),
 }
 UNSUPPORTED_FIELDS = {
     CompletionRequest: {**_UNSUPPORTED_COMMON,
-                        "logprobs": _Neutral(None, False),
-                        "echo": _Neutral(None, False),
                         "suffix": _Neutral(None, "")},
     ChatRequest: {**_UNSUPPORTED_COMMON,
-                  "logprobs": _Neutral(None, False),
-                  "top_logprobs": _Neutral(None, 0),
                   "tools": _Neutral(None, []),
                   "tool_choice": _Neutral(None, "none", "auto"),
                   "parallel_tool_calls": _Neutral(None, True, False),
@@ -147,10 +147,19 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class CompletionLogprobs(msgspec.Struct):
+    """OpenAI's legacy logprobs: one entry per token; an echoed prompt's first token has none."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -170,10 +179,27 @@ class ChatMessage(msgspec.Struct):
     content: str
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -194,7 +220,7 @@ class Delta(msgspec.Struct, omit_defaults=True):
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -333,43 +359,167 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
 # --- answers ----------------------------------------------------------------------------------
 
 
-class _Reply:
-    """How one endpoint shapes its answer: chunks while streaming, one body otherwise."""
+# Byte-level BPE writes each byte as a printable character: these bytes as themselves, the
+# others as chr(256 + i) in byte order.
+_PRINTABLE = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's stand-in character -> the byte it stands for."""
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in _PRINTABLE:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+class _TokenText:
+    """Each token's own text as logprobs show it (a token holding part of a multi-byte character
+    shows as U+FFFD), and its exact bytes where the tokenizer says them (byte-level BPE and
+    SentencePiece byte-fallback tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.texts: dict[int, str] = {}
+        self.byte_values: dict[int, list[int]] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = _byte_level_table() if "ByteLevel" in repr(decoder) else None
+
+    def __call__(self, token_id: int) -> str:
+        text = self.texts.get(token_id)
+        if text is None:
+            text = self.texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def bytes(self, token_id: int) -> list[int]:
+        values = self.byte_values.get(token_id)
+        if values is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if self.byte_level is not None and all(c in self.byte_level for c in piece):
+                values = [self.byte_level[c] for c in piece]
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                values = [int(piece[3:5], 16)]
+            else:
+                values = list(self(token_id).encode())
+            self.byte_values[token_id] = values
+        return values
+
+
+class _Reply:
+    """How one endpoint shapes its answer: chunks while streaming, one body otherwise.
+
+    Streaming, each chunk carries the logprobs of the tokens generated since the previous chunk.
+    """
+
+    def __init__(self, request_id: str, model: str, include_usage: bool, token_text: _TokenText,
+                 logprobs: bool) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.include_usage = include_usage
         self.usage = None if include_usage else UNSET   # chunks carry "usage": null when asked for
+        self.token_text = token_text
+        self.logprobs = logprobs
+        self.logprobs_sent: dict[int, int] = {}        # choice index -> generated tokens shown
 
-    def start(self, index: int) -> Any | None:
+    def start(self, index: int, output: RequestOutput) -> Any | None:
         """The chunk that opens choice `index`, if the format has one."""
         return None
 
+    def new_logprobs(self, index: int, output: RequestOutput) -> list[TokenLogprob]:
+        sent = self.logprobs_sent.get(index, 0)
+        self.logprobs_sent[index] = len(output.logprobs or ())
+        return (output.logprobs or [])[sent:]
+
 
 class _CompletionReply(_Reply):
-    def chunk(self, index: int, text: str, finish_reason: str | None) -> Completion:
+    """With echo, each choice starts with its prompt's text (and, with logprobs, the prompt's)."""
+
+    def __init__(self, *args: Any, n: int, prompt_ids: list[list[int]] | None) -> None:
+        super().__init__(*args)
+        self.n = n
+        self.echo_ids = prompt_ids            # None without echo
+        self.text_offset: dict[int, int] = {}
+
+    def _prompt_text(self, index: int) -> str:
+        return self.token_text.tokenizer.decode(self.echo_ids[index // self.n], skip_special_tokens=True)
+
+    def _prompt_entries(self, index: int, output: RequestOutput) -> list[tuple[int, TokenLogprob | None]]:
+        """The echoed prompt's tokens with their logprobs; the first token has none."""
+        ids = self.echo_ids[index // self.n]
+        return [(ids[0], None)] + [(e.token_id, e) for e in output.prompt_logprobs or []]
+
+    def _format(self, index: int, entries: list[tuple[int, TokenLogprob | None]]) -> CompletionLogprobs | None:
+        """Logprobs of the next tokens of choice `index`, their text offsets following the last's."""
+        if not self.logprobs:
+            return None
+        out = CompletionLogprobs([], [], [], [])
+        offset = self.text_offset.get(index, 0)
+        for token_id, entry in entries:
+            text = self.token_text(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(None if entry is None else entry.logprob)
+            out.top_logprobs.append(None if entry is None else
+                                    {self.token_text(t): lp for t, lp in entry.top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        self.text_offset[index] = offset
+        return out
+
+    def start(self, index: int, output: RequestOutput) -> Completion | None:
+        if self.echo_ids is None:
+            return None
+        return self._completion(index, self._prompt_text(index), None,
+                                self._format(index, self._prompt_entries(index, output)))
+
+    def chunk(self, index: int, output: RequestOutput) -> Completion:
+        entries = [(e.token_id, e) for e in self.new_logprobs(index, output)]
+        return self._completion(index, output.new_text, output.finish_reason,
+                                self._format(index, entries))
+
+    def _completion(self, index: int, text: str, finish_reason: str | None,
+                    logprobs: CompletionLogprobs | None) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, usage=self.usage,
-                          choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)])
+                          choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                    finish_reason=finish_reason)])
 
     def usage_chunk(self, usage: Usage) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
     def body(self, finals: dict[int, RequestOutput], usage: Usage) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
-            CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
-            for i, out in sorted(finals.items())])
+        choices = []
+        for i, out in sorted(finals.items()):
+            text, entries = out.text, [(e.token_id, e) for e in out.logprobs or []]
+            if self.echo_ids is not None:
+                text = self._prompt_text(i) + text
+                entries = self._prompt_entries(i, out) + entries
+            choices.append(CompletionChoice(index=i, text=text, logprobs=self._format(i, entries),
+                                            finish_reason=out.finish_reason))
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage,
+                          choices=choices)
 
 
 class _ChatReply(_Reply):
-    def start(self, index: int) -> ChatCompletionChunk:
-        return self._chunk(index, Delta(role="assistant", content=""), None)
+    def start(self, index: int, output: RequestOutput) -> ChatCompletionChunk:
+        return self._chunk(index, Delta(role="assistant", content=""), None, None)
 
-    def chunk(self, index: int, text: str, finish_reason: str | None) -> ChatCompletionChunk:
-        return self._chunk(index, Delta(content=text or None), finish_reason)
+    def chunk(self, index: int, output: RequestOutput) -> ChatCompletionChunk:
+        return self._chunk(index, Delta(content=output.new_text or None), output.finish_reason,
+                           self._logprobs(self.new_logprobs(index, output)))
 
-    def _chunk(self, index: int, delta: Delta, finish_reason: str | None) -> ChatCompletionChunk:
+    def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        if not self.logprobs:
+            return None
+        text = self.token_text
+        return ChatLogprobs([ChatTokenLogprob(
+            text(e.token_id), e.logprob, text.bytes(e.token_id),
+            [TopLogprob(text(t), lp, text.bytes(t)) for t, lp in e.top]) for e in entries])
+
+    def _chunk(self, index: int, delta: Delta, finish_reason: str | None,
+               logprobs: ChatLogprobs | None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, usage=self.usage,
-                                   choices=[ChatChunkChoice(index=index, delta=delta,
+                                   choices=[ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
                                                             finish_reason=finish_reason)])
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
@@ -379,7 +529,7 @@ class _ChatReply(_Reply):
     def body(self, finals: dict[int, RequestOutput], usage: Usage) -> ChatCompletion:
         return ChatCompletion(id=self.id, created=self.created, model=self.model, usage=usage, choices=[
             ChatChoice(index=i, message=ChatMessage(role="assistant", content=out.text),
-                       finish_reason=out.finish_reason)
+                       logprobs=self._logprobs(out.logprobs or []), finish_reason=out.finish_reason)
             for i, out in sorted(finals.items())])
 
 
@@ -439,6 +589,7 @@ class OpenAIServer:
         self.created = int(time.time())
         self.in_flight: set[str] = set()   # engine request ids being served
         self.metrics = ServerMetrics(engine.engine)
+        self.token_text = _TokenText(engine.engine.tokenizer)
 
     def authenticate(self, request: web.Request) -> None:
         """Refuse a request without the API key with a 401 (nothing to check when none is set)."""
@@ -485,8 +636,12 @@ class OpenAIServer:
         prompts = _prompt_list(body.prompt)
         prompt_ids = await self._off_loop(lambda: [self.engine.engine.tokenize(p) for p in prompts],
                                           "prompt")
-        params = self._params(body, prompt_ids, body.max_tokens, "max_tokens", "prompt")
-        reply = _CompletionReply(f"cmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body))
+        logprobs = {"logprobs": body.logprobs,
+                    "prompt_logprobs": body.logprobs if body.echo else None}
+        params = self._params(body, prompt_ids, body.max_tokens, "max_tokens", "prompt", logprobs)
+        reply = _CompletionReply(f"cmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body),
+                                 self.token_text, body.logprobs is not None, n=body.n,
+                                 prompt_ids=prompt_ids if body.echo else None)
         return await self._serve(request, body, reply, prompt_ids, params)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -499,8 +654,12 @@ class OpenAIServer:
             max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
         if max_tokens is None:   # OpenAI's chat default: up to the context length
             max_tokens = max(1, self.engine.engine.max_model_len - len(prompt))
-        params = self._params(body, [prompt], max_tokens, name, "messages")
-        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body))
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
+        logprobs = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+        params = self._params(body, [prompt], max_tokens, name, "messages", logprobs)
+        reply = _ChatReply(f"chatcmpl-{uuid.uuid4().hex}", self.model_name, self._include_usage(body),
+                           self.token_text, bool(body.logprobs))
         return await self._serve(request, body, reply, [prompt], params)
 
     async def _off_loop(self, work: Callable[[], Any], param: str) -> Any:
@@ -518,20 +677,24 @@ class OpenAIServer:
         return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
     def _params(self, body: _RequestFields, prompt_ids: list[list[int]], max_tokens: int | None,
-                max_tokens_name: str, prompt_name: str) -> SamplingParams:
+                max_tokens_name: str, prompt_name: str, logprobs: dict[str, int | None]) -> SamplingParams:
         if body.n < 1:
             raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
         if body.n * len(prompt_ids) > self.config.max_choices:
             raise ApiError(400, f"This request asks for {body.n * len(prompt_ids)} completions "
                                 f"(n={body.n} for each of {len(prompt_ids)} prompts); at most "
                                 f"{self.config.max_choices} are served per request.", param="n")
-        overrides = {} if max_tokens is None else {"max_tokens": max_tokens}
+        overrides = dict(logprobs) if max_tokens is None else {**logprobs, "max_tokens": max_tokens}
         try:
             params = sampling_params(body, **overrides)
         except RequestError as e:
-            # The chat API calls it max_completion_tokens when the client did.
-            param = max_tokens_name if e.param == "max_tokens" else e.param
-            message = str(e).replace("max_tokens", max_tokens_name, 1)
+            # The chat API calls it max_completion_tokens when the client did, and its logprobs
+            # count top_logprobs.
+            names = {"max_tokens": max_tokens_name, "prompt_logprobs": "logprobs"}
+            if isinstance(body, ChatRequest):
+                names["logprobs"] = "top_logprobs"
+            param = names.get(e.param, e.param)
+            message = str(e).replace(e.param or "", param, 1) if param else str(e)
             raise _error_from(RequestError(message, param), tuple(body.__struct_fields__)) from None
         limit = self.engine.engine.max_model_len
         for ids in prompt_ids:
@@ -597,13 +760,12 @@ class OpenAIServer:
                     raise ApiError(503, _ABORTED, code="engine_unavailable")
                 if index not in started:
                     started.add(index)
-                    if (first := reply.start(index)) is not None:
+                    if (first := reply.start(index, output)) is not None:
                         await response.write(_sse(first))
                 if output.finished:
                     finals[index] = output
-                    await response.write(_sse(reply.chunk(index, output.new_text, output.finish_reason)))
-                elif output.new_text:
-                    await response.write(_sse(reply.chunk(index, output.new_text, None)))
+                if output.finished or output.new_text:
+                    await response.write(_sse(reply.chunk(index, output)))
             if response is None:
                 raise ApiError(500, "The engine ended this request without an answer; see the server log.")
             if reply.include_usage:

@@ -6,14 +6,21 @@ Each input line is one request:
 
 `prompt` is a string or a list of token ids; `messages` ([{"role": ..., "content": ...}, ...])
 may come instead and is rendered with the model's chat template. The sampling fields are those of
-`fastgen.SamplingParams` (max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
-ignore_eos); a field left out takes its default there. `id` (a string or an integer) is echoed
+`fastgen.SamplingParams` (max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logprobs,
+prompt_logprobs); a
+field left out takes its default there. `id` (a string or an integer) is echoed
 on every line that answers the request; it is optional when requests are sent one at a time.
 
 A finished request gets one line:
 
     {"id": "a", "text": "...", "token_ids": [...], "finish_reason": "stop",
      "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}}
+
+With "logprobs": N, the finished line (or each stream line, for its tokens) also has "logprobs":
+one {"token_id", "logprob", "top": [[token id, logprob], ...]} per generated token; with
+"prompt_logprobs": N, the finished line has "prompt_logprobs", the same for each prompt token
+after the first.
 
 With "stream": true, each new piece of text gets {"id", "text", "token_ids", "finished": false}
 (the piece and the token ids it came from), and the last line, with "finished": true, also has
@@ -42,7 +49,7 @@ import fastgen
 from fastgen.async_engine import AsyncEngine
 from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
-from fastgen.request import SamplingParams
+from fastgen.request import RequestOutput, SamplingParams
 
 from ._common import UNSET, Message, Unset, render_chat, sampling_params
 
@@ -66,6 +73,12 @@ class StdinRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop: str | list[str] | Unset = UNSET
     stop_token_ids: list[int] | Unset = UNSET
     ignore_eos: bool | Unset = UNSET
+    min_p: float | Unset = UNSET
+    presence_penalty: float | Unset = UNSET
+    frequency_penalty: float | Unset = UNSET
+    repetition_penalty: float | Unset = UNSET
+    logprobs: int | None | Unset = UNSET
+    prompt_logprobs: int | None | Unset = UNSET
 
     def sampling_params(self) -> SamplingParams:
         return sampling_params(self)
@@ -73,6 +86,15 @@ class StdinRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 _decoder = msgspec.json.Decoder(StdinRequest)
 _encoder = msgspec.json.Encoder()
+
+
+def _with_logprobs(line: dict, out: RequestOutput, sent: int) -> dict:
+    """The line, with the logprobs of the tokens from `sent` on when the request asked for them."""
+    if out.logprobs is not None:
+        line["logprobs"] = out.logprobs[sent:]
+    if out.prompt_logprobs is not None and out.finished:
+        line["prompt_logprobs"] = out.prompt_logprobs
+    return line
 
 
 def _id_of(line: bytes) -> str | int | None:
@@ -293,17 +315,21 @@ class StdinTransport:
             async for out in self.engine.generate(prompt, params):
                 if not out.finished:
                     if request.stream and out.new_text:
-                        self._write({"id": request.id, "text": out.new_text,
-                                     "token_ids": out.token_ids[sent:], "finished": False})
+                        self._write(_with_logprobs({"id": request.id, "text": out.new_text,
+                                                    "token_ids": out.token_ids[sent:],
+                                                    "finished": False}, out, sent))
                         sent = len(out.token_ids)
                     continue
                 if request.stream:
-                    self._write({"id": request.id, "text": out.new_text,
-                                 "token_ids": out.token_ids[sent:], "finished": True,
-                                 "finish_reason": out.finish_reason, "usage": out.usage})
+                    self._write(_with_logprobs({"id": request.id, "text": out.new_text,
+                                                "token_ids": out.token_ids[sent:], "finished": True,
+                                                "finish_reason": out.finish_reason,
+                                                "usage": out.usage}, out, sent))
                 else:
-                    self._write({"id": request.id, "text": out.text, "token_ids": out.token_ids,
-                                 "finish_reason": out.finish_reason, "usage": out.usage})
+                    self._write(_with_logprobs({"id": request.id, "text": out.text,
+                                                "token_ids": out.token_ids,
+                                                "finish_reason": out.finish_reason,
+                                                "usage": out.usage}, out, 0))
         except FastgenError as e:   # RequestError (prompt too long, ...), EngineDeadError, a failed step
             self._write_error(request.id, str(e))
         except Exception as e:

@@ -8,6 +8,7 @@ background thread with its own event loop, around an AsyncEngine on the tiny Lla
 from __future__ import annotations
 
 import asyncio
+import codecs
 import http.client
 import json
 import os
@@ -235,6 +236,80 @@ def test_stop_strings(server, client, llm):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_logprobs_of_completions_and_chat_are_the_offline_apis(server, client, llm):
+    prompt = "The quick brown fox"
+    offline = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=2,
+                                                    ignore_eos=True))[0]
+    answer = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=6,
+                                       temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    lp = answer.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in offline.logprobs], abs=1e-5)
+    assert answer.choices[0].text == offline.text and len(lp.tokens) == 6
+    assert [len(t) for t in lp.top_logprobs] == [2] * 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    # Greedy: the chosen token is the most likely one.
+    assert all(max(top.values()) == pytest.approx(p) for top, p in zip(lp.top_logprobs, lp.token_logprobs))
+
+    streamed = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=6,
+                                         temperature=0, logprobs=2, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [p for c in chunks for p in c.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+    chat = client.chat.completions.create(model=server.engine.model_name, messages=HI, max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    # Each token's exact bytes: together they are the answer, multi-byte characters and all (an
+    # unfinished character at the end is not text yet).
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(b"".join(bytes(c.bytes) for c in content), final=False)
+    assert text == chat.choices[0].message.content
+    plain = client.chat.completions.create(model=server.engine.model_name, messages=HI, max_tokens=5,
+                                           temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(server, client, tiny_llama):
+    import torch
+
+    ids = [5, 30, 31, 44, 60]
+    answer = client.completions.create(model=server.engine.model_name, prompt=ids, max_tokens=3,
+                                       temperature=0, echo=True, logprobs=1,
+                                       extra_body={"ignore_eos": True})
+    choice = answer.choices[0]
+    prompt_text = server.engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert choice.text.startswith(prompt_text) and len(choice.logprobs.tokens) == len(ids) + 3
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = tiny_llama[1](torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [ref[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+
+    streamed = list(client.completions.create(model=server.engine.model_name, prompt=ids,
+                                              max_tokens=3, temperature=0, echo=True, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    assert streamed[0].choices[0].text == prompt_text
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
+def test_penalties_and_min_p_reach_the_sampler(server, client, llm):
+    prompt = [5, 9, 9, 14, 5, 30, 7]
+    for fields in ({"repetition_penalty": 1.8}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}):
+        offline = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                        **fields))[0]
+        answer = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=10,
+                                           temperature=0, extra_body={"ignore_eos": True, **fields})
+        assert answer.choices[0].text == offline.text
+    # min_p 1 keeps only the most likely token: sampling at any temperature is greedy.
+    greedy = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=8,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    hot = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=8,
+                                    temperature=5.0, seed=1, extra_body={"ignore_eos": True, "min_p": 1.0})
+    assert hot.choices[0].text == greedy.choices[0].text
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted(server):
     status, _, raw = request(server, "POST", "/v1/completions", {
         "model": server.engine.model_name, "prompt": "Paris", "max_tokens": 2, "presence_penalty": 0,
@@ -270,18 +345,20 @@ ERRORS = [
     (COMPLETIONS, "[1, 2]", 400, None, "must be a JSON object"),
     (COMPLETIONS, {"promt": "x"}, 400, "promt", "Unrecognized request field `promt`"),
     (COMPLETIONS, {"max_tokens": 3}, 400, "prompt", "missing required field `prompt`"),
-    (COMPLETIONS, {"prompt": "x", "logprobs": 2}, 400, "logprobs",
-     "`logprobs` is not supported.*set it to false"),
-    (COMPLETIONS, {"prompt": "x", "echo": True}, 400, "echo", "`echo` is not supported"),
-    (COMPLETIONS, {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "set it to 0"),
-    (COMPLETIONS, {"prompt": "x", "frequency_penalty": 1}, 400, "frequency_penalty", "not supported"),
-    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 1.2}, 400, "repetition_penalty", "set it to 1"),
-    (COMPLETIONS, {"prompt": "x", "min_p": 0.1}, 400, "min_p", "not supported"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs", "logprobs must be between 0 and 20"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": True}, 400, "logprobs", "Expected `int | null`, got `bool`"),
+    (COMPLETIONS, {"prompt": "x", "echo": "yes"}, 400, "echo", "Expected `bool`"),
+    (COMPLETIONS, {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", r"in \[-2, 2\]"),
+    (COMPLETIONS, {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty", r"in \[-2, 2\]"),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", r"in \(0, 10\]"),
+    (COMPLETIONS, {"prompt": "x", "min_p": 1.1}, 400, "min_p", r"min_p must be in \[0, 1\]"),
+    (CHAT, {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs set to true"),
+    (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs",
+     "top_logprobs must be between 0 and 20"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
     (CHAT, {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools", "`tools` is not supported"),
     (CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format",
      "not supported"),
-    (CHAT, {"messages": HI, "logprobs": True}, 400, "logprobs", "not supported"),
     (CHAT, {"messages": HI, "echo": False}, 400, "echo", "Unrecognized request field `echo`"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens",
      "Expected `int | null`, got `str`"),
@@ -334,7 +411,7 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, patte
 
 def test_openai_client_sees_the_error(client, server):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=server.engine.model_name, prompt="x", presence_penalty=1.0)
+        client.completions.create(model=server.engine.model_name, prompt="x", presence_penalty=3.0)
     assert info.value.status_code == 400
     assert "presence_penalty" in info.value.message and info.value.param == "presence_penalty"
     with pytest.raises(openai.NotFoundError) as info:

@@ -305,3 +305,23 @@ def test_fastgen_serve_end_to_end(tiny_llama, llm):
     assert len(answers["after"]["token_ids"]) == 3
     fox = llm.generate("The quick brown fox", SamplingParams(max_tokens=16, **GREEDY))[0]
     assert "".join(p["text"] for p in stream) == fox.text and stream[-1]["finished"] is True
+
+
+def test_logprobs_and_penalties_on_stdin_match_offline(engine, llm):
+    prompt = [5, 9, 9, 14, 5, 30, 7]
+    fields = dict(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=1.5, logprobs=1)
+    offline = llm.generate([prompt], SamplingParams(**fields))[0]
+    answers = serve(engine, [{"id": "a", "prompt": prompt, "prompt_logprobs": 0, **fields},
+                             {"id": "s", "prompt": prompt, "stream": True, **fields}])
+    by_id = {}
+    for line in answers:
+        by_id.setdefault(line["id"], []).append(line)
+    whole = by_id["a"][0]
+    assert whole["token_ids"] == offline.token_ids
+    assert [e["token_id"] for e in whole["logprobs"]] == offline.token_ids
+    assert [e["logprob"] for e in whole["logprobs"]] == pytest.approx(
+        [e.logprob for e in offline.logprobs], abs=1e-5)
+    assert all(len(e["top"]) == 1 for e in whole["logprobs"])
+    assert [e["token_id"] for e in whole["prompt_logprobs"]] == prompt[1:]
+    streamed = [e for line in by_id["s"] for e in line["logprobs"]]
+    assert streamed == whole["logprobs"]
