@@ -177,6 +177,44 @@ def _bench_parser(sub) -> None:
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--kv-cache-gb", type=float)
     serve.set_defaults(func=cmd_bench_serve)
+    _bench_kernels_parser(bench_sub)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from .bench.kernels import format_table
+
+    try:
+        from .bench.kernels_suite import run_suite
+    except ImportError as e:
+        raise FastgenError(f"fastgen bench kernels needs pytest and pytest-benchmark ({e}); "
+                           f"install them with `pip install pytest-benchmark`.") from None
+    results, notes = run_suite(backends=args.backends, ops=args.ops, models=args.models, sets=args.sets,
+                               quick=args.quick, device=args.device, dtypes=args.dtype,
+                               threads=args.threads, json_path=args.json, keyword=args.k)
+    print(format_table(results, notes))
+    if args.json:
+        print(f"fastgen: pytest-benchmark JSON written to {args.json} "
+              f"(compare runs with `pytest-benchmark compare`)", file=sys.stderr)
+    return 0
+
+
+def _bench_kernels_parser(bench_sub) -> None:
+    kernels = bench_sub.add_parser(
+        "kernels", help="kernel-backend benchmark: every backend x op x model shape (see docs/benchmarks.md)",
+        description="Time every installed kernel backend on each op over shapes of real models with "
+                    "pytest-benchmark; print one table (stdout) with bytes/s, FLOP/s and the fraction "
+                    "of the device's measured copy and matmul ceilings. pytest's report goes to stderr.")
+    kernels.add_argument("--backends", metavar="A,B", help="kernel backends (default: every installed one)")
+    kernels.add_argument("--ops", metavar="A,B", help="ops (default: all)")
+    kernels.add_argument("--models", metavar="A,B", help="model shapes (default: all; --quick: the small one)")
+    kernels.add_argument("--sets", metavar="A,B", help="shape sets: decode, prefill, mixed (default: all)")
+    kernels.add_argument("--quick", action="store_true", help="small shapes and few rounds: seconds on a CPU")
+    kernels.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    kernels.add_argument("--dtype", metavar="A,B", help="dtypes (default: bfloat16 on CUDA, float32 on CPU)")
+    kernels.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    kernels.add_argument("-k", metavar="EXPR", help="pytest -k expression over case ids, e.g. 'b16 and ctx1024'")
+    kernels.add_argument("--json", metavar="FILE", help="write pytest-benchmark's JSON to FILE")
+    kernels.set_defaults(func=cmd_bench_kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,166 @@
+"""The kernel-backend benchmark as a pytest-benchmark suite: every installed backend x dtype x
+model shape x op, each result carrying bytes/s, FLOP/s and the fraction of the device's ceilings.
+
+Two ways in, one suite:
+- `pytest benchmarks/kernels [--backends torch,triton] [--ops attention] [--quick] ...`: that
+  folder's conftest takes the hooks below and its test module takes `test_kernel`, so every
+  pytest-benchmark flag (--benchmark-json, --benchmark-compare, ...) works as usual.
+- `fastgen bench kernels ...` (`run_suite`): the same hooks and test through `pytest.main` on a
+  two-line test module written to a temporary folder. This works from a fresh clone and from an
+  installed fastgen alike, since nothing outside the `fastgen` package is needed, and a user's own
+  pytest configuration and conftest files stay out of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ..errors import FastgenError
+from .kernels import Selection, achieved, cuda_event_clock, free_memory, measure_ceilings
+
+__all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
+           "pytest_benchmark_update_machine_info", "kernel_ceilings", "test_kernel"]
+
+_SELECTION = pytest.StashKey[Selection]()
+# Fraction of the free memory a case may plan to use: the rest is headroom for the allocator.
+_MEMORY_HEADROOM = 0.8
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("fastgen kernels", "fastgen kernel-backend benchmark")
+    group.addoption("--backends", help="comma-separated kernel backends (default: every installed one)")
+    group.addoption("--ops", help="comma-separated ops (default: all)")
+    group.addoption("--models", help="comma-separated model shapes (default: all; quick: the small one)")
+    group.addoption("--sets", help="comma-separated shape sets: decode, prefill, mixed (default: all)")
+    group.addoption("--quick", action="store_true", help="small shapes only: seconds on a CPU")
+    group.addoption("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    group.addoption("--dtype", help="comma-separated dtypes (default: bfloat16 on CUDA, float32 on CPU)")
+    group.addoption("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def pytest_configure(config) -> None:
+    if config.getoption("threads"):
+        import torch
+
+        torch.set_num_threads(config.getoption("threads"))
+    try:
+        config.stash[_SELECTION] = Selection.from_options(
+            backends=config.getoption("backends"), ops=config.getoption("ops"),
+            models=config.getoption("models"), sets=config.getoption("sets"),
+            quick=config.getoption("quick"), device=config.getoption("device"),
+            dtypes=config.getoption("dtype"))
+    except FastgenError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "kernel_case" not in metafunc.fixturenames:
+        return
+    sel = metafunc.config.stash[_SELECTION]
+    free = free_memory(sel.device)
+    # The benchmark fixture's clock: device time from CUDA events on a GPU, wall time on a CPU.
+    timer = [pytest.mark.benchmark(timer=cuda_event_clock)] if sel.device.type == "cuda" else []
+    params = []
+    for case in sel.cases():
+        need = case.footprint_bytes()
+        marks = list(timer)
+        if need > _MEMORY_HEADROOM * free:
+            marks.append(pytest.mark.skip(reason=f"{case.id} needs about {need / 2**30:.1f} GiB and "
+                                                 f"{sel.device} has {free / 2**30:.1f} GiB free"))
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    for name, reason in sel.unavailable.items():
+        params.append(pytest.param(None, id=f"{name}-unavailable",
+                                   marks=pytest.mark.skip(reason=f"kernels.{name} is unavailable: {reason}")))
+    metafunc.parametrize("kernel_case", params)
+
+
+@pytest.fixture(scope="session")
+def kernel_ceilings(request):
+    sel = request.config.stash[_SELECTION]
+    return measure_ceilings(sel.device, tuple(sel.dtypes), sel.quick)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info) -> None:
+    sel = config.stash.get(_SELECTION, None)
+    if sel is not None:
+        machine_info["fastgen_kernel_ceilings"] = measure_ceilings(
+            sel.device, tuple(sel.dtypes), sel.quick).as_dict()
+
+
+def test_kernel(benchmark, kernel_case, kernel_ceilings) -> None:
+    run = kernel_case.build()
+    run()   # warm-up outside the timing: a JIT backend compiles here
+    if kernel_case.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(kernel_case.device)
+    benchmark.group = kernel_case.group
+    benchmark.extra_info.update(kernel_case.info())
+    benchmark(run)
+    if benchmark.stats is not None:   # None under --benchmark-disable
+        benchmark.extra_info.update(achieved(kernel_case.cost, benchmark.stats.stats.median,
+                                             kernel_ceilings, kernel_case.dtype))
+
+
+class _SkipNotes:
+    """Collects why cases were skipped, for the table's notes."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            if reason not in self.reasons:
+                self.reasons.append(reason)
+
+
+_TEST_MODULE = "from fastgen.bench.kernels_suite import test_kernel  # noqa: F401\n"
+
+
+def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, device="auto",
+              dtypes=None, threads=None, json_path=None, keyword=None) -> tuple[dict, list[str]]:
+    """Run the suite in this process; its output goes to stderr. Returns pytest-benchmark's JSON
+    and the reasons cases were skipped. Bad options raise before anything runs."""
+    Selection.from_options(backends=backends, ops=ops, models=models, sets=sets, quick=quick,
+                           device=device, dtypes=dtypes)
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        raise FastgenError("fastgen bench kernels needs pytest-benchmark; "
+                           "install it with `pip install pytest-benchmark`.") from None
+    options = {"--backends": backends, "--ops": ops, "--models": models, "--sets": sets,
+               "--device": device, "--dtype": dtypes, "--threads": threads, "-k": keyword}
+    with tempfile.TemporaryDirectory(prefix="fastgen-kernels-") as tmp:
+        folder = Path(tmp)
+        (folder / "test_kernels.py").write_text(_TEST_MODULE)
+        (folder / "pytest.ini").write_text("[pytest]\n")
+        out = Path(json_path) if json_path else folder / "results.json"
+        args = [str(folder / "test_kernels.py"), "-c", str(folder / "pytest.ini"), "--rootdir", tmp,
+                "--noconftest", "-p", "no:cacheprovider", "-q", "-rs", f"--benchmark-json={out}",
+                "--benchmark-disable-gc", "--benchmark-sort=name"]
+        # Quick runs are a smoke test of the suite; full runs take enough rounds for a stable median.
+        args += (["--benchmark-min-rounds=3", "--benchmark-max-time=0.01"] if quick
+                 else ["--benchmark-min-rounds=5", "--benchmark-max-time=0.2"])
+        args += ["--quick"] if quick else []
+        for flag, value in options.items():
+            if value:
+                args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        notes = _SkipNotes()
+        # stdout carries only the table: pytest's own report goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            code = pytest.main(args, plugins=[sys.modules[__name__], notes])
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            raise FastgenError(f"The kernel benchmark failed (pytest exit code {int(code)}); "
+                               f"its report above names the failing case.")
+        if not out.exists():
+            raise FastgenError("The kernel benchmark selected no cases; widen --backends, --ops or -k.")
+        results = json.loads(out.read_text())
+    return results, notes.reasons

@@ -1,0 +1,153 @@
+"""The kernel-backend benchmark: its byte and FLOP formulas, the batches it builds, the backend
+selection from the registry, and the quick suite end to end through `fastgen bench kernels`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.bench.kernels import (MODELS, OPS, QUICK_SHAPES, BatchShape, Ceilings, Cost, ModelShape,
+                                   Selection, achieved, build_batch, decode, mixed, op_cost, prefill)
+from fastgen.cli import main
+from fastgen.errors import FastgenError, PluginError
+
+SMALL = MODELS["smollm2-135m"]   # H 9, Hkv 3, D 64, E 576, I 1536, V 49152
+WINDOWED = ModelShape("windowed", 256, 4, 2, 64, 512, 1000, sliding_window=4)
+
+
+def test_shapes_come_from_the_model_configs():
+    llama, mistral = MODELS["llama3-8b"], MODELS["mistral-7b"]
+    assert (llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.intermediate_size) == (32, 8, 128, 14336)
+    assert mistral.sliding_window == 4096 and llama.sliding_window is None
+    assert (SMALL.num_heads, SMALL.num_kv_heads, SMALL.head_dim) == (9, 3, 64)
+
+
+def test_attention_cost_of_decodes():
+    # Two decodes after 127 cached tokens: each query sees its 128 keys.
+    cost = op_cost("attention", SMALL, decode(2, 127), torch.float32)
+    assert cost.bytes == 2 * 2 * 9 * 64 * 4 + 2 * (2 * 128) * 3 * 64 * 4
+    assert cost.flops == 4 * (2 * 128) * 9 * 64
+
+
+def test_attention_flops_count_only_causal_pairs():
+    # A 4-token chunk alone: 1 + 2 + 3 + 4 pairs, not 4 * 4; after 2 cached tokens: 3 + 4 + 5.
+    assert op_cost("attention", SMALL, prefill(4), torch.bfloat16).flops == 4 * 10 * 9 * 64
+    chunk = op_cost("attention", SMALL, prefill(3, cached=2), torch.bfloat16)
+    assert chunk.flops == 4 * 12 * 9 * 64
+    assert chunk.bytes == 2 * 3 * 9 * 64 * 2 + 2 * 5 * 3 * 64 * 2
+
+
+@pytest.mark.parametrize("cached,new", [(0, 9), (2, 6), (10, 2), (3, 1), (0, 3), (5, 7)])
+def test_attention_cost_within_a_sliding_window_matches_counting_the_mask(cached, new):
+    q_pos = torch.arange(cached, cached + new)[:, None]
+    k_pos = torch.arange(cached + new)[None, :]
+    mask = (k_pos <= q_pos) & (k_pos > q_pos - WINDOWED.sliding_window)   # [new, cached + new]
+    pairs, keys = int(mask.sum()), int(mask.any(0).sum())
+    cost = op_cost("attention", WINDOWED, BatchShape("w", "prefill", ((cached, new),)), torch.float32)
+    assert cost.flops == 4 * pairs * 4 * 64
+    assert cost.bytes == 2 * new * 4 * 64 * 4 + 2 * keys * 2 * 64 * 4
+
+
+def test_elementwise_and_sampling_bytes():
+    shape = prefill(3)    # T = 3, one sampling sequence
+    assert op_cost("rms_norm", SMALL, shape, torch.float32) == Cost((4 * 3 * 576 + 576) * 4, 0)
+    assert op_cost("silu_and_mul", SMALL, shape, torch.bfloat16) == Cost(3 * 3 * 1536 * 2, 0)
+    assert op_cost("rotary", SMALL, shape, torch.float16) == Cost(2 * 3 * 12 * 64 * 2 + 2 * 3 * 32 * 4, 0)
+    assert op_cost("write_kv", SMALL, shape, torch.float32) == Cost(4 * 3 * 3 * 64 * 4 + 8 * 3, 0)
+    assert op_cost("sample", SMALL, decode(5, 10), torch.bfloat16) == Cost(5 * 49152 * 4 + 5 * 8, 0)
+    with pytest.raises(FastgenError, match="Unknown kernel op 'gemm'"):
+        op_cost("gemm", SMALL, shape, torch.float32)
+
+
+def test_achieved_rates_and_the_nearer_ceiling():
+    ceilings = Ceilings(copy_gbps=4.0, matmul_tflops={"float32": 1.0})
+    memory = achieved(Cost(bytes=10**9, flops=0), 0.5, ceilings, "float32")
+    assert memory["gbps"] == pytest.approx(2.0) and memory["pct_ceiling"] == pytest.approx(50.0)
+    assert memory["bound"] == "memory"
+    compute = achieved(Cost(bytes=10**8, flops=10**12), 2.0, ceilings, "float32")
+    assert compute["tflops"] == pytest.approx(0.5) and compute["pct_matmul"] == pytest.approx(50.0)
+    assert compute["bound"] == "compute" and compute["pct_ceiling"] == pytest.approx(50.0)
+
+
+def test_mixed_batch_fills_the_budget_and_builds_a_ragged_batch():
+    shape = mixed(64, 4, 128, chunk_cached=16)
+    assert shape.num_tokens == 64
+    batch = build_batch(shape, torch.device("cpu"))
+    assert batch.num_decodes == 4 and batch.num_tokens == 64
+    assert batch.seq_lens.tolist() == [129] * 4 + [16 + 60]
+    assert len(batch.sampling_seqs) == 5
+    # Every sequence owns its own blocks, and together they are exactly the shape's blocks.
+    blocks = [b for s in batch.sequences for b in s.block_ids]
+    assert sorted(blocks) == list(range(shape.num_blocks))
+
+
+class _Unavailable:
+    name = "needs_flux"
+
+    def __init__(self, device):
+        self.device = device
+
+    @classmethod
+    def unavailable_reason(cls, device):
+        return "it needs a flux capacitor."
+
+
+class _FluxPlugin:
+    @fastgen.hookimpl
+    def register_kernels(self, register):
+        register(_Unavailable)
+
+
+def test_backends_come_from_the_registry_and_unavailable_ones_say_why(plugin_manager):
+    plugin_manager.register(_FluxPlugin(), name="kernels.needs_flux")
+    sel = Selection.from_options(quick=True, device="cpu", registry=plugin_manager.registry)
+    assert "torch" in [b.name for b in sel.backends] and "needs_flux" not in [b.name for b in sel.backends]
+    assert sel.unavailable["needs_flux"] == "it needs a flux capacitor."
+    assert "needs_flux" not in {c.backend.name for c in sel.cases()}
+    assert {c.op for c in sel.cases()} == set(OPS)
+    with pytest.raises(FastgenError, match="kernels.needs_flux cannot run on cpu: it needs a flux"):
+        Selection.from_options(backends="needs_flux", device="cpu", registry=plugin_manager.registry)
+
+
+def test_unknown_names_are_refused_listing_the_choices(capsys):
+    with pytest.raises(PluginError, match=r"No plugin named kernels.nope; installed kernels: .*kernels.torch"):
+        Selection.from_options(backends="nope", device="cpu")
+    with pytest.raises(FastgenError, match="Unknown op gemm; choose from write_kv, attention"):
+        Selection.from_options(ops="attention,gemm", device="cpu")
+    assert main(["bench", "kernels", "--backends", "torch,nope", "--quick"]) == 2
+    assert "No plugin named kernels.nope; installed kernels:" in capsys.readouterr().err
+
+
+def test_quick_suite_runs_every_op_end_to_end(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "fastgen.cli", "bench", "kernels", "--quick",
+                           "--backends", "torch", "--device", "cpu", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["machine_info"]["fastgen_kernel_ceilings"]["copy_gbps"] > 0
+    benches = results["benchmarks"]
+    cases = {(b["extra_info"]["op"], b["extra_info"]["shape"]) for b in benches}
+    shapes = [s.name for kind in QUICK_SHAPES.values() for s in kind]
+    assert cases == {(op, s) for op in OPS for s in shapes}
+    for bench in benches:
+        info = bench["extra_info"]
+        assert info["backend"] == "torch" and info["dtype"] == "float32" and info["threads"] == 1
+        assert info["seconds"] == bench["stats"]["median"] > 0
+        assert info["gbps"] == pytest.approx(info["bytes"] / info["seconds"] / 1e9)
+        assert (info["tflops"] > 0) == (info["op"] == "attention")
+        assert info["pct_ceiling"] > 0
+    # stdout is the table alone: the ceilings, then one row per op x shape.
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("ceilings on cpu, float32: copy ")
+    header = next(line for line in lines if line.startswith("| op |"))
+    assert header.split(" | ")[4:] == ["torch time", "torch GB/s", "torch TFLOP/s", "torch % roof |"]
+    rows = [line for line in lines if line.startswith("| ") and line != header]
+    assert len(rows) == len(OPS) * len(shapes)
+    assert {r.split(" | ")[0][2:] for r in rows} == set(OPS)
+    assert "passed" in proc.stderr
