@@ -26,7 +26,9 @@ import traceback
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from fastgen.bench.peers import continuous_batching_config, hf_generate, load_hf
+from fastgen.bench.workload import allowed_token_ids
+from fastgen.checkpoint import DTYPES
 
 
 def status(msg: str) -> None:
@@ -58,9 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> list[list[int]]:
     """n random prompts of `length` token ids, none of them a special or added token."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    allowed = torch.tensor([t for t in range(vocab_size) if t not in special])
+    allowed = torch.from_numpy(allowed_token_ids(tokenizer, vocab_size))
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(allowed), (n, length), generator=gen)
     return allowed[idx].tolist()
@@ -161,20 +161,6 @@ class FirstTokenTimer:
         pass
 
 
-def load_hf(folder, dtype, attn):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
-    return model.eval()
-
-
-def hf_generate(model, input_ids: torch.Tensor, gen_len: int, streamer=None) -> torch.Tensor:
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             do_sample=False, max_new_tokens=gen_len, min_new_tokens=gen_len,
-                             pad_token_id=0, streamer=streamer, temperature=None, top_p=None, top_k=None)
-    return out[:, input_ids.shape[1]:]
-
-
 def bench_hf_generate(args, folder, dtype, prompts) -> dict:
     batch = torch.tensor(prompts)
     results = {}
@@ -217,20 +203,14 @@ def bench_hf_generate(args, folder, dtype, prompts) -> dict:
 
 def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str) -> dict:
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     status(f"transformers generate_batch ({attn}): loading")
     try:
         model = load_hf(folder, dtype, attn)
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=args.gen_len, eos_token_id=None,
                                    pad_token_id=0)
-        # CPU: a small, explicit cache (nothing to infer from GPU memory), fastgen's token budget.
-        page = 256
-        pages_per_req = -(-(args.prompt_len + args.gen_len) // page)
-        cb_cfg = ContinuousBatchingConfig(
-            page_size=page, num_blocks=pages_per_req * len(prompts) + 8,
-            max_batch_tokens=args.token_budget, max_requests_per_batch=min(len(prompts), args.max_num_seqs),
-            allow_block_sharing=False, use_cuda_graph=False)
+        cb_cfg = continuous_batching_config(args.prompt_len + args.gen_len,
+                                            min(len(prompts), args.max_num_seqs), args.token_budget)
 
         def run(inputs, n):
             out = model.generate_batch(inputs, generation_config=gen_cfg, continuous_batching_config=cb_cfg,

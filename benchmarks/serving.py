@@ -1,7 +1,9 @@
 """Serving benchmark: every scheduler under the same load; the script form of `fastgen bench serve`.
 
     python benchmarks/serving.py --preset cpu --schedulers splitfuse,prefill_first \
-        --clients 1,4,16 --prompt-mean 520 --gen-mean 12 [--model DIR] [--json FILE]
+        --clients 1,4,16 --prompt-mean 520 --gen-mean 12 [--model DIR] [--json FILE] \
+        [--peers transformers] [--plot FILE.png]
+    python benchmarks/serving.py --url http://127.0.0.1:8000/v1 --model DIR --clients 1,4,16
 
 Takes the flags of `fastgen bench serve --help`; see docs/benchmarks.md for what it measures.
 """

@@ -236,7 +236,13 @@ class TransformersContinuousTarget(_PeerTarget):
                               "upgrade transformers or leave this peer out.")
 
     async def start(self) -> None:
+        import logging
+
         from transformers import GenerationConfig
+
+        # Its CPU notes (no psutil, EOS disabled) are noise here; a request's failure still
+        # reaches the run through its output's error.
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
 
         generation = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
                                       max_new_tokens=self.max_seq_len)

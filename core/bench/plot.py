@@ -61,7 +61,9 @@ def plot_results(results: dict, path: str) -> None:
                    xlabel="clients" if closed else "arrival rate (req/s)",
                    ylabel="requests/s meeting both SLAs")
             if closed:
+                clients = sorted({_load_x(r) for r in runs})
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(clients, [str(c) for c in clients])
             ax.legend(fontsize=7)
         for ax in row:
             ax.grid(alpha=0.3)

@@ -4,6 +4,8 @@ and the progress bars, on the tiny Llama."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
 
 import matplotlib.image
@@ -12,28 +14,93 @@ import pytest
 
 from fastgen import cli
 from fastgen.bench.peers import TransformersGenerateTarget
+from fastgen.bench.remote import HttpTarget
 from fastgen.bench.runner import ClosedLoop, run_session
-from fastgen.bench.workload import WorkloadShape, WorkloadSpec, make_workload
+from fastgen.bench.workload import BenchRequest, WorkloadShape, WorkloadSpec, make_workload
 from test_bench_serve import check_requests, run_bench
+
+
+@contextlib.contextmanager
+def serving(start, stop):
+    """Runs `start()` (a server's start coroutine) on a thread's own event loop, yields its result,
+    and runs `stop()` there at the end: the benchmark's client loop stays free."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @pytest.fixture(scope="module")
 def server_url(engine):
-    """fastgen's HTTP transport around the module's engine, on a free loopback port in a thread."""
+    """fastgen's HTTP transport around the module's engine, on a free loopback port."""
     from fastgen.async_engine import AsyncEngine
     from fastgen.config import make_config
     from fastgen.plugins.transports.http import HttpTransport
 
     transport = HttpTransport(AsyncEngine(engine).start(), make_config(engine.config, port=0))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    url = asyncio.run_coroutine_threadsafe(transport.start(), loop).result(30)
-    yield f"{url}/v1"
-    asyncio.run_coroutine_threadsafe(transport.stop(timeout=0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serving(transport.start, lambda: transport.stop(timeout=0)) as url:
+        yield f"{url}/v1"
+
+
+def fake_openai_server(bodies: list, headers: list):
+    """A server that streams text chunks that do not map one to one onto tokens, as a server that
+    holds back partial characters does: "a", "" (held), "bc" for 4 tokens, then usage; a prompt
+    starting with token 1 gets a 400 instead. Records each request's body and headers."""
+    from aiohttp import web
+
+    async def models(request):
+        return web.json_response({"data": [{"id": "fake", "max_model_len": 64}]})
+
+    async def completions(request):
+        body = await request.json()
+        bodies.append(body)
+        headers.append(dict(request.headers))
+        if body["prompt"][0] == 1:
+            return web.json_response({"error": {"message": "prompt refused"}}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for text, finish in (("a", None), ("", None), ("bc", "length")):
+            chunk = {"choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": None}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b'data: {"choices": [], "usage": {"completion_tokens": 4}}\n\n')
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+    return start, runner.cleanup
+
+
+def test_url_mode_counts_tokens_from_usage_not_chunks(tiny_llama):
+    bodies, headers = [], []
+    with serving(*fake_openai_server(bodies, headers)) as url:
+        target = HttpTarget(url, tiny_llama[0], api_key="secret")
+        target.open()
+        assert (target.served_model, target.max_model_len) == ("fake", 64)
+        requests = [BenchRequest(0, [5, 6, 7], 4), BenchRequest(1, [1, 2], 4)]
+        trace = asyncio.run(run_session(target, requests, ClosedLoop(1), warmup=0))
+    ok, refused = trace.requests
+    assert ok.completed and ok.num_generated == 4 and ok.finish_reason == "length"
+    # Two chunks with text, then the usage count: the last two tokens arrive with the last output.
+    assert ok.token_times[0] <= ok.token_times[1] <= ok.token_times[2] == ok.token_times[3] <= ok.finish
+    assert not refused.completed and refused.error == "RuntimeError: HTTP 400: prompt refused"
+    assert bodies[0] == {"model": "fake", "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.0,
+                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    assert headers[0]["Authorization"] == "Bearer secret"
 
 
 def test_url_mode_sends_the_workload_through_the_server(tiny_llama, server_url, tmp_path, capsys):
