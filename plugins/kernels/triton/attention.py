@@ -1,0 +1,226 @@
+"""Attention over a ragged batch in one launch, reading K/V from the blocked cache through block tables.
+
+Work is cut into tiles: a tile is up to `tile_tokens` consecutive new tokens of one sequence (a
+decode is a tile of one token). One program handles one tile for one KV head, with the query heads
+of that head's group packed next to the tile's tokens along the M axis (row m: token m // G, head
+m % G), so grouped-query heads read each K/V block once. It walks the keys the tile may see (causal,
+and from the window's start with a sliding window) with an online softmax in float32.
+
+Split-KV (flash-decoding): when the tiles are too few to fill the GPU and the contexts are long,
+each tile's key range is cut into `num_splits` parts run by separate programs; each writes its
+unnormalised output with its running max and sum, and a reduce kernel combines them.
+
+The tiles and the split count are planned once per step in `plan_attention`, not per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class AttentionPlan:
+    tile_seq: torch.Tensor       # [W] int32, the sequence each tile belongs to
+    tile_start: torch.Tensor     # [W] int32, the tile's first token, counted within the sequence's new tokens
+    tile_tokens: int             # new tokens per tile (1 when the step holds only decodes)
+    num_splits: int              # key-range splits per tile; 1 = no split-KV
+    query_start_loc: torch.Tensor   # [B+1] int32
+    seq_lens: torch.Tensor          # [B] int32
+    block_tables: torch.Tensor      # [B, max_blocks] int32
+    block_size: int
+
+
+def _target_programs(device: torch.device) -> int:
+    """How many programs keep the device busy: a few waves of its multiprocessors."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8   # interpreter: small, so tests exercise split-KV with short contexts when forced
+
+
+def plan_attention(batch, tile_tokens: int = 16, num_splits: int | None = None,
+                   split_min_keys: int = 512) -> AttentionPlan:
+    """Tiles for every sequence's new tokens and the split count, from the host-side metadata."""
+    query_lens = batch.query_lens
+    # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
+    tokens = 1 if max(query_lens) == 1 else tile_tokens
+    seq_ids, starts = [], []
+    for seq, n in enumerate(query_lens):
+        for start in range(0, n, tokens):
+            seq_ids.append(seq)
+            starts.append(start)
+    if num_splits is None:
+        # The KV head count is the model's, unknown here: count tiles, and split only when a long
+        # context would otherwise leave most of the device idle.
+        longest = max(c + n for c, n in zip(batch.context_lens, query_lens))
+        target = _target_programs(batch.seq_lens.device)
+        num_splits = 1
+        if len(seq_ids) < target and longest >= split_min_keys:
+            num_splits = min(triton.cdiv(target, len(seq_ids)), triton.cdiv(longest, 256), 16)
+    device = batch.seq_lens.device
+    return AttentionPlan(
+        tile_seq=torch.tensor(seq_ids, dtype=torch.int32).to(device),
+        tile_start=torch.tensor(starts, dtype=torch.int32).to(device),
+        tile_tokens=tokens, num_splits=max(1, num_splits),
+        query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+        block_tables=batch.block_tables, block_size=batch.block_size)
+
+
+@triton.jit
+def _attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+        tile_seq_ptr, tile_start_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+        scale_log2, window, num_tokens, num_heads,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CACHE_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
+        FP32_DOT: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(tile_seq_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    token = start + rows // GROUP                          # within the sequence's new tokens
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TILE_TOKENS * GROUP) & (token < q_len)
+    q_pos = context + token                                # [M] each row's position
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    flat = (q_begin + token).to(tl.int64)
+    q = tl.load(q_ptr + flat[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys [lo, hi): up to the tile's last token (causal), from the window start of its first.
+    hi = context + tl.minimum(start + TILE_TOKENS, q_len)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(context + start - window + 1, 0)
+    num_iters = tl.cdiv(hi - lo, BLOCK_N)
+    per_split = tl.cdiv(num_iters, NUM_SPLITS)
+    first_iter = split * per_split
+    last_iter = tl.minimum(first_iter + per_split, num_iters)
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for it in range(first_iter, last_iter):
+        keys = lo + it * BLOCK_N + cols                    # [N] key positions
+        key_ok = keys < hi
+        block = tl.load(block_tables_ptr + seq * stride_bt + keys // CACHE_BLOCK, mask=key_ok,
+                        other=0).to(tl.int64)
+        offset = keys % CACHE_BLOCK
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)          # [N, D]
+        if FP32_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * scale_log2                       # [M, N], in log2 units for exp2
+        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        # A row that has seen no visible key yet keeps max -inf: subtract 0 instead, to get 0, not NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp2(running_max - safe_max)
+        p = tl.exp2(scores - safe_max[:, None])
+        running_sum = running_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        running_max = new_max
+
+    store_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(running_sum == 0.0, 1.0, running_sum)[:, None]
+        tl.store(out_ptr + flat[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Partials: [splits, T, H, D] outputs and [splits, T, H] max and sum, all contiguous.
+        row = (split * num_tokens + flat) * num_heads + head
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
+        tl.store(part_max_ptr + row, running_max, mask=row_ok)
+        tl.store(part_sum_ptr + row, running_sum, mask=row_ok)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_tokens, num_heads,
+                          stride_ot, stride_oh,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HEAD_DIM: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NUM_SPLITS
+    row = (s * num_tokens + token) * num_heads + head     # [S]
+    maxes = tl.load(part_max_ptr + row, mask=s_ok, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + row, mask=s_ok, other=0.0)
+    top = tl.max(maxes, axis=0)      # finite: every query sees at least its own key
+    weights = tl.where(s_ok & (maxes > float("-inf")), tl.exp2(maxes - top), 0.0)
+    total = tl.sum(weights * sums, axis=0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / total
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    plan: AttentionPlan, scale: float, window: int | None) -> torch.Tensor:
+    """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
+    tokens, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    splits = plan.num_splits
+    if splits > 1:
+        part_out = torch.empty(splits, tokens, heads, dim, dtype=torch.float32, device=q.device)
+        part_max = torch.empty(splits, tokens, heads, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_out = part_max = part_sum = out   # unused: the kernel writes `out` directly
+    # tl.dot needs at least 16 rows; a decode tile is just the group's heads.
+    block_m = max(16, triton.next_power_of_2(plan.tile_tokens * group))
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_n = 64 if block_d <= 64 else 32
+    if q.device.type == "cpu":
+        block_n = 16   # interpreter: numpy cost grows with tile size, not program count
+    grid = (plan.tile_seq.shape[0], kv_heads, splits)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, out, part_out, part_max, part_sum,
+        plan.tile_seq, plan.tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
+        scale * LOG2E, window or 0, tokens, heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), plan.block_tables.stride(0),
+        GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
+        SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32,
+        num_warps=4 if block_m * block_d <= 64 * 128 else 8)
+    if splits > 1:
+        _reduce_splits_kernel[(tokens, heads)](
+            part_out, part_max, part_sum, out, tokens, heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            HEAD_DIM=dim)
+    return out

@@ -1,0 +1,77 @@
+"""The Triton backend: every op of the set as Triton kernels, on a CUDA GPU or under TRITON_INTERPRET=1.
+
+The kernel modules import triton and decide at import time whether to interpret, so they are
+imported here only when a backend is made: this module imports cleanly without triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from fastgen.kernels import SamplingMetadata
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend:
+    name = "triton"
+
+    # Split-KV: None chooses per step from the batch shape and the device; a number forces it.
+    num_kv_splits: int | None = None
+    # New tokens per attention tile in steps with prompt chunks.
+    tile_tokens: int = 16
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        from . import activation, attention, cache, norm, rotary, sampling
+        self._attention, self._cache, self._norm = attention, cache, norm
+        self._rotary, self._activation, self._sampling = rotary, activation, sampling
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device | None) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed: pip install triton (or fastgen[triton])."
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA was asked for but torch sees no CUDA device."
+            return None
+        if device.type == "cpu" and _interpreting():
+            return None
+        return (f"Triton needs a CUDA GPU (device is {device.type}), or TRITON_INTERPRET=1 for a slow "
+                f"CPU run (tests).")
+
+    def prepare(self, batch):
+        return self._attention.plan_attention(batch, self.tile_tokens, self.num_kv_splits)
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        # key, value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; slot_mapping: [T]
+        self._cache.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, batch, scale, sliding_window=None):
+        # q: [T, H, D] -> [T, H, D]
+        return self._attention.paged_attention(q, k_cache, v_cache, batch.attn_metadata, scale,
+                                               sliding_window)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        # x: [T, E] -> (normed [T, E], new residual [T, E])
+        return self._norm.rms_norm(x, weight, eps, residual)
+
+    def rotary(self, q, k, cos, sin, is_neox=True):
+        # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2]
+        return self._rotary.rotary(q, k, cos, sin, is_neox)
+
+    def silu_and_mul(self, x):
+        # x: [T, 2I] -> [T, I]
+        return self._activation.silu_and_mul(x)
+
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        # logits: [S, V] float32 -> [S] int64
+        return self._sampling.sample(logits, meta, generator)

@@ -1,0 +1,59 @@
+"""Rotary position embedding: neox (halves) and gpt-j (interleaved pairs) layouts, partial rotary."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
+                   stride_ct, stride_st,
+                   HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    x_row = x_ptr + token * stride_xt + head * stride_xh
+    o_row = out_ptr + token * stride_ot + head * stride_oh
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < HALF_ROT
+    cos = tl.load(cos_ptr + token * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * stride_st + i, mask=mask, other=0.0).to(tl.float32)
+    # Pair i rotates dims (first, second): (i, i + R/2) in neox, (2i, 2i + 1) in gpt-j.
+    if IS_NEOX:
+        first = i
+        second = i + HALF_ROT
+    else:
+        first = 2 * i
+        second = 2 * i + 1
+    x1 = tl.load(x_row + first, mask=mask, other=0.0)
+    x2 = tl.load(x_row + second, mask=mask, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(o_row + first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(o_row + second, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    if BLOCK_PASS > 0:   # partial rotary: the dims past R pass through
+        d = 2 * HALF_ROT + tl.arange(0, BLOCK_PASS)
+        pass_mask = d < HEAD_DIM
+        tl.store(o_row + d, tl.load(x_row + d, mask=pass_mask), mask=pass_mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    tokens, heads, dim = x.shape
+    half = cos.shape[-1]
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
+    if tokens:
+        rest = dim - 2 * half
+        _rotary_kernel[(tokens, heads)](
+            x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            cos.stride(0), sin.stride(0),
+            HEAD_DIM=dim, HALF_ROT=half, IS_NEOX=is_neox,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0, num_warps=1)
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, H, D], k: [T, Hkv, D] (last dim contiguous); cos/sin: [T, R/2] -> rotated (q, k)."""
+    return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)

@@ -1,0 +1,95 @@
+"""Sampling in one kernel pass over the vocabulary: greedy rows take the argmax, sampling rows the
+argmax of logits / temperature + Gumbel noise (the Gumbel-max trick draws from the softmax without
+computing it). The noise is Philox, keyed by a per-row seed: a seeded request draws its seed from
+its own generator, so its draws do not depend on its neighbours in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgen.kernels import SamplingMetadata
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, seeds_ptr, out_ptr, stride_l, vocab,
+                          BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    temperature = tl.load(temperatures_ptr + row)
+    greedy = temperature <= 0.0
+    inv_temp = 1.0 / tl.where(greedy, 1.0, temperature)
+    seed = tl.load(seeds_ptr + row)
+    best_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < vocab
+        logit = tl.load(logits_ptr + row * stride_l + cols, mask=mask, other=float("-inf"))
+        # u in (0, 1): -log(-log(u)) is Gumbel(0, 1).
+        u = tl.maximum(tl.rand(seed, cols), 1e-10)
+        gumbel = -tl.log(-tl.log(u))
+        key = tl.where(greedy, logit, logit * inv_temp + gumbel)
+        key = tl.where(mask & (logit > float("-inf")), key, float("-inf"))
+        better = key > best_val      # strict: the first index wins ties, as argmax does
+        best_val = tl.where(better, key, best_val)
+        best_idx = tl.where(better, cols, best_idx)
+    top = tl.max(best_val, axis=0)
+    # Lowest index among lanes holding the maximum; an all -inf row falls back to token 0.
+    winner = tl.min(tl.where(best_val == top, best_idx, vocab), axis=0)
+    tl.store(out_ptr + row, tl.where(winner == vocab, 0, winner).to(tl.int64))
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logits: [S, V] -> the same with tokens outside each row's top-k / top-p set to -inf.
+
+    Runs on the temperature-scaled logits, as the nucleus is defined on the scaled distribution.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    keep = torch.ones_like(sorted_logits, dtype=torch.bool)
+    if meta.any_top_k:
+        k = torch.where(meta.top_k > 0, meta.top_k, vocab).clamp(max=vocab)
+        keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
+    if meta.any_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        # The mass before the top token is 0, so it always stays.
+        keep &= (probs.cumsum(dim=-1) - probs) < meta.top_p[:, None]
+    # The smallest kept logit per row is the cut: keep counts from the top, so it is a prefix.
+    cut = sorted_logits.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
+    return logits.masked_fill(logits < cut, float("-inf"))
+
+
+def _row_seeds(meta: SamplingMetadata, rows: int, device: torch.device,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """[S] int64 Philox seeds: one shared draw for the step, a seeded row's own draw for it."""
+    def draw(gen):
+        dev = gen.device if gen is not None else device
+        return torch.randint(0, 2**62, (1,), generator=gen, device=dev).to(device)
+
+    base = draw(generator)
+    # Unseeded rows share the step's seed but not its stream: the row index shifts each one.
+    seeds = base + torch.arange(rows, device=device) * 0x9E3779B9
+    seeded = [i for i, g in enumerate(meta.generators) if g is not None]
+    if seeded:   # device ops only, no host sync: the draws stay on the device
+        seeds[seeded] = torch.cat([draw(meta.generators[i]) for i in seeded])
+    return seeds % 2**62
+
+
+def sample(logits: torch.Tensor, meta: SamplingMetadata,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: [S, V] float32 -> next token ids [S] int64."""
+    rows, vocab = logits.shape
+    logits = logits.contiguous()
+    if not meta.all_greedy and (meta.any_top_k or meta.any_top_p):
+        temps = torch.where(meta.temperatures > 0, meta.temperatures, 1.0)
+        logits = _filter_top_k_top_p(logits / temps[:, None], meta) * temps[:, None]
+    seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
+             else _row_seeds(meta, rows, logits.device, generator))
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        block = min(triton.next_power_of_2(vocab), 4096 if logits.is_cuda else 1024)
+        _gumbel_argmax_kernel[(rows,)](logits, meta.temperatures, seeds, out, logits.stride(0),
+                                       vocab, BLOCK_V=block)
+    return out

@@ -1,0 +1,67 @@
+"""What is particular to kernels.triton: where it can run, split-KV planning and its forced path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import BLOCK_SIZE_DEFAULT, make_backend, ragged_batch
+
+pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
+
+from fastgen.plugins.kernels.triton.backend import TritonBackend  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_cpu_without_the_interpreter_is_refused_with_the_way_out(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = TritonBackend.unavailable_reason(CPU)
+    assert "CUDA GPU" in reason and "TRITON_INTERPRET=1" in reason
+
+
+def test_cpu_with_the_interpreter_can_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TritonBackend.unavailable_reason(CPU) is None
+
+
+def test_without_triton_the_plugin_still_registers_and_says_how_to_install():
+    # A fresh interpreter where `import triton` fails, as on a machine without it.
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from fastgen.plugin_manager import load_plugins\n"
+            "cls = load_plugins().registry.get('kernels', 'triton').cls\n"
+            "print(cls.unavailable_reason(None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert "pip install triton" in out.stdout
+
+
+def test_split_kv_is_planned_for_few_long_sequences_only():
+    backend = make_backend("triton")
+    few_long = ragged_batch([(700, 1), (650, 1)], BLOCK_SIZE_DEFAULT, num_blocks=96)
+    many_short = ragged_batch([(40, 1)] * 12 + [(0, 30)], BLOCK_SIZE_DEFAULT, num_blocks=96)
+    assert backend.prepare(few_long).num_splits > 1
+    assert backend.prepare(many_short).num_splits == 1
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
+def test_forced_split_kv_matches_reference(splits, window):
+    backend, reference = make_backend("triton"), make_backend("torch")
+    backend.num_kv_splits = splits
+    # Decodes with long contexts and a chunk: some splits of a short tile have no keys at all.
+    batch = ragged_batch([(200, 1), (75, 1), (3, 1), (30, 20)], BLOCK_SIZE_DEFAULT, num_blocks=32)
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(32, BLOCK_SIZE_DEFAULT, 2, 64, generator=g) for _ in range(2))
+    q = torch.randn(batch.num_tokens, 4, 64, generator=g)
+    outs = []
+    for be in (backend, reference):
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
+    assert batch.attn_metadata is not None
+    assert backend.prepare(batch).num_splits == splits
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
