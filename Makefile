@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup serve test test-slow bench bench-serve clean
+.PHONY: setup serve test test-slow bench bench-serve bench-kernels clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(VENV)/bin/fastgen bench serve $(ARGS)
+
+bench-kernels: $(STAMP)
+	$(VENV)/bin/fastgen bench kernels $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -188,14 +188,16 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise FastgenError(f"fastgen bench kernels needs pytest and pytest-benchmark ({e}); "
                            f"install them with `pip install pytest-benchmark`.") from None
-    results, notes = run_suite(backends=args.backends, ops=args.ops, models=args.models, sets=args.sets,
-                               quick=args.quick, device=args.device, dtypes=args.dtype,
-                               threads=args.threads, json_path=args.json, keyword=args.k)
+    results, notes, failed = run_suite(
+        backends=args.backends, ops=args.ops, models=args.models, sets=args.sets, quick=args.quick,
+        device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json, keyword=args.k)
     print(format_table(results, notes))
     if args.json:
         print(f"fastgen: pytest-benchmark JSON written to {args.json} "
               f"(compare runs with `pytest-benchmark compare`)", file=sys.stderr)
-    return 0
+    if failed:
+        print(f"fastgen: {len(failed)} kernel case(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _bench_kernels_parser(bench_sub) -> None:

@@ -444,6 +444,11 @@ def _time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
+def _num(x: float) -> str:
+    """Three significant digits, so slow and fast backends both read in one column."""
+    return f"{x:.3g}" if x >= 0.01 else f"{x:.1e}"
+
+
 def format_table(results: dict, notes: list[str] = ()) -> str:
     """One markdown table from pytest-benchmark's JSON: a row per op x model x shape x dtype,
     per backend its median time, GB/s, TFLOP/s and % of the nearer ceiling, and its speedup
@@ -480,10 +485,9 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
             if r is None:
                 cells += ["-"] * 4
             else:
-                cells += [_time(r["seconds"]), f"{r['gbps']:.1f}",
-                          f"{r['tflops']:.3f}" if r["flops"] else "-",
-                          f"{r['pct_ceiling']:.0f}% {r['bound'][:3]}"]
+                cells += [_time(r["seconds"]), _num(r["gbps"]), _num(r["tflops"]) if r["flops"] else "-",
+                          f"{_num(r['pct_ceiling'])}% {r['bound'][:3]}"]
             if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:
-                cells.append(f"{ref['seconds'] / r['seconds']:.2f}x" if r and ref else "-")
+                cells.append(f"{_num(ref['seconds'] / r['seconds'])}x" if r and ref else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ import torch
 
 import fastgen
 from fastgen.bench.kernels import (MODELS, OPS, QUICK_SHAPES, BatchShape, Ceilings, Cost, ModelShape,
-                                   Selection, achieved, build_batch, decode, mixed, op_cost, prefill)
+                                   Selection, achieved, build_batch, decode, format_table, mixed, op_cost,
+                                   prefill)
 from fastgen.cli import main
 from fastgen.errors import FastgenError, PluginError
 
@@ -151,3 +152,24 @@ def test_quick_suite_runs_every_op_end_to_end(tmp_path):
     assert len(rows) == len(OPS) * len(shapes)
     assert {r.split(" | ")[0][2:] for r in rows} == set(OPS)
     assert "passed" in proc.stderr
+
+
+def _result(backend, op, seconds, flops=0):
+    info = {"backend": backend, "op": op, "model": "m", "shape": "decode_b1_ctx128", "dtype": "float32",
+            "device": "cpu", "bytes": 10**6, "flops": flops}
+    info.update(achieved(Cost(10**6, flops), seconds, Ceilings(10.0, {"float32": 1.0}), "float32"))
+    return {"extra_info": info}
+
+
+def test_table_puts_backends_side_by_side_with_the_speedup_over_torch():
+    results = {"benchmarks": [_result("triton", "rms_norm", 1e-4), _result("torch", "rms_norm", 4e-4),
+                              _result("torch", "attention", 1e-3, flops=10**9)]}
+    lines = format_table(results, ["kernels.cuda is unavailable: no GPU"]).splitlines()
+    assert lines[:2] == ["ceilings on cpu, float32: copy 10.0 GB/s, matmul 1.000 TFLOP/s",
+                         "note: kernels.cuda is unavailable: no GPU"]
+    header = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert header[4:] == ["torch time", "torch GB/s", "torch TFLOP/s", "torch % roof", "triton time",
+                          "triton GB/s", "triton TFLOP/s", "triton % roof", "triton vs torch"]
+    attention, norm = ([c.strip() for c in line.strip("|").split("|")] for line in lines[5:7])
+    assert attention == ["attention", "m", "decode_b1_ctx128", "float32", "1.00 ms", "1", "1", "100% com"] + ["-"] * 5
+    assert norm[4:] == ["400.0 us", "2.5", "-", "25% mem", "100.0 us", "10", "-", "100% mem", "4x"]
