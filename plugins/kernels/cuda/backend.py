@@ -1,0 +1,101 @@
+"""The CUDA extension backend: attention, KV cache write and RMSNorm as CUDA kernels (csrc/).
+
+The ops without a CUDA kernel here (rotary, silu_and_mul, sample), and the cases a kernel does
+not cover (an unsupported head size, a weight in another dtype than its input), run the torch
+reference's code on the same GPU, each noted once in the log, so the backend always runs whole
+models. The library is built by `build.load()` when the backend is made, so a broken toolchain
+fails at engine start, not in the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, paged_attention, plan_attention
+from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+
+from . import build
+
+log = logging.getLogger(__name__)
+
+REFERENCE_OPS = ("rotary", "silu_and_mul", "sample")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class StepMetadata:
+    """What prepare() derives once per step: nothing for the CUDA kernel, which reads the batch's
+    tensors directly, and the reference's plan only when some layer falls back to it."""
+
+    batch: Any
+    reference_plan: AttentionPlan | None = None
+
+    def plan(self) -> AttentionPlan:
+        if self.reference_plan is None:
+            self.reference_plan = plan_attention(self.batch)
+        return self.reference_plan
+
+
+class CudaBackend(TorchBackend):
+    name = "cuda"
+
+    def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
+        super().__init__(device)
+        build.load(cache_dir)
+        self.ops = torch.ops.fastgen_cuda
+        self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
+        self._noted: set[str] = set()
+        self._note(f"{', '.join(REFERENCE_OPS)} have no CUDA kernel here and run the torch reference")
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device | None) -> str | None:
+        if torch.version.cuda is None:
+            return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build "
+                    f"of torch to use kernels.cuda.")
+        if device is not None and device.type != "cuda":
+            return f"it runs on CUDA devices only, not {device.type}; select one with --device cuda."
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU; check the NVIDIA driver and CUDA_VISIBLE_DEVICES."
+        if build.nvcc_path() is None:
+            return "nvcc, needed to build its kernels, was not found; install the CUDA toolkit or set CUDA_HOME."
+        from torch.utils.cpp_extension import is_ninja_available
+
+        if not is_ninja_available():
+            return "ninja, needed to build its kernels, was not found; pip install ninja."
+        return None
+
+    def _note(self, message: str) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            log.info("kernels.cuda: %s.", message)
+
+    def prepare(self, batch) -> StepMetadata:
+        return StepMetadata(batch)
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
+        self.ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, batch, scale, sliding_window=None):
+        # q: [T, H, D] -> [T, H, D]
+        head_dim = q.shape[-1]
+        if head_dim not in self.attention_head_sizes:
+            self._note(f"attention with head size {head_dim} runs the torch reference (CUDA kernels: "
+                       f"{', '.join(map(str, sorted(self.attention_head_sizes)))})")
+            return paged_attention(q, k_cache, v_cache, batch.attn_metadata.plan(), scale,
+                                   sliding_window)
+        return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                  batch.block_tables, scale, sliding_window or 0)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        # x, residual: [T, E], weight: [E] -> (normed [T, E], new residual [T, E])
+        if weight.dtype != x.dtype or x.dtype not in DTYPES:
+            self._note(f"rms_norm of {x.dtype} with a {weight.dtype} weight runs the torch reference")
+            return super().rms_norm(x, weight, eps, residual)
+        if residual is None:
+            return self.ops.rms_norm(x, weight, eps), x
+        return self.ops.add_rms_norm(x, residual, weight, eps)

@@ -1,0 +1,217 @@
+"""Build the CUDA sources in csrc/ with torch's extension tools, once per source and toolchain.
+
+The library lands in `<cache>/cuda-kernels/<key>/`, where the key hashes the sources and the torch,
+CUDA and nvcc versions, so an edited source or an upgraded torch builds anew and an unchanged one
+loads in a moment. Build ahead of time (on the GPU machine, before serving) with
+
+    python -m fastgen.plugins.kernels.cuda.build [--cache-dir DIR]
+
+and check that every source compiles, without a GPU, with `... build --check OUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgen.checkpoint import cache_root
+from fastgen.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+EXTRA_CFLAGS = ["-O3"]
+EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
+# Enough to type-check device code (bf16 arithmetic needs sm_80) without running ptxas.
+CHECK_ARCH_FLAGS = ["-gencode=arch=compute_80,code=compute_80"]
+
+_lock = threading.Lock()
+_loaded: Path | None = None
+
+
+def sources(csrc: Path = CSRC) -> list[Path]:
+    """The translation units, in a stable order."""
+    return sorted(p for p in csrc.iterdir() if p.suffix in (".cpp", ".cu"))
+
+
+def nvcc_path() -> str | None:
+    """nvcc from CUDA_HOME / CUDA_PATH as torch's extension tools look for it, else from PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        candidate = Path(home) / "bin" / "nvcc"
+        return str(candidate) if candidate.exists() else None
+    return shutil.which("nvcc")
+
+
+def nvcc_version(nvcc: str) -> str:
+    result = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "unknown"
+
+
+def build_key(csrc: Path = CSRC) -> str:
+    """Changes with any file in csrc/ (headers too) and with the torch, CUDA and nvcc versions."""
+    digest = hashlib.sha256()
+    for path in sorted(csrc.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    nvcc = nvcc_path()
+    toolchain = f"{torch.__version__}|{torch.version.cuda}|{nvcc_version(nvcc) if nvcc else None}"
+    digest.update(toolchain.encode())
+    return digest.hexdigest()[:16]
+
+
+def build_dir(cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / "cuda-kernels" / build_key()
+
+
+def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
+    """Build (first use) or load the library, registering torch.ops.fastgen_cuda; once per process."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        from torch.utils import cpp_extension
+
+        directory = build_dir(cache_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"fastgen_cuda_{directory.name}"
+        if not (directory / f"{name}.so").exists():
+            log.info("Building the fastgen CUDA kernels into %s (first use: a minute or two).", directory)
+        try:
+            library = cpp_extension.load(
+                name=name, sources=[str(s) for s in sources()], extra_include_paths=[str(CSRC)],
+                extra_cflags=EXTRA_CFLAGS, extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+                build_directory=str(directory), is_python_module=False, verbose=verbose)
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            raise PluginError(f"Building the CUDA kernels in {directory} failed ({_first_line(e)}); "
+                              f"run `python -m fastgen.plugins.kernels.cuda.build --verbose` to see "
+                              f"the compiler output, or choose another backend with --kernels torch."
+                              ) from e
+        log.info("Loaded the fastgen CUDA kernels from %s.", directory)
+        _loaded = Path(library) if library else directory
+        return _loaded
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --- compile check: every source to an object, as the real build would, without a GPU ---------
+
+
+@dataclass
+class CompileResult:
+    source: Path
+    command: list[str]
+    returncode: int
+    output: str
+
+
+def _cxx_standard() -> str:
+    # torch's extension tools hard-code the standard they build with (C++17 up to some 2.x, C++20
+    # after); read it from them so the check compiles as a real build of this torch would.
+    from torch.utils import cpp_extension
+
+    return "c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "c++17"
+
+
+def _include_dirs(work_dir: Path, csrc: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    dirs = [str(csrc), *cpp_extension.include_paths(), sysconfig.get_path("include")]
+    torch_include = Path(cpp_extension.include_paths()[0])
+    if not (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+        # CPU wheels of torch ship the c10/cuda headers without this generated one. A CUDA wheel's
+        # copy defines only the shared-library switch, so this stand-in compiles the same code.
+        stub = work_dir / "stub-include" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        dirs.append(str(work_dir / "stub-include"))
+    return dirs
+
+
+def compile_commands(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[tuple[Path, list[str]]]:
+    """(source, command) compiling each source in csrc/ to an object in out_dir, with the defines,
+    include paths and -std that torch's extension tools use (.cu with nvcc, .cpp with the host C++)."""
+    from torch.utils import cpp_extension
+
+    includes = [flag for d in _include_dirs(out_dir, csrc) for flag in ("-isystem", d)]
+    common = ["-DTORCH_EXTENSION_NAME=fastgen_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+              f"-std={_cxx_standard()}", *includes]
+    cxx = os.environ.get("CXX", "c++")
+    commands = []
+    for source in sources(csrc):
+        obj = out_dir / f"{source.name}.o"
+        if source.suffix == ".cu":
+            cmd = [nvcc, "-c", str(source), "-o", str(obj), *common, *cpp_extension.COMMON_NVCC_FLAGS,
+                   "--compiler-options", "-fPIC", *CHECK_ARCH_FLAGS, *EXTRA_CUDA_CFLAGS]
+        else:
+            cmd = [cxx, "-c", str(source), "-o", str(obj), *common, "-fPIC", *EXTRA_CFLAGS]
+        commands.append((source, cmd))
+    return commands
+
+
+def compile_objects(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[CompileResult]:
+    """Compile every source to an object (no link, no GPU), in parallel; one result per source."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(item: tuple[Path, list[str]]) -> CompileResult:
+        source, cmd = item
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return CompileResult(source, cmd, done.returncode, done.stdout + done.stderr)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(run, compile_commands(out_dir, nvcc, csrc)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgen.plugins.kernels.cuda.build",
+                                     description="Build the kernels.cuda library ahead of time.")
+    parser.add_argument("--cache-dir", help="cache root (default: $XDG_CACHE_HOME/fastgen or "
+                                            "~/.cache/fastgen)")
+    parser.add_argument("--check", metavar="OUT_DIR", type=Path,
+                        help="only compile each source to an object in OUT_DIR; needs nvcc, no GPU")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.check:
+        nvcc = nvcc_path()
+        if nvcc is None:
+            print("nvcc was not found; install the CUDA toolkit or set CUDA_HOME.", file=sys.stderr)
+            return 2
+        results = compile_objects(args.check, nvcc)
+        for r in results:
+            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name}")
+            if r.returncode or args.verbose:
+                print(r.output, file=sys.stderr)
+        return 0 if all(r.returncode == 0 for r in results) else 1
+
+    from .backend import CudaBackend
+
+    reason = CudaBackend.unavailable_reason(None)
+    if reason:
+        print(f"kernels.cuda cannot be built here: {reason}", file=sys.stderr)
+        return 2
+    try:
+        print(load(args.cache_dir, verbose=args.verbose))
+    except PluginError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
