@@ -18,8 +18,6 @@ import torch
 from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, paged_attention, plan_attention
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
 
-from . import build
-
 log = logging.getLogger(__name__)
 
 REFERENCE_OPS = ("rotary", "silu_and_mul", "sample")
@@ -44,6 +42,8 @@ class CudaBackend(TorchBackend):
     name = "cuda"
 
     def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
+        from . import build
+
         super().__init__(device)
         build.load(cache_dir)
         self.ops = torch.ops.fastgen_cuda
@@ -53,6 +53,9 @@ class CudaBackend(TorchBackend):
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
+        # build is imported here, not at the top, so `python -m ...cuda.build` runs it only once.
+        from . import build
+
         if torch.version.cuda is None:
             return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build "
                     f"of torch to use kernels.cuda.")

@@ -145,22 +145,19 @@ def _include_dirs(work_dir: Path, csrc: Path) -> list[str]:
 
 def compile_commands(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[tuple[Path, list[str]]]:
     """(source, command) compiling each source in csrc/ to an object in out_dir, with the defines,
-    include paths and -std that torch's extension tools use (.cu with nvcc, .cpp with the host C++)."""
+    include paths and -std that torch's extension tools use. nvcc compiles the .cpp files too: it
+    hands them to the host compiler with the CUDA include path that the c10/cuda headers need."""
     from torch.utils import cpp_extension
 
     includes = [flag for d in _include_dirs(out_dir, csrc) for flag in ("-isystem", d)]
     common = ["-DTORCH_EXTENSION_NAME=fastgen_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
-              f"-std={_cxx_standard()}", *includes]
-    cxx = os.environ.get("CXX", "c++")
+              f"-std={_cxx_standard()}", *includes, "--compiler-options", "-fPIC"]
     commands = []
     for source in sources(csrc):
-        obj = out_dir / f"{source.name}.o"
-        if source.suffix == ".cu":
-            cmd = [nvcc, "-c", str(source), "-o", str(obj), *common, *cpp_extension.COMMON_NVCC_FLAGS,
-                   "--compiler-options", "-fPIC", *CHECK_ARCH_FLAGS, *EXTRA_CUDA_CFLAGS]
-        else:
-            cmd = [cxx, "-c", str(source), "-o", str(obj), *common, "-fPIC", *EXTRA_CFLAGS]
-        commands.append((source, cmd))
+        flags = ([*cpp_extension.COMMON_NVCC_FLAGS, *CHECK_ARCH_FLAGS, *EXTRA_CUDA_CFLAGS]
+                 if source.suffix == ".cu" else EXTRA_CFLAGS)
+        commands.append((source, [nvcc, "-c", str(source), "-o", str(out_dir / f"{source.name}.o"),
+                                  *common, *flags]))
     return commands
 
 

@@ -84,7 +84,7 @@ def test_build_key_follows_every_source_file(tmp_path):
     csrc = tmp_path / "csrc"
     shutil.copytree(build.CSRC, csrc)
     assert build.build_key(csrc) == build.build_key(build.CSRC)
-    header = csrc / "common.h"
+    header = csrc / "kernels.h"
     header.write_text(header.read_text() + "\n// edited\n")
     assert build.build_key(csrc) != build.build_key(build.CSRC)
     assert {p.name for p in build.sources()} >= {"ops.cpp", "attention.cu", "kv_cache.cu", "rms_norm.cu"}

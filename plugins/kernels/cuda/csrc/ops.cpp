@@ -1,6 +1,203 @@
-// The op schemas of the torch.ops.fastgen_cuda namespace. Implementations register for the CUDA
-// dispatch key next to their kernels (attention.cu, kv_cache.cu, rms_norm.cu).
+// torch's side of the torch.ops.fastgen_cuda ops: the schemas, the argument checks (each a
+// RuntimeError naming the op and the argument), output allocation, and the call to the kernel's
+// launcher on the current stream. The kernels themselves are in the .cu files.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <iterator>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastgen_cuda {
+namespace {
+
+DType dtype_of(const char* op, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported; use float32, float16 or bfloat16");
+  }
+}
+
+void check_cuda_on_one_device(const char* op, std::initializer_list<const at::Tensor*> tensors) {
+  const auto device = (*tensors.begin())->device();
+  for (const auto* t : tensors) {
+    TORCH_CHECK(t->is_cuda(), op, ": every tensor must be on a CUDA device, got one on ", t->device());
+    TORCH_CHECK(t->device() == device, op, ": every tensor must be on one device, got ", device, " and ",
+                t->device());
+  }
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_same_dtype(const char* op, const char* what, std::initializer_list<const at::Tensor*> tensors) {
+  const auto dtype = (*tensors.begin())->scalar_type();
+  for (const auto* t : tensors) {
+    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", what, " must share one dtype, got ", dtype, " and ",
+                t->scalar_type());
+  }
+}
+
+void check_int32(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, " must be contiguous in its last dimension, got strides ",
+              t.strides());
+}
+
+void check_launch(int error) { C10_CUDA_CHECK(static_cast<cudaError_t>(error)); }
+
+void* current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+              const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "fastgen_cuda::write_kv";
+  check_cuda_on_one_device(op, {&key, &value, &k_cache, &v_cache, &slot_mapping});
+  check_dim(op, "key", key, 3);
+  check_dim(op, "k_cache", k_cache, 4);
+  check_dim(op, "slot_mapping", slot_mapping, 1);
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping must be int64, got ",
+              slot_mapping.scalar_type());
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must have key's shape ", key.sizes(), ", got ",
+              value.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == key.size(0), op, ": slot_mapping must hold one slot per token (",
+              key.size(0), "), got ", slot_mapping.size(0));
+  TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), op,
+              ": key's heads and head size ", key.sizes().slice(1), " must match the cache's ",
+              k_cache.sizes().slice(2));
+  check_same_dtype(op, "key, value and the caches", {&key, &value, &k_cache, &v_cache});
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  check_rows(op, "key", key);
+  check_rows(op, "value", value);
+
+  const auto slots = slot_mapping.contiguous();
+  const c10::cuda::CUDAGuard guard(key.device());
+  const WriteKVParams p{key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                        slots.data_ptr<int64_t>(), static_cast<int>(key.size(0)),
+                        static_cast<int>(key.size(1)), static_cast<int>(key.size(2)), key.stride(0),
+                        key.stride(1), value.stride(0), value.stride(1)};
+  check_launch(launch_write_kv(p, dtype_of(op, key), current_stream(key)));
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                     const at::Tensor& block_tables, double scale, int64_t sliding_window) {
+  constexpr const char* op = "fastgen_cuda::attention";
+  check_cuda_on_one_device(op, {&q, &k_cache, &v_cache, &query_start_loc, &seq_lens, &block_tables});
+  check_dim(op, "q", q, 3);
+  check_dim(op, "k_cache", k_cache, 4);
+  check_dim(op, "query_start_loc", query_start_loc, 1);
+  check_dim(op, "seq_lens", seq_lens, 1);
+  check_dim(op, "block_tables", block_tables, 2);
+  check_int32(op, "query_start_loc", query_start_loc);
+  check_int32(op, "seq_lens", seq_lens);
+  check_int32(op, "block_tables", block_tables);
+  check_rows(op, "q", q);
+  check_same_dtype(op, "q and the caches", {&q, &k_cache, &v_cache});
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == num_seqs + 1, op, ": query_start_loc must hold B+1 = ", num_seqs + 1,
+              " offsets, got ", query_start_loc.size(0));
+  TORCH_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must hold one row per sequence (",
+              num_seqs, "), got ", block_tables.size(0));
+  const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, op, ": the caches' head size ", k_cache.size(3),
+              " must match q's ", head_dim);
+  TORCH_CHECK(num_heads % num_kv_heads == 0, op, ": query heads (", num_heads,
+              ") must be a multiple of key/value heads (", num_kv_heads, ")");
+  const auto* sizes_end = std::end(kAttentionHeadSizes);
+  TORCH_CHECK(std::find(std::begin(kAttentionHeadSizes), sizes_end, head_dim) != sizes_end, op,
+              ": head size ", head_dim, " has no kernel; supported: ",
+              c10::ArrayRef<int>(kAttentionHeadSizes));
+
+  auto out = at::empty({q.size(0), num_heads, head_dim}, q.options());
+  const auto qsl = query_start_loc.contiguous();
+  const auto lens = seq_lens.contiguous();
+  const auto tables = block_tables.contiguous();
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p{out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                          qsl.data_ptr<int>(), lens.data_ptr<int>(), tables.data_ptr<int>(),
+                          static_cast<int>(q.size(0)), static_cast<int>(num_seqs),
+                          static_cast<int>(tables.size(1)), static_cast<int>(k_cache.size(1)),
+                          static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
+                          static_cast<int>(head_dim), q.stride(0), q.stride(1), static_cast<float>(scale),
+                          static_cast<int>(std::max<int64_t>(sliding_window, 0))};
+  check_launch(launch_attention(p, dtype_of(op, q), current_stream(q)));
+  return out;
+}
+
+// The backend asks this before calling attention, to send other head sizes to the reference.
+std::vector<int64_t> attention_head_sizes() {
+  return {std::begin(kAttentionHeadSizes), std::end(kAttentionHeadSizes)};
+}
+
+void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda_on_one_device(op, {&x, &weight});
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weight", weight, 1);
+  check_rows(op, "x", x);
+  TORCH_CHECK(weight.size(0) == x.size(1), op, ": weight must hold one value per feature (", x.size(1),
+              "), got ", weight.size(0));
+  check_same_dtype(op, "x and weight", {&x, &weight});
+}
+
+// residual: undefined for plain RMSNorm; then residual_out is too.
+void run_rms_norm(const char* op, const at::Tensor& out, const at::Tensor& residual_out, const at::Tensor& x,
+                  const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  const auto w = weight.contiguous();
+  const bool fused = residual.defined();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const RMSNormParams p{out.data_ptr(), fused ? residual_out.data_ptr() : nullptr, x.data_ptr(),
+                        fused ? residual.data_ptr() : nullptr, w.data_ptr(), static_cast<int>(x.size(0)),
+                        static_cast<int>(x.size(1)), x.stride(0), fused ? residual.stride(0) : 0,
+                        static_cast<float>(eps)};
+  check_launch(launch_rms_norm(p, dtype_of(op, x), current_stream(x)));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  constexpr const char* op = "fastgen_cuda::rms_norm";
+  check_rms_norm_args(op, x, weight);
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  run_rms_norm(op, out, at::Tensor(), x, at::Tensor(), weight, eps);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  constexpr const char* op = "fastgen_cuda::add_rms_norm";
+  check_rms_norm_args(op, x, weight);
+  check_cuda_on_one_device(op, {&x, &residual});
+  check_rows(op, "residual", residual);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(), ", got ",
+              residual.sizes());
+  check_same_dtype(op, "x and residual", {&x, &residual});
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto residual_out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  run_rms_norm(op, out, residual_out, x, residual, weight, eps);
+  return {out, residual_out};
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fastgen_cuda, m) {
   // key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T] int64,
@@ -11,8 +208,19 @@ TORCH_LIBRARY(fastgen_cuda, m) {
   // block_tables [B, max_blocks], all int32). sliding_window <= 0: no window.
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, "
         "Tensor seq_lens, Tensor block_tables, float scale, int sliding_window) -> Tensor");
+  // No tensor arguments, so no dispatch key: a catch-all kernel.
+  m.def("attention_head_sizes() -> int[]", &attention_head_sizes);
   // x: [T, E], weight: [E] -> [T, E]
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // x, residual: [T, E], weight: [E] -> (rms_norm(x + residual) [T, E], x + residual [T, E])
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(fastgen_cuda, CUDA, m) {
+  m.impl("write_kv", &write_kv);
+  m.impl("attention", &attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+}
+
+}  // namespace fastgen_cuda

@@ -1,0 +1,54 @@
+// The launchers of the CUDA kernels, as plain C++ with no torch and no CUDA types: ops.cpp (torch's
+// side: checks, allocation, registration) calls them, and the .cu files that define them compile
+// without torch's headers, which is most of a build's time.
+#pragma once
+
+#include <cstdint>
+
+namespace fastgen_cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+constexpr int kAttentionHeadSizes[] = {64, 80, 96, 112, 128, 256};
+
+struct AttentionParams {
+  void* out;                    // [T, H, D], contiguous
+  const void* q;                // [T, H, D], rows strided, last dim contiguous
+  const void* k_cache;          // [num_blocks, block_size, Hkv, D], contiguous
+  const void* v_cache;
+  const int* query_start_loc;   // [B+1]
+  const int* seq_lens;          // [B]
+  const int* block_tables;      // [B, max_blocks], contiguous
+  int num_tokens, num_seqs, max_blocks, block_size, num_heads, num_kv_heads, head_dim;
+  int64_t q_token_stride, q_head_stride;
+  float scale;
+  int sliding_window;           // <= 0: none
+};
+
+struct WriteKVParams {
+  const void* key;              // [T, Hkv, D], rows strided, last dim contiguous
+  const void* value;
+  void* k_cache;                // [num_blocks, block_size, Hkv, D], contiguous
+  void* v_cache;
+  const int64_t* slot_mapping;  // [T]; a negative slot skips its token
+  int num_tokens, num_kv_heads, head_dim;
+  int64_t key_token_stride, key_head_stride, value_token_stride, value_head_stride;
+};
+
+struct RMSNormParams {
+  void* out;                    // [T, E], contiguous
+  void* residual_out;           // [T, E], contiguous; null for plain RMSNorm
+  const void* x;                // [T, E], rows strided
+  const void* residual;         // [T, E], rows strided; null for plain RMSNorm
+  const void* weight;           // [E]
+  int num_tokens, hidden;
+  int64_t x_row_stride, residual_row_stride;
+  float eps;
+};
+
+// Each enqueues its kernel on `stream` (a cudaStream_t) and returns the launch's cudaError_t.
+int launch_attention(const AttentionParams& p, DType dtype, void* stream);
+int launch_write_kv(const WriteKVParams& p, DType dtype, void* stream);
+int launch_rms_norm(const RMSNormParams& p, DType dtype, void* stream);
+
+}  // namespace fastgen_cuda
