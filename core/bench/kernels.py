@@ -222,11 +222,13 @@ class KernelCase:
         cache = 2 * self.shape.num_blocks * BLOCK_SIZE * m.num_kv_heads * m.head_dim * e
         if self.op not in ("attention", "write_kv"):
             cache = 0
-        # Gathering backends copy the context once more, and unfused attention holds the scores.
+        # Gathering backends copy the context (twice, to be safe), unfused attention holds the
+        # scores, and outputs and temporaries take about as much as the inputs.
         longest = max(c + n for c, n in self.shape.sequences)
         scores = m.num_heads * max(n for _, n in self.shape.sequences) * longest * 4
-        work = 2 * cache + (scores if self.op == "attention" else 0)
-        return cache + work + 3 * self.cost.bytes
+        if self.op == "attention":
+            return 3 * cache + scores + 2 * (2 * self.shape.num_tokens * m.num_heads * m.head_dim * e)
+        return 3 * cache + 2 * self.cost.bytes
 
     def build(self) -> Callable[[], object]:
         torch.manual_seed(0)
@@ -335,7 +337,7 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
 @dataclass(frozen=True)
 class Ceilings:
     copy_gbps: float                  # device memory copy: (read + write) bytes / s / 1e9
-    matmul_tflops: dict[str, float]   # square matmul rate per dtype
+    matmul_tflops: dict[str, float]   # square matmul rate per dtype (see measure_ceilings)
 
     def as_dict(self) -> dict:
         return {"copy_gbps": self.copy_gbps, "matmul_tflops": dict(self.matmul_tflops)}
@@ -346,6 +348,8 @@ def measure_ceilings(device: torch.device, dtypes: tuple[str, ...], quick: bool)
     """Probe the device once per process: a large tensor copy and an n x n matmul per dtype.
 
     Copy bytes are counted as read + write (STREAM's convention); the matmul does 2*n^3 FLOPs.
+    A dtype's matmul ceiling is the faster of its own matmul and a float32 one: a kernel can always
+    compute in float32 (CPUs without bfloat16 units do a bfloat16 matmul far slower than that).
     """
     cuda = device.type == "cuda"
     copy_mib = 1024 if cuda else (64 if quick else 256)
@@ -355,11 +359,12 @@ def measure_ceilings(device: torch.device, dtypes: tuple[str, ...], quick: bool)
     del src, dst
     n = 8192 if cuda else (512 if quick else 1024)
     rates = {}
-    for name in dtypes:
+    for name in ("float32", *(d for d in dtypes if d != "float32")):
         a = torch.randn(n, n, dtype=DTYPES[name], device=device)
         b = torch.randn(n, n, dtype=DTYPES[name], device=device)
-        rates[name] = 2 * n ** 3 / best_time(lambda: a @ b, device, repeats=10 if cuda else 3) / 1e12
-    return Ceilings(2 * (copy_mib << 20) / copy_s / 1e9, rates)
+        rate = 2 * n ** 3 / best_time(lambda: a @ b, device, repeats=10 if cuda else 3) / 1e12
+        rates[name] = max(rate, rates.get("float32", 0.0))
+    return Ceilings(2 * (copy_mib << 20) / copy_s / 1e9, {d: rates[d] for d in dtypes})
 
 
 def achieved(cost: Cost, seconds: float, ceilings: Ceilings, dtype: str) -> dict:

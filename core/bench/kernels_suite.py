@@ -68,15 +68,18 @@ def pytest_generate_tests(metafunc) -> None:
     sel = metafunc.config.stash[_SELECTION]
     free = free_memory(sel.device)
     # The benchmark fixture's clock: device time from CUDA events on a GPU, wall time on a CPU.
-    timer = [pytest.mark.benchmark(timer=cuda_event_clock)] if sel.device.type == "cuda" else []
+    # Quick runs are a smoke test of the suite: a few rounds each, whatever pytest-benchmark's defaults.
+    settings = {"timer": cuda_event_clock} if sel.device.type == "cuda" else {}
+    settings.update({"max_time": 0.01, "min_rounds": 3} if sel.quick else {})
+    marks = [pytest.mark.benchmark(**settings)] if settings else []
     params = []
     for case in sel.cases():
         need = case.footprint_bytes()
-        marks = list(timer)
+        case_marks = list(marks)
         if need > _MEMORY_HEADROOM * free:
-            marks.append(pytest.mark.skip(reason=f"{case.id} needs about {need / 2**30:.1f} GiB and "
-                                                 f"{sel.device} has {free / 2**30:.1f} GiB free"))
-        params.append(pytest.param(case, id=case.id, marks=marks))
+            case_marks.append(pytest.mark.skip(reason=f"{case.id} needs about {need / 2**30:.1f} GiB "
+                                                      f"and {sel.device} has {free / 2**30:.1f} GiB free"))
+        params.append(pytest.param(case, id=case.id, marks=case_marks))
     for name, reason in sel.unavailable.items():
         params.append(pytest.param(None, id=f"{name}-unavailable",
                                    marks=pytest.mark.skip(reason=f"kernels.{name} is unavailable: {reason}")))
@@ -157,10 +160,8 @@ def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, d
         args = [str(folder / "test_kernels.py"), "-c", str(folder / "pytest.ini"), "--rootdir", tmp,
                 "--noconftest", "-p", "no:cacheprovider", "-q", "-rs", f"--benchmark-json={out}",
                 "--benchmark-disable-gc", "--benchmark-sort=name"]
-        # Quick runs are a smoke test of the suite; full runs take enough rounds for a stable median.
-        args += (["--benchmark-min-rounds=3", "--benchmark-max-time=0.01"] if quick
-                 else ["--benchmark-min-rounds=5", "--benchmark-max-time=0.2"])
-        args += ["--quick"] if quick else []
+        # Enough rounds for a stable median without pytest-benchmark's second per case.
+        args += ["--quick"] if quick else ["--benchmark-min-rounds=5", "--benchmark-max-time=0.2"]
         for flag, value in options.items():
             if value:
                 args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
