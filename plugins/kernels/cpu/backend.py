@@ -1,0 +1,137 @@
+"""The C++ CPU backend: every op but sampling as a CPU kernel from csrc/ (torch.ops.fastgen_cpu).
+
+Attention reads keys and values straight from the blocked cache through the block tables, so a
+decode step copies no KV blocks. Prompt chunks of many tokens go to torch's SDPA on gathered
+keys, as the reference does: its matmul-based kernel beats a row-at-a-time kernel there (see
+CHUNK_SDPA_MIN_TOKENS). Inputs the kernels do not take (another dtype, a weight whose dtype differs
+from its input) run the torch reference, noted once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention, plan_attention
+from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Prompt chunks with at least this many new tokens run torch's SDPA on gathered keys; shorter
+# ones, and all decodes, run the paged kernel. Measured on a 2-core AVX2 machine (SmolLM2-135M).
+CHUNK_SDPA_MIN_TOKENS = 64
+
+
+@dataclass
+class StepMetadata:
+    """What prepare() derives once per step: the sequences the paged kernel computes, and the
+    reference's plan for the prompt chunks that SDPA computes (None when there are none)."""
+
+    kernel_seq_ids: torch.Tensor        # [n] int32, indices into the batch's sequences
+    sdpa_plan: AttentionPlan | None
+    batch: Any
+    full_plan: AttentionPlan | None = None
+
+    def reference_plan(self) -> AttentionPlan:
+        if self.full_plan is None:
+            self.full_plan = plan_attention(self.batch)
+        return self.full_plan
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
+        from . import build
+
+        super().__init__(device)
+        build.load(cache_dir)
+        self.ops = torch.ops.fastgen_cpu
+        self._noted: set[str] = set()
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device | None) -> str | None:
+        from . import build
+
+        if device is not None and device.type != "cpu":
+            return f"kernels.cpu runs on the CPU only, not {device.type}; select it with --device cpu."
+        if build.compiler() is None:
+            return (f"no C++ compiler ({os.environ.get('CXX', 'c++')}) was found to build its kernels; "
+                    f"install g++ or set CXX.")
+        if shutil.which("ninja") is None:
+            from torch.utils.cpp_extension import is_ninja_available
+
+            if not is_ninja_available():
+                return "ninja, needed to build its kernels, was not found; pip install ninja."
+        return None
+
+    def _note(self, message: str) -> None:
+        if message not in self._noted:
+            self._noted.add(message)
+            log.info("kernels.cpu: %s.", message)
+
+    def prepare(self, batch) -> StepMetadata:
+        kernel_ids, sdpa_chunks = list(range(batch.num_decodes)), []
+        start = batch.num_decodes
+        for i in range(batch.num_decodes, batch.num_seqs):
+            q_len, ctx = batch.query_lens[i], batch.context_lens[i]
+            if q_len >= CHUNK_SDPA_MIN_TOKENS:
+                blocks = batch.block_tables[i, :-(-(ctx + q_len) // batch.block_size)].long()
+                sdpa_chunks.append(ChunkPlan(start, q_len, ctx, blocks))
+            else:
+                kernel_ids.append(i)
+            start += q_len
+        sdpa_plan = AttentionPlan(0, None, None, sdpa_chunks) if sdpa_chunks else None
+        return StepMetadata(torch.tensor(kernel_ids, dtype=torch.int32), sdpa_plan, batch)
+
+    def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
+        if key.dtype not in DTYPES:
+            self._note(f"write_kv of {key.dtype} runs the torch reference")
+            return super().write_kv(key, value, k_cache, v_cache, slot_mapping)
+        self.ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def attention(self, q, k_cache, v_cache, batch, scale, sliding_window=None):
+        # q: [T, H, D] -> [T, H, D]
+        meta: StepMetadata = batch.attn_metadata
+        if q.dtype not in DTYPES:
+            self._note(f"attention of {q.dtype} runs the torch reference")
+            return paged_attention(q, k_cache, v_cache, meta.reference_plan(), scale, sliding_window)
+        if meta.sdpa_plan is not None:
+            # Fills the SDPA chunks' rows; the kernel fills the rest of the same tensor below.
+            out = paged_attention(q, k_cache, v_cache, meta.sdpa_plan, scale, sliding_window)
+        else:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        if meta.kernel_seq_ids.numel():
+            self.ops.paged_attention(out, q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, meta.kernel_seq_ids, scale, sliding_window or 0)
+        return out
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        # x, residual: [T, E], weight: [E] -> (normed [T, E], new residual [T, E])
+        if weight.dtype != x.dtype or x.dtype not in DTYPES:
+            self._note(f"rms_norm of {x.dtype} with a {weight.dtype} weight runs the torch reference")
+            return super().rms_norm(x, weight, eps, residual)
+        if residual is None:
+            return self.ops.rms_norm(x, weight, eps), x
+        return self.ops.add_rms_norm(x, residual, weight, eps)
+
+    def rotary(self, q, k, cos, sin, is_neox=True):
+        # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2] -> new contiguous q and k
+        if q.dtype not in DTYPES:
+            self._note(f"rotary of {q.dtype} runs the torch reference")
+            return super().rotary(q, k, cos, sin, is_neox)
+        return self.ops.rotary(q, k, cos, sin, is_neox)
+
+    def silu_and_mul(self, x):
+        # x: [T, 2I] -> [T, I]
+        if x.dtype not in DTYPES:
+            self._note(f"silu_and_mul of {x.dtype} runs the torch reference")
+            return super().silu_and_mul(x)
+        return self.ops.silu_and_mul(x)

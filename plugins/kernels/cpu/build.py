@@ -1,0 +1,127 @@
+"""Build the C++ sources in csrc/ with torch's extension tools, once per source, toolchain and CPU.
+
+The library lands in `<cache>/cpu-kernels/<key>/`, where the key hashes the sources, the torch
+version, the compiler's version and the compiler flags. The flags follow the vector instruction
+set torch itself dispatches to on this CPU (AVX512, AVX2 or none), so a cache shared between
+machines never hands one CPU a library built for another's instructions. Build ahead of time with
+
+    python -m fastgen.plugins.kernels.cpu.build [--cache-dir DIR] [--verbose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from fastgen.checkpoint import cache_root
+from fastgen.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+BASE_CFLAGS = ["-O3", "-fopenmp-simd"]
+# torch's names for its CPU dispatch levels -> the flags its own kernels of that level build with.
+CAPABILITY_CFLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+_lock = threading.Lock()
+_loaded: Path | None = None
+
+
+def compiler() -> str | None:
+    """The C++ compiler torch's extension tools will call ($CXX, else c++), as a path; None if absent."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def cflags() -> list[str]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return BASE_CFLAGS + CAPABILITY_CFLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+
+
+def sources(csrc: Path = CSRC) -> list[Path]:
+    return sorted(p for p in csrc.iterdir() if p.suffix == ".cpp")
+
+
+def build_key(csrc: Path = CSRC) -> str:
+    """Changes with any file in csrc/ (headers too), the torch and compiler versions and the flags."""
+    digest = hashlib.sha256()
+    for path in sorted(csrc.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout if cxx else ""
+    digest.update(f"{torch.__version__}|{cxx}|{version}|{' '.join(cflags())}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_dir(cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / "cpu-kernels" / build_key()
+
+
+def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
+    """Build (first use) or load the library, registering torch.ops.fastgen_cpu; once per process."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        from torch.utils import cpp_extension
+
+        directory = build_dir(cache_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"fastgen_cpu_{directory.name}"
+        if not (directory / f"{name}.so").exists():
+            log.info("Building the fastgen CPU kernels into %s (first use: about a minute).", directory)
+        try:
+            library = cpp_extension.load(
+                name=name, sources=[str(s) for s in sources()], extra_include_paths=[str(CSRC)],
+                extra_cflags=cflags(), build_directory=str(directory), is_python_module=False,
+                verbose=verbose)
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+            raise PluginError(f"Building the CPU kernels in {directory} failed ({_first_line(e)}); "
+                              f"run `python -m fastgen.plugins.kernels.cpu.build --verbose` to see the "
+                              f"compiler output, or choose another backend with --kernels torch.") from e
+        log.info("Loaded the fastgen CPU kernels from %s.", directory)
+        _loaded = Path(library) if library else directory
+        return _loaded
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgen.plugins.kernels.cpu.build",
+                                     description="Build the kernels.cpu library ahead of time.")
+    parser.add_argument("--cache-dir", help="cache root (default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .backend import CpuBackend
+
+    reason = CpuBackend.unavailable_reason(None)
+    if reason:
+        print(f"kernels.cpu cannot be built here: {reason}", file=sys.stderr)
+        return 2
+    try:
+        print(load(args.cache_dir, verbose=args.verbose))
+    except PluginError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

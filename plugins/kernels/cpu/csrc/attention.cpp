@@ -1,0 +1,273 @@
+// Paged attention over a ragged batch, reading keys and values straight from the blocked KV cache
+// through each sequence's block table (no gather copy), and the KV cache write.
+//
+// One work item is (sequence, KV head, tile of up to kQueryTile new tokens): the item's query
+// rows are its tokens times the KV head's query group, so each key and value row is read once
+// per group and tile. Keys are visited a cache block at a time with an online softmax in fp32.
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace fastgen_cpu {
+namespace {
+
+constexpr int64_t kQueryTile = 16;
+
+struct WorkItem {
+  int32_t seq;
+  int32_t kv_head;
+  int32_t token_begin;   // flat token indices [token_begin, token_end) of this tile
+  int32_t token_end;
+  int64_t cost;
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void scale_add(float* acc, float p, const float* v, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
+}
+
+template <typename scalar_t>
+inline void to_float(float* dst, const scalar_t* src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// exp(x) in place over n floats (n a multiple of Vec::size()); 1-ulp Sleef exp, exp(-inf) = 0.
+inline void exp_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += Vec::size()) Vec::loadu(x + i).exp().store(x + i);
+}
+
+struct Geometry {
+  int64_t heads, kv_heads, group, dim, block_size;
+  int64_t q_token_stride, q_head_stride;
+  int64_t cache_block_stride, cache_slot_stride;
+  int64_t table_stride;
+};
+
+template <typename scalar_t>
+class AttentionItem {
+ public:
+  AttentionItem(const Geometry& g, int64_t max_rows)
+      : g_(g),
+        padded_block_((g.block_size + Vec::size() - 1) / Vec::size() * Vec::size()),
+        q_(max_rows * g.dim),
+        acc_(max_rows * g.dim),
+        max_(max_rows),
+        sum_(max_rows),
+        scores_(padded_block_),
+        k_(g.block_size * g.dim),
+        v_(g.block_size * g.dim) {}
+
+  void run(const WorkItem& item, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+           const int32_t* query_start_loc, const int32_t* seq_lens, const int32_t* block_tables,
+           float scale, int64_t window, scalar_t* out) {
+    const int64_t D = g_.dim, G = g_.group, bs = g_.block_size;
+    const int64_t seq = item.seq, h = item.kv_head;
+    const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
+    const int64_t context = seq_lens[seq] - q_len;
+    const int64_t first_pos = context + (item.token_begin - query_start_loc[seq]);
+    const int64_t tokens = item.token_end - item.token_begin;
+    const int64_t rows = tokens * G;   // row r: token r / G, query head h * G + r % G
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = q + (item.token_begin + r / G) * g_.q_token_stride + (h * G + r % G) * g_.q_head_stride;
+      float* dst = q_.data() + r * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+    }
+    std::fill(acc_.begin(), acc_.begin() + rows * D, 0.f);
+    std::fill(max_.begin(), max_.begin() + rows, -std::numeric_limits<float>::infinity());
+    std::fill(sum_.begin(), sum_.begin() + rows, 0.f);
+
+    const int64_t last_pos = first_pos + tokens - 1;
+    const int64_t key_begin = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
+    const int64_t key_end = last_pos + 1;
+    const int32_t* table = block_tables + seq * g_.table_stride;
+
+    for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
+      const int64_t j0 = std::max(key_begin, blk * bs), j1 = std::min(key_end, (blk + 1) * bs);
+      const int64_t base = table[blk] * g_.cache_block_stride + (j0 - blk * bs) * g_.cache_slot_stride + h * D;
+      const float *keys, *values;
+      int64_t row_stride;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        keys = k_cache + base;
+        values = v_cache + base;
+        row_stride = g_.cache_slot_stride;
+      } else {
+        for (int64_t j = 0; j < j1 - j0; ++j) {
+          to_float(k_.data() + j * D, k_cache + base + j * g_.cache_slot_stride, D);
+          to_float(v_.data() + j * D, v_cache + base + j * g_.cache_slot_stride, D);
+        }
+        keys = k_.data();
+        values = v_.data();
+        row_stride = D;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = first_pos + r / G;
+        const int64_t lo = window > 0 ? std::max(j0, pos - window + 1) : j0;
+        const int64_t hi = std::min(j1, pos + 1);
+        if (hi <= lo) continue;
+        const float* qr = q_.data() + r * D;
+        float block_max = -std::numeric_limits<float>::infinity();
+        std::fill(scores_.begin(), scores_.end(), -std::numeric_limits<float>::infinity());
+        for (int64_t j = lo; j < hi; ++j) {
+          const float s = dot(qr, keys + (j - j0) * row_stride, D);
+          scores_[j - j0] = s;
+          block_max = std::max(block_max, s);
+        }
+        const float new_max = std::max(max_[r], block_max);
+        const float correction = std::exp(max_[r] - new_max);   // 0 on the first block
+        for (int64_t j = 0; j < padded_block_; ++j) scores_[j] -= new_max;
+        exp_inplace(scores_.data(), padded_block_);
+        float* acc = acc_.data() + r * D;
+        float block_sum = 0.f;
+        if (correction != 1.f) {
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) acc[i] *= correction;
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+          const float p = scores_[j - j0];
+          block_sum += p;
+          scale_add(acc, p, values + (j - j0) * row_stride, D);
+        }
+        sum_[r] = sum_[r] * correction + block_sum;
+        max_[r] = new_max;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* dst = out + ((item.token_begin + r / G) * g_.heads + h * G + r % G) * D;
+      const float inv = 1.f / sum_[r];
+      const float* acc = acc_.data() + r * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
+    }
+  }
+
+ private:
+  const Geometry& g_;
+  int64_t padded_block_;
+  std::vector<float> q_, acc_, max_, sum_, scores_, k_, v_;
+};
+
+std::vector<WorkItem> plan_items(const int32_t* query_start_loc, const int32_t* seq_lens,
+                                 const int32_t* seq_ids, int64_t num_ids, int64_t kv_heads, int64_t window) {
+  std::vector<WorkItem> items;
+  for (int64_t n = 0; n < num_ids; ++n) {
+    const int32_t s = seq_ids[n];
+    const int32_t begin = query_start_loc[s], end = query_start_loc[s + 1];
+    const int64_t context = seq_lens[s] - (end - begin);
+    for (int32_t t = begin; t < end; t += kQueryTile) {
+      const int32_t t_end = std::min<int32_t>(end, t + kQueryTile);
+      const int64_t last_pos = context + (t_end - begin);
+      const int64_t keys = window > 0 ? std::min<int64_t>(last_pos, window + (t_end - t)) : last_pos;
+      for (int32_t h = 0; h < kv_heads; ++h) items.push_back({s, h, t, t_end, keys * (t_end - t)});
+    }
+  }
+  // Longest first, so the last items handed out are short and the threads finish together.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+}  // namespace
+
+void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_tables,
+                     const at::Tensor& seq_ids, double scale, int64_t window) {
+  const char* op = "fastgen_cpu.paged_attention";
+  check_cpu(op, {&out, &q, &k_cache, &v_cache, &query_start_loc, &seq_lens, &block_tables, &seq_ids});
+  check_float_dtype(op, q);
+  check_same_dtype(op, {&out, &q, &k_cache, &v_cache});
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
+              ": q must be [T, H, D] and the caches [num_blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(), op,
+              ": the caches and out must be contiguous");
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes());
+  check_rows(op, "q", q);
+  for (const auto* t : {&query_start_loc, &seq_lens, &block_tables, &seq_ids}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), op,
+                ": query_start_loc, seq_lens, block_tables and seq_ids must be contiguous int32");
+  }
+  Geometry g;
+  g.heads = q.size(1);
+  g.dim = q.size(2);
+  g.kv_heads = k_cache.size(2);
+  g.block_size = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == g.dim && g.heads % g.kv_heads == 0, op,
+              ": the caches' head size must be q's and q's heads a multiple of the caches' heads");
+  g.group = g.heads / g.kv_heads;
+  g.q_token_stride = q.stride(0);
+  g.q_head_stride = q.stride(1);
+  g.cache_block_stride = k_cache.stride(0);
+  g.cache_slot_stride = k_cache.stride(1);
+  g.table_stride = block_tables.size(1);
+
+  const auto items = plan_items(query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                                seq_ids.data_ptr<int32_t>(), seq_ids.numel(), g.kv_heads, window);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastgen_cpu_paged_attention", [&] {
+    const auto* q_ptr = q.data_ptr<scalar_t>();
+    const auto* k_ptr = k_cache.data_ptr<scalar_t>();
+    const auto* v_ptr = v_cache.data_ptr<scalar_t>();
+    auto* out_ptr = out.data_ptr<scalar_t>();
+    const auto* qsl = query_start_loc.data_ptr<int32_t>();
+    const auto* lens = seq_lens.data_ptr<int32_t>();
+    const auto* tables = block_tables.data_ptr<int32_t>();
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    std::vector<std::unique_ptr<AttentionItem<scalar_t>>> workers(threads);
+    parallel_dynamic(static_cast<int64_t>(items.size()), [&](int64_t i) {
+      auto& worker = workers[at::get_thread_num() % threads];
+      if (!worker) worker = std::make_unique<AttentionItem<scalar_t>>(g, kQueryTile * g.group);
+      worker->run(items[i], q_ptr, k_ptr, v_ptr, qsl, lens, tables, static_cast<float>(scale), window, out_ptr);
+    });
+  });
+}
+
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  const char* op = "fastgen_cpu.write_kv";
+  check_cpu(op, {&key, &value, &k_cache, &v_cache, &slot_mapping});
+  check_float_dtype(op, key);
+  check_same_dtype(op, {&key, &value, &k_cache, &v_cache});
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), op, ": key and value must be [T, Hkv, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  TORCH_CHECK(k_cache.size(2) == key.size(1) && k_cache.size(3) == key.size(2), op,
+              ": the caches' [Hkv, D] must match key's, got ", k_cache.sizes(), " and ", key.sizes());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == key.size(0), op,
+              ": slot_mapping must be int64 with one slot per token");
+  check_rows(op, "key", key);
+  check_rows(op, "value", value);
+  const int64_t tokens = key.size(0), heads = key.size(1), dim = key.size(2);
+  const int64_t slots = k_cache.size(0) * k_cache.size(1);
+  const auto mapping = slot_mapping.contiguous();
+  const int64_t* slot = mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, op, ": slot ", slot[t], " is outside the cache's ", slots, " slots");
+  }
+  const int64_t bytes = dim * key.element_size();
+  char* k_dst = static_cast<char*>(k_cache.data_ptr());
+  char* v_dst = static_cast<char*>(v_cache.data_ptr());
+  const char* k_src = static_cast<const char*>(key.data_ptr());
+  const char* v_src = static_cast<const char*>(value.data_ptr());
+  const int64_t es = key.element_size();
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t dst = (slot[t] * heads + h) * bytes;
+        std::memcpy(k_dst + dst, k_src + (t * key.stride(0) + h * key.stride(1)) * es, bytes);
+        std::memcpy(v_dst + dst, v_src + (t * value.stride(0) + h * value.stride(1)) * es, bytes);
+      }
+    }
+  });
+}
+
+}  // namespace fastgen_cpu
