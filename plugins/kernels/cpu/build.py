@@ -11,6 +11,7 @@ machines never hands one CPU a library built for another's instructions. Build a
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -37,7 +38,7 @@ CAPABILITY_CFLAGS = {
 }
 
 _lock = threading.Lock()
-_loaded: Path | None = None
+_loaded: dict[Path, Path] = {}   # build directory -> the library loaded from it
 
 
 def compiler() -> str | None:
@@ -61,31 +62,36 @@ def build_key(csrc: Path = CSRC) -> str:
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     cxx = compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout if cxx else ""
-    digest.update(f"{torch.__version__}|{cxx}|{version}|{' '.join(cflags())}".encode())
+    digest.update(f"{torch.__version__}|{cxx}|{_compiler_version(cxx)}|{' '.join(cflags())}".encode())
     return digest.hexdigest()[:16]
 
 
-def build_dir(cache_dir: str | None = None) -> Path:
-    return cache_root(cache_dir) / "cpu-kernels" / build_key()
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str | None) -> str:
+    if cxx is None:
+        return ""
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
 
 
-def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
+def build_dir(cache_dir: str | None = None, csrc: Path = CSRC) -> Path:
+    return cache_root(cache_dir) / "cpu-kernels" / build_key(csrc)
+
+
+def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC) -> Path:
     """Build (first use) or load the library, registering torch.ops.fastgen_cpu; once per process."""
-    global _loaded
     with _lock:
-        if _loaded is not None:
-            return _loaded
+        directory = build_dir(cache_dir, csrc)
+        if directory in _loaded:
+            return _loaded[directory]
         from torch.utils import cpp_extension
 
-        directory = build_dir(cache_dir)
         directory.mkdir(parents=True, exist_ok=True)
         name = f"fastgen_cpu_{directory.name}"
         if not (directory / f"{name}.so").exists():
             log.info("Building the fastgen CPU kernels into %s (first use: about a minute).", directory)
         try:
             library = cpp_extension.load(
-                name=name, sources=[str(s) for s in sources()], extra_include_paths=[str(CSRC)],
+                name=name, sources=[str(s) for s in sources(csrc)], extra_include_paths=[str(csrc)],
                 extra_cflags=cflags(), build_directory=str(directory), is_python_module=False,
                 verbose=verbose)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
@@ -93,8 +99,8 @@ def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
                               f"run `python -m fastgen.plugins.kernels.cpu.build --verbose` to see the "
                               f"compiler output, or choose another backend with --kernels torch.") from e
         log.info("Loaded the fastgen CPU kernels from %s.", directory)
-        _loaded = Path(library) if library else directory
-        return _loaded
+        _loaded[directory] = Path(library) if library else directory
+        return _loaded[directory]
 
 
 def _first_line(error: Exception) -> str:

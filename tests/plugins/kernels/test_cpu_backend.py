@@ -1,0 +1,117 @@
+"""kernels.cpu beyond the shared conformance suite: bf16 (the suite covers fp32 and fp16), where it
+cannot run, its op checks, and the build cache (on a one-function source, so it builds in a second)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import make_backend, ragged_batch
+from fastgen.errors import PluginError
+from fastgen.plugins.kernels.cpu import build
+from fastgen.plugins.kernels.cpu.backend import CpuBackend
+
+pytestmark = pytest.mark.skipif(CpuBackend.unavailable_reason(torch.device("cpu")) is not None,
+                                reason="kernels.cpu cannot be built here")
+
+BF16 = dict(atol=2e-2, rtol=2e-2)
+PROBE = 'extern "C" int fastgen_cpu_probe() { return %d; }\n'
+
+
+def randn(*shape, seed, dtype=torch.bfloat16):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return make_backend("cpu"), make_backend("torch")
+
+
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window"])
+def test_bf16_attention_matches_reference(backends, window):
+    # Decodes at block edges and prompt chunks longer than one query tile, GQA 3 as in SmolLM2.
+    batch = ragged_batch([(15, 1), (16, 1), (70, 1), (0, 40), (33, 20)], 16, 48)
+    k_cache, v_cache = randn(48, 16, 3, 64, seed=1), randn(48, 16, 3, 64, seed=2)
+    q = randn(batch.num_tokens, 9, 64, seed=3)
+    outs = []
+    for be in backends:
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
+    torch.testing.assert_close(outs[0], outs[1], **BF16)
+
+
+def test_bf16_elementwise_ops_match_reference(backends):
+    cpu, ref = backends
+    x, residual, weight = randn(5, 96, seed=4), randn(5, 96, seed=5), randn(96, seed=6)
+    for a, b in zip(cpu.rms_norm(x, weight, 1e-6, residual), ref.rms_norm(x, weight, 1e-6, residual)):
+        torch.testing.assert_close(a, b, **BF16)
+    qkv = randn(5, 8 * 64, seed=7)
+    q, k = qkv[:, :256].view(5, 4, 64), qkv[:, 256:384].view(5, 2, 64)
+    angles = torch.rand(5, 16, generator=torch.Generator().manual_seed(8)) * 50
+    for is_neox in (True, False):
+        for a, b in zip(cpu.rotary(q, k, angles.cos(), angles.sin(), is_neox),
+                        ref.rotary(q, k, angles.cos(), angles.sin(), is_neox)):
+            torch.testing.assert_close(a, b, **BF16)
+    gate_up = randn(5, 2 * 80, seed=9) * 4
+    torch.testing.assert_close(cpu.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), **BF16)
+
+
+def test_ops_reject_mismatched_dtypes(backends):
+    with pytest.raises(RuntimeError, match="fastgen_cpu.add_rms_norm: tensors must share one dtype"):
+        torch.ops.fastgen_cpu.add_rms_norm(torch.ones(2, 8), torch.ones(2, 8, dtype=torch.bfloat16),
+                                           torch.ones(8), 1e-6)
+
+
+def test_a_weight_of_another_dtype_runs_the_reference(backends):
+    cpu, ref = backends
+    x, weight = randn(3, 32, seed=10), randn(32, seed=11, dtype=torch.float32)
+    normed, _ = cpu.rms_norm(x, weight, 1e-6)
+    assert normed.dtype == torch.float32
+    torch.testing.assert_close(normed, ref.rms_norm(x, weight, 1e-6)[0])
+
+
+def test_unavailable_on_another_device_or_without_a_compiler(monkeypatch):
+    assert "runs on the CPU only, not cuda" in CpuBackend.unavailable_reason(torch.device("cuda"))
+    assert CpuBackend.unavailable_reason(None) is None
+    monkeypatch.setenv("CXX", "no-such-compiler-fastgen")
+    assert "no C++ compiler (no-such-compiler-fastgen)" in CpuBackend.unavailable_reason(torch.device("cpu"))
+
+
+def test_build_is_cached_by_source(tmp_path, monkeypatch, caplog):
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "probe.cpp").write_text(PROBE % 1)
+    monkeypatch.setattr(build, "_loaded", {})
+    caplog.set_level(logging.INFO, logger=build.__name__)
+
+    first = build.load(str(tmp_path / "cache"), csrc=csrc)
+    assert first.exists() and first.parent == build.build_dir(str(tmp_path / "cache"), csrc)
+    assert "Building the fastgen CPU kernels" in caplog.text
+    built_at = first.stat().st_mtime_ns
+
+    # A new process (here: a cleared registry) loads the cached library without building.
+    monkeypatch.setattr(build, "_loaded", {})
+    caplog.clear()
+    assert build.load(str(tmp_path / "cache"), csrc=csrc) == first
+    assert "Building" not in caplog.text and first.stat().st_mtime_ns == built_at
+
+    # An edited source gets a new key, so it is built anew beside the old one.
+    (csrc / "probe.cpp").write_text(PROBE % 2)
+    second = build.load(str(tmp_path / "cache"), csrc=csrc)
+    assert second.parent != first.parent and first.exists() and second.exists()
+
+
+def test_build_key_follows_the_compiler_flags(tmp_path, monkeypatch):
+    (tmp_path / "probe.cpp").write_text(PROBE % 1)
+    key = build.build_key(tmp_path)
+    monkeypatch.setattr(build, "BASE_CFLAGS", [*build.BASE_CFLAGS, "-DFASTGEN_OTHER"])
+    assert build.build_key(tmp_path) != key
+
+
+def test_a_failed_build_is_a_plugin_error(tmp_path, monkeypatch):
+    (tmp_path / "broken.cpp").write_text("int broken( {\n")
+    monkeypatch.setattr(build, "_loaded", {})
+    with pytest.raises(PluginError, match=r"Building the CPU kernels in .* failed .*--verbose"):
+        build.load(str(tmp_path / "cache"), csrc=tmp_path)
