@@ -34,15 +34,35 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-inline void scale_add(float* acc, float p, const float* v, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
+// Four dot products of q with rows k, k + stride, ...: q is loaded once for four keys.
+inline void dot4(const float* q, const float* k, int64_t stride, int64_t n, float* out) {
+  const float *k0 = k, *k1 = k + stride, *k2 = k + 2 * stride, *k3 = k + 3 * stride;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    s0 += q[i] * k0[i];
+    s1 += q[i] * k1[i];
+    s2 += q[i] * k2[i];
+    s3 += q[i] * k3[i];
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
-template <typename scalar_t>
-inline void to_float(float* dst, const scalar_t* src, int64_t n) {
+// acc += sum_j p[j] * v[j * stride] over `count` rows v, four at a time so acc is stored once per four.
+inline void accumulate(float* acc, const float* p, const float* v, int64_t stride, int64_t count, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const float *v0 = v + j * stride, *v1 = v0 + stride, *v2 = v1 + stride, *v3 = v2 + stride;
+    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    for (int64_t i = 0; i < n; ++i) acc[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+  }
+  for (; j < count; ++j) {
+    const float pj = p[j];
+    const float* vj = v + j * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += pj * vj[i];
+  }
 }
 
 // exp(x) in place over n floats (n a multiple of Vec::size()); 1-ulp Sleef exp, exp(-inf) = 0.
@@ -85,7 +105,9 @@ class AttentionItem {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = q + (item.token_begin + r / G) * g_.q_token_stride + (h * G + r % G) * g_.q_head_stride;
       float* dst = q_.data() + r * D;
-      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+      load_floats(src, dst, D);
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) dst[i] *= scale;
     }
     std::fill(acc_.begin(), acc_.begin() + rows * D, 0.f);
     std::fill(max_.begin(), max_.begin() + rows, -std::numeric_limits<float>::infinity());
@@ -107,8 +129,8 @@ class AttentionItem {
         row_stride = g_.cache_slot_stride;
       } else {
         for (int64_t j = 0; j < j1 - j0; ++j) {
-          to_float(k_.data() + j * D, k_cache + base + j * g_.cache_slot_stride, D);
-          to_float(v_.data() + j * D, v_cache + base + j * g_.cache_slot_stride, D);
+          load_floats(k_cache + base + j * g_.cache_slot_stride, k_.data() + j * D, D);
+          load_floats(v_cache + base + j * g_.cache_slot_stride, v_.data() + j * D, D);
         }
         keys = k_.data();
         values = v_.data();
@@ -122,11 +144,10 @@ class AttentionItem {
         const float* qr = q_.data() + r * D;
         float block_max = -std::numeric_limits<float>::infinity();
         std::fill(scores_.begin(), scores_.end(), -std::numeric_limits<float>::infinity());
-        for (int64_t j = lo; j < hi; ++j) {
-          const float s = dot(qr, keys + (j - j0) * row_stride, D);
-          scores_[j - j0] = s;
-          block_max = std::max(block_max, s);
-        }
+        int64_t j = lo;
+        for (; j + 4 <= hi; j += 4) dot4(qr, keys + (j - j0) * row_stride, row_stride, D, scores_.data() + (j - j0));
+        for (; j < hi; ++j) scores_[j - j0] = dot(qr, keys + (j - j0) * row_stride, D);
+        for (j = lo; j < hi; ++j) block_max = std::max(block_max, scores_[j - j0]);
         const float new_max = std::max(max_[r], block_max);
         const float correction = std::exp(max_[r] - new_max);   // 0 on the first block
         for (int64_t j = 0; j < padded_block_; ++j) scores_[j] -= new_max;
@@ -137,11 +158,8 @@ class AttentionItem {
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) acc[i] *= correction;
         }
-        for (int64_t j = lo; j < hi; ++j) {
-          const float p = scores_[j - j0];
-          block_sum += p;
-          scale_add(acc, p, values + (j - j0) * row_stride, D);
-        }
+        for (int64_t j = lo; j < hi; ++j) block_sum += scores_[j - j0];
+        accumulate(acc, scores_.data() + (lo - j0), values + (lo - j0) * row_stride, row_stride, hi - lo, D);
         sum_[r] = sum_[r] * correction + block_sum;
         max_[r] = new_max;
       }
@@ -149,8 +167,10 @@ class AttentionItem {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* dst = out + ((item.token_begin + r / G) * g_.heads + h * G + r % G) * D;
       const float inv = 1.f / sum_[r];
-      const float* acc = acc_.data() + r * D;
-      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
+      float* acc = acc_.data() + r * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[i] *= inv;
+      store_floats(acc, dst, D);
     }
   }
 

@@ -10,6 +10,8 @@
 #include <c10/util/Half.h>
 
 #include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <tuple>
 
@@ -17,15 +19,40 @@ namespace fastgen_cpu {
 
 using Vec = at::vec::Vectorized<float>;
 
-// Round a float to scalar_t and back: the kernels round where the torch reference stores an
-// intermediate in the input dtype, so bf16 and fp16 results match it, not just come close.
+// Rows of scalar_t to float and back, vectorised: bf16 widens by a shift, the narrowing rounds to
+// nearest even as c10's conversions do.
 template <typename scalar_t>
-inline float round_to(float x) {
-  return static_cast<float>(static_cast<scalar_t>(x));
+inline void load_floats(const scalar_t* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(src);
+    auto* out = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
 }
-template <>
-inline float round_to<float>(float x) {
-  return x;
+
+template <typename scalar_t>
+inline void store_floats(const float* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// Rounds n floats to scalar_t and back, in place, through `scratch` (n of scalar_t): the kernels
+// round where the torch reference keeps an intermediate in the input dtype, so bf16 and fp16
+// results match it, not just come close.
+template <typename scalar_t>
+inline void round_floats(float* x, int64_t n, scalar_t* scratch) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    store_floats(x, scratch, n);
+    load_floats(scratch, x, n);
+  }
 }
 
 // The ops' declarations, defined in attention.cpp and elementwise.cpp, registered in ops.cpp.

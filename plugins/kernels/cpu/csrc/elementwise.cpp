@@ -22,56 +22,74 @@ template <typename scalar_t>
 void rms_norm_rows(const scalar_t* x, int64_t x_stride, const scalar_t* residual, int64_t r_stride,
                    const scalar_t* weight, float eps, scalar_t* out, scalar_t* out_residual, int64_t rows,
                    int64_t hidden) {
+  std::vector<float> w(hidden);
+  load_floats(weight, w.data(), hidden);
   at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(hidden);
+    std::vector<float> sum(hidden), other(hidden);
+    std::vector<scalar_t> scratch(hidden);
+    float *s = sum.data(), *o = other.data();
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* xr = x + t * x_stride;
-      float* s = sum.data();
+      load_floats(x + t * x_stride, s, hidden);
       if (residual != nullptr) {
-        const scalar_t* rr = residual + t * r_stride;
-        scalar_t* nr = out_residual + t * hidden;
-        for (int64_t i = 0; i < hidden; ++i) {
-          const scalar_t v = static_cast<scalar_t>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
-          nr[i] = v;
-          s[i] = static_cast<float>(v);
-        }
-      } else {
-        for (int64_t i = 0; i < hidden; ++i) s[i] = static_cast<float>(xr[i]);
+        load_floats(residual + t * r_stride, o, hidden);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) s[i] += o[i];
+        store_floats(s, out_residual + t * hidden, hidden);
+        load_floats(out_residual + t * hidden, s, hidden);
       }
       float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < hidden; ++i) squares += s[i] * s[i];
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-      scalar_t* o = out + t * hidden;
-      for (int64_t i = 0; i < hidden; ++i) {
-        o[i] = static_cast<scalar_t>(static_cast<float>(weight[i]) * round_to<scalar_t>(s[i] * inv));
-      }
+#pragma omp simd
+      for (int64_t i = 0; i < hidden; ++i) o[i] = s[i] * inv;
+      round_floats(o, hidden, scratch.data());
+#pragma omp simd
+      for (int64_t i = 0; i < hidden; ++i) o[i] *= w[i];
+      store_floats(o, out + t * hidden, hidden);
     }
   });
 }
 
+// x: [T, heads, dim] rows (strided) -> out: [T, heads, dim] contiguous; cos, sin: [T, half] float.
 template <typename scalar_t>
 void rotate_heads(const scalar_t* x, int64_t token_stride, int64_t head_stride, int64_t heads, int64_t dim,
                   const float* cos, const float* sin, int64_t half, bool is_neox, scalar_t* out, int64_t tokens) {
   at::parallel_for(0, tokens, row_grain(heads * dim), [&](int64_t begin, int64_t end) {
-    std::vector<float> c(half), s(half);
+    // row: one head in float; x1/x2: the pairs' first and second elements; c/s: cos and sin.
+    std::vector<float> row(dim), x1(half), x2(half), c(half), s(half), a(half), b(half);
+    std::vector<scalar_t> scratch(std::max(dim, half));
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t i = 0; i < half; ++i) {
-        c[i] = round_to<scalar_t>(cos[t * half + i]);
-        s[i] = round_to<scalar_t>(sin[t * half + i]);
-      }
+      std::copy(cos + t * half, cos + (t + 1) * half, c.begin());
+      std::copy(sin + t * half, sin + (t + 1) * half, s.begin());
+      round_floats(c.data(), half, scratch.data());
+      round_floats(s.data(), half, scratch.data());
       for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t* xr = x + t * token_stride + h * head_stride;
-        scalar_t* o = out + (t * heads + h) * dim;
+        load_floats(x + t * token_stride + h * head_stride, row.data(), dim);
         // neox rotates (i, i + half) pairs, gpt-j adjacent (2i, 2i + 1) pairs.
-        const int64_t step = is_neox ? 1 : 2, partner = is_neox ? half : 1;
         for (int64_t i = 0; i < half; ++i) {
-          const int64_t a = i * step, b = a + partner;
-          const float x1 = static_cast<float>(xr[a]), x2 = static_cast<float>(xr[b]);
-          o[a] = static_cast<scalar_t>(round_to<scalar_t>(x1 * c[i]) - round_to<scalar_t>(x2 * s[i]));
-          o[b] = static_cast<scalar_t>(round_to<scalar_t>(x2 * c[i]) + round_to<scalar_t>(x1 * s[i]));
+          x1[i] = is_neox ? row[i] : row[2 * i];
+          x2[i] = is_neox ? row[i + half] : row[2 * i + 1];
         }
-        for (int64_t i = 2 * half; i < dim; ++i) o[i] = xr[i];
+        // first = x1 * c - x2 * s, second = x2 * c + x1 * s, each product rounded as the reference does.
+        for (int pass = 0; pass < 2; ++pass) {
+          const float sign = pass == 0 ? -1.f : 1.f;
+          const float* p = pass == 0 ? x1.data() : x2.data();
+          const float* q = pass == 0 ? x2.data() : x1.data();
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            a[i] = p[i] * c[i];
+            b[i] = q[i] * s[i];
+          }
+          round_floats(a.data(), half, scratch.data());
+          round_floats(b.data(), half, scratch.data());
+          for (int64_t i = 0; i < half; ++i) {
+            const float v = a[i] + sign * b[i];
+            if (is_neox) row[i + pass * half] = v;
+            else row[2 * i + pass] = v;
+          }
+        }
+        store_floats(row.data(), out + (t * heads + h) * dim, dim);
       }
     }
   });
@@ -79,23 +97,22 @@ void rotate_heads(const scalar_t* x, int64_t token_stride, int64_t head_stride, 
 
 template <typename scalar_t>
 void silu_and_mul_rows(const scalar_t* x, int64_t x_stride, scalar_t* out, int64_t rows, int64_t inter) {
-  const int64_t width = Vec::size();
   at::parallel_for(0, rows, row_grain(2 * inter), [&](int64_t begin, int64_t end) {
-    float gate[Vec::size()], up[Vec::size()];
+    const int64_t width = Vec::size();
+    std::vector<float> gate(inter), up(inter);
+    std::vector<scalar_t> scratch(inter);
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* g = x + t * x_stride;
-      const scalar_t* u = g + inter;
-      scalar_t* o = out + t * inter;
+      load_floats(x + t * x_stride, gate.data(), inter);
+      load_floats(x + t * x_stride + inter, up.data(), inter);
       for (int64_t i = 0; i < inter; i += width) {
         const int64_t n = std::min(width, inter - i);
-        for (int64_t j = 0; j < n; ++j) {
-          gate[j] = static_cast<float>(g[i + j]);
-          up[j] = static_cast<float>(u[i + j]);
-        }
-        const Vec gv = Vec::loadu(gate, n);
-        (gv / (Vec(1.f) + gv.neg().exp())).store(gate, n);
-        for (int64_t j = 0; j < n; ++j) o[i + j] = static_cast<scalar_t>(round_to<scalar_t>(gate[j]) * up[j]);
+        const Vec g = Vec::loadu(gate.data() + i, n);
+        (g / (Vec(1.f) + g.neg().exp())).store(gate.data() + i, n);
       }
+      round_floats(gate.data(), inter, scratch.data());
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) gate[i] *= up[i];
+      store_floats(gate.data(), out + t * inter, inter);
     }
   });
 }
