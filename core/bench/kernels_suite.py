@@ -158,8 +158,9 @@ def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, d
         (folder / "pytest.ini").write_text("[pytest]\n")
         out = Path(json_path) if json_path else folder / "results.json"
         args = [str(folder / "test_kernels.py"), "-c", str(folder / "pytest.ini"), "--rootdir", tmp,
-                "--noconftest", "-p", "no:cacheprovider", "-q", "-rs", f"--benchmark-json={out}",
-                "--benchmark-disable-gc", "--benchmark-sort=name"]
+                "--noconftest", "-p", "no:cacheprovider", "--import-mode=importlib", "-q", "-rs",
+                f"--benchmark-json={out}", "--benchmark-disable-gc", "--benchmark-sort=name",
+                "--benchmark-columns=min,median,iqr,rounds"]
         # Enough rounds for a stable median without pytest-benchmark's second per case.
         args += ["--quick"] if quick else ["--benchmark-min-rounds=5", "--benchmark-max-time=0.2"]
         for flag, value in options.items():
