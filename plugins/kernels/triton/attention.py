@@ -43,10 +43,14 @@ def _target_programs(device: torch.device) -> int:
     return 8   # interpreter: small, so tests exercise split-KV with short contexts when forced
 
 
-def plan_attention(batch, tile_tokens: int = 16, num_splits: int | None = None,
+def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
                    split_min_keys: int = 512) -> AttentionPlan:
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata."""
     query_lens = batch.query_lens
+    if tile_tokens is None:
+        # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: numpy pays
+        # per program and per op, not per element, so fewer, larger tiles run faster.
+        tile_tokens = 16 if batch.seq_lens.device.type == "cuda" else 64
     # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
     tokens = 1 if max(query_lens) == 1 else tile_tokens
     seq_ids, starts = [], []
@@ -205,7 +209,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = 64 if block_d <= 64 else 32
     if q.device.type == "cpu":
-        block_n = 16   # interpreter: numpy cost grows with tile size, not program count
+        block_n = 64   # interpreter: fewer, larger numpy steps are faster
     grid = (plan.tile_seq.shape[0], kv_heads, splits)
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_max, part_sum,

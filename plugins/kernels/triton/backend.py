@@ -23,8 +23,8 @@ class TritonBackend:
 
     # Split-KV: None chooses per step from the batch shape and the device; a number forces it.
     num_kv_splits: int | None = None
-    # New tokens per attention tile in steps with prompt chunks.
-    tile_tokens: int = 16
+    # New tokens per attention tile in steps with prompt chunks; None chooses by device.
+    tile_tokens: int | None = None
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)

@@ -1,4 +1,8 @@
-"""Rotary position embedding: neox (halves) and gpt-j (interleaved pairs) layouts, partial rotary."""
+"""Rotary position embedding: neox (halves) and gpt-j (interleaved pairs) layouts, partial rotary.
+
+A program rotates a run of (token, head) rows of the flattened [T * H] axis, so short heads still
+fill a program.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiling import rows_per_program
+
 
 @triton.jit
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
-                   stride_ct, stride_st,
+                   stride_ct, stride_st, num_rows, num_heads,
                    HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    x_row = x_ptr + token * stride_xt + head * stride_xh
-    o_row = out_ptr + token * stride_ot + head * stride_oh
-    i = tl.arange(0, BLOCK_HALF)
-    mask = i < HALF_ROT
+                   ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    token = (rows // num_heads).to(tl.int64)[:, None]                      # [R, 1]
+    head = (rows % num_heads)[:, None]
+    x_rows = x_ptr + token * stride_xt + head * stride_xh
+    o_rows = out_ptr + token * stride_ot + head * stride_oh
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = row_ok[:, None] & (i < HALF_ROT)
     cos = tl.load(cos_ptr + token * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + token * stride_st + i, mask=mask, other=0.0).to(tl.float32)
     # Pair i rotates dims (first, second): (i, i + R/2) in neox, (2i, 2i + 1) in gpt-j.
@@ -27,15 +35,15 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, strid
     else:
         first = 2 * i
         second = 2 * i + 1
-    x1 = tl.load(x_row + first, mask=mask, other=0.0)
-    x2 = tl.load(x_row + second, mask=mask, other=0.0)
+    x1 = tl.load(x_rows + first, mask=mask, other=0.0)
+    x2 = tl.load(x_rows + second, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(o_row + first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(o_row + second, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    tl.store(o_rows + first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(o_rows + second, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
     if BLOCK_PASS > 0:   # partial rotary: the dims past R pass through
-        d = 2 * HALF_ROT + tl.arange(0, BLOCK_PASS)
-        pass_mask = d < HEAD_DIM
-        tl.store(o_row + d, tl.load(x_row + d, mask=pass_mask), mask=pass_mask)
+        d = 2 * HALF_ROT + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = row_ok[:, None] & (d < HEAD_DIM)
+        tl.store(o_rows + d, tl.load(x_rows + d, mask=pass_mask), mask=pass_mask)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -44,12 +52,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
     if tokens:
         rest = dim - 2 * half
-        _rotary_kernel[(tokens, heads)](
+        rows = rows_per_program(triton.next_power_of_2(dim), 2048)
+        _rotary_kernel[(triton.cdiv(tokens * heads, rows),)](
             x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), sin.stride(0),
-            HEAD_DIM=dim, HALF_ROT=half, IS_NEOX=is_neox,
+            cos.stride(0), sin.stride(0), tokens * heads, heads,
+            HEAD_DIM=dim, HALF_ROT=half, IS_NEOX=is_neox, ROWS=rows,
             BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0, num_warps=1)
+            BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0, num_warps=4)
     return out
 
 

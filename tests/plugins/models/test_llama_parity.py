@@ -6,8 +6,15 @@ sequences' decodes; a tiny KV pool forces preemption and recomputation. Neither 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
+
+# The engine runs on the CPU here, so kernels.triton runs under Triton's interpreter; the variable
+# must be set before its kernel modules are imported, which happens when the backend is made.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastgen
 from fastgen import SamplingParams
@@ -16,6 +23,14 @@ NEW_TOKENS = 8
 # 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
 PROMPT_LENS = (1, 2, 7, 16, 17, 33, 64, 65, 130, 300)
 SETTINGS = dict(token_budget=64, max_num_seqs=8, device="cpu")
+KERNELS = [
+    pytest.param("torch", id="kernels.torch"),
+    # The interpreter runs every kernel program in numpy: minutes, not seconds, for all three models.
+    pytest.param("triton", id="kernels.triton", marks=[
+        pytest.mark.slow,
+        pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                           reason="kernels.triton needs triton: pip install triton")]),
+]
 
 
 class StepRecorder:
@@ -62,9 +77,10 @@ def generate(llm, prompts, new_tokens=NEW_TOKENS):
     return outputs, recorder.steps
 
 
-def test_greedy_matches_transformers(reference):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_greedy_matches_transformers(reference, kernels):
     arch, folder, prompts, expected = reference
-    llm = fastgen.LLM(model=str(folder), **SETTINGS)
+    llm = fastgen.LLM(model=str(folder), kernels=kernels, **SETTINGS)
     if arch == "mistral":   # the window must be in force, or parity says nothing about it
         assert set(llm.engine.model.windows) == {24}
     outputs, steps = generate(llm, prompts)
@@ -79,14 +95,15 @@ def test_greedy_matches_transformers(reference):
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
 
 
-def test_greedy_matches_transformers_with_preemption(tiny_checkpoint):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_greedy_matches_transformers_with_preemption(tiny_checkpoint, kernels):
     arch, folder, model = tiny_checkpoint
     # 10 blocks of 16 hold all these prompts (9 blocks) but not their growth by 12 tokens each:
     # decodes crossing into a new block preempt the latest admitted sequence, which recomputes
     # its prompt and the tokens it had generated.
     prompts = random_prompts(model.config.vocab_size, (10, 14, 15, 30, 47, 60), seed=1)
     expected = [transformers_greedy(model, p, 12) for p in prompts]
-    llm = fastgen.LLM(model=str(folder), num_blocks=10, **SETTINGS)
+    llm = fastgen.LLM(model=str(folder), num_blocks=10, kernels=kernels, **SETTINGS)
     outputs, _ = generate(llm, prompts, new_tokens=12)
 
     assert llm.engine.totals.preemptions > 0
