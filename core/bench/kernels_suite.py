@@ -128,7 +128,8 @@ class _Notes:
             if reason not in self.reasons:
                 self.reasons.append(reason)
         elif report.failed:
-            error = str(report.longrepr).strip().splitlines()[-1] if report.longrepr else "failed"
+            crash = getattr(report.longrepr, "reprcrash", None)
+            error = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1]
             case = report.nodeid.partition("[")[2].rstrip("]") or report.nodeid
             self.failed.append(case)
             self.reasons.append(f"{case} FAILED: {error}")

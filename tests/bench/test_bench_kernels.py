@@ -173,3 +173,45 @@ def test_table_puts_backends_side_by_side_with_the_speedup_over_torch():
     attention, norm = ([c.strip() for c in line.strip("|").split("|")] for line in lines[5:7])
     assert attention == ["attention", "m", "decode_b1_ctx128", "float32", "1.00 ms", "1", "1", "100% com"] + ["-"] * 5
     assert norm[4:] == ["400.0 us", "2.5", "-", "25% mem", "100.0 us", "10", "-", "100% mem", "4x"]
+
+
+class _Broken:
+    """A backend whose rms_norm raises, to show one failing case does not hide the others."""
+
+    name = "broken_norm"
+
+    def __init__(self, device):
+        self.device = device
+
+    @classmethod
+    def unavailable_reason(cls, device):
+        return None
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        raise RuntimeError("no kernel for this shape")
+
+    def silu_and_mul(self, x):
+        return x[:, : x.shape[1] // 2]
+
+
+class _BrokenPlugin:
+    @fastgen.hookimpl
+    def register_kernels(self, register):
+        register(_Broken)
+
+
+def test_a_failing_case_is_noted_and_the_others_still_run(capsys):
+    from fastgen.bench.kernels_suite import run_suite
+    from fastgen.plugin_manager import load_plugins
+
+    manager = load_plugins()
+    manager.register(_BrokenPlugin(), name="kernels.broken_norm")
+    try:
+        results, notes, failed = run_suite(backends="broken_norm", ops="rms_norm,silu_and_mul",
+                                           sets="decode", quick=True, device="cpu")
+    finally:
+        manager.unregister("kernels.broken_norm")
+    assert failed == ["broken_norm-float32-smollm2-135m-decode_b4_ctx128-rms_norm"]
+    assert notes == [f"{failed[0]} FAILED: RuntimeError: no kernel for this shape"]
+    assert [b["extra_info"]["op"] for b in results["benchmarks"]] == ["silu_and_mul"]
+    assert "failed" in capsys.readouterr().err
