@@ -6,7 +6,6 @@ sequences' decodes; a tiny KV pool forces preemption and recomputation. Neither 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -23,14 +22,20 @@ NEW_TOKENS = 8
 # 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
 PROMPT_LENS = (1, 2, 7, 16, 17, 33, 64, 65, 130, 300)
 SETTINGS = dict(token_budget=64, max_num_seqs=8, device="cpu")
-KERNELS = [
-    pytest.param("torch", id="kernels.torch"),
-    # The interpreter runs every kernel program in numpy: minutes, not seconds, for all three models.
-    pytest.param("triton", id="kernels.triton", marks=[
-        pytest.mark.slow,
-        pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                           reason="kernels.triton needs triton: pip install triton")]),
-]
+# The interpreter runs every kernel program in numpy: minutes, not seconds, for all three models.
+SLOW_KERNELS = {"triton"}
+
+
+def kernel_params() -> list:
+    """Every registered kernel backend that can run on the CPU here, from the registry."""
+    from fastgen.plugin_manager import load_plugins
+
+    items = load_plugins().registry.items["kernels"]
+    return [pytest.param(name, id=f"kernels.{name}", marks=[pytest.mark.slow] if name in SLOW_KERNELS else [])
+            for name, info in sorted(items.items()) if not info.cls.unavailable_reason(torch.device("cpu"))]
+
+
+KERNELS = kernel_params()
 
 
 class StepRecorder:
