@@ -1,11 +1,12 @@
 """Offline throughput: fastgen against transformers on the same checkpoint, dtype and threads.
 
     python benchmarks/offline_throughput.py --dtype float32 --requests 16 --prompt-len 256 \
-        --gen-len 64 [--model DIR] [--threads 2] [--json FILE]
+        --gen-len 64 [--model DIR] [--threads 2] [--kernels torch,cpu] [--json FILE]
 
 Measures, in one process:
-- fastgen: all requests submitted at once, greedy, ignore_eos; generated tokens/s from submit to
-  all done (after a warm-up run), and the split of fastgen's time per step (EngineTotals).
+- fastgen, once per kernel backend in --kernels: all requests submitted at once, greedy, ignore_eos;
+  generated tokens/s from submit to all done (after a warm-up run), and the split of fastgen's time
+  per step (EngineTotals).
 - transformers `generate` with static batching (no padding: every prompt has the same length),
   attn_implementation sdpa and eager; the best is reported.
 - transformers `generate_batch` (continuous batching); an error is reported in the table.
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
+    p.add_argument("--kernels", default="torch",
+                   help="fastgen kernel backends to run, comma-separated, one table row each (e.g. torch,cpu)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -68,11 +71,12 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 
 # --- fastgen ---------------------------------------------------------------------------------
 
-def bench_fastgen(args, prompts) -> dict:
+def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
 
-    status("fastgen: loading the engine")
-    settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs)
+    status(f"fastgen: loading the engine with kernels.{kernels}")
+    settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
+                    kernels=kernels)
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)
@@ -262,7 +266,7 @@ def fmt(v, spec=".1f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def report(args, fg: dict, hf: dict, cb: dict | None, match: dict | None) -> str:
+def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[str, dict]) -> str:
     ok = {k: v for k, v in hf.items() if "error" not in v}
     best_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
     tf_numbers = [v["tokens_per_s"] for v in ok.values()]
@@ -283,9 +287,10 @@ def report(args, fg: dict, hf: dict, cb: dict | None, match: dict | None) -> str
         "",
         "| engine | tokens/s | ratio to best transformers | single-request decode tokens/s |",
         "|---|---:|---:|---:|",
-        f"| fastgen | {fmt(fg['tokens_per_s'])} | {fmt(ratio(fg['tokens_per_s']), '.2f')}x "
-        f"| {fmt(fg['single']['decode_tokens_per_s'])} |",
     ]
+    for kernels, fg in fgs.items():
+        lines.append(f"| fastgen (kernels.{kernels}) | {fmt(fg['tokens_per_s'])} "
+                     f"| {fmt(ratio(fg['tokens_per_s']), '.2f')}x | {fmt(fg['single']['decode_tokens_per_s'])} |")
     if best_attn:
         b = ok[best_attn]
         others = ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in ok.items() if k != best_attn)
@@ -302,13 +307,25 @@ def report(args, fg: dict, hf: dict, cb: dict | None, match: dict | None) -> str
     else:
         lines.append(f"| transformers generate_batch ({cb['attn']}) | {fmt(cb['tokens_per_s'])} "
                      f"| {fmt(ratio(cb['tokens_per_s']), '.2f')}x | — |")
+    lines.append("")
+    for kernels, fg in fgs.items():
+        lines += fastgen_lines(kernels, fg, matches.get(kernels))
+    if best_attn:
+        hs = ok[best_attn]["single"]
+        lines.append(f"transformers ({best_attn}) single request: ttft {hs['ttft_s'] * 1e3:.1f} ms, "
+                     f"decode {hs['decode_s'] * 1e3 / max(args.gen_len - 1, 1):.2f} ms/token")
+    return "\n".join(lines)
+
+
+def fastgen_lines(kernels: str, fg: dict, match: dict | None) -> list[str]:
+    """One backend's time split, single-request numbers and token match against transformers."""
     s = fg["split_s"]
     steps = max(fg["steps"], 1)
     ms = {k: 1e3 * v / steps for k, v in s.items()}
     total = sum(fg["split_s"][k] for k in ("host", "forward", "sample")) or 1.0
-    lines += [
-        "",
-        f"fastgen time split over {fg['steps']} steps ({fg['step_tokens']} tokens computed, "
+    lines = [
+        f"fastgen (kernels.{kernels}) time split over {fg['steps']} steps "
+        f"({fg['step_tokens']} tokens computed, "
         f"wall {fg['wall_s']:.2f} s): per step host {ms['host']:.2f} ms "
         f"(schedule {ms['schedule']:.2f} + postprocess {ms['postprocess']:.2f}), "
         f"forward {ms['forward']:.2f} ms, sample {ms['sample']:.2f} ms; "
@@ -316,19 +333,16 @@ def report(args, fg: dict, hf: dict, cb: dict | None, match: dict | None) -> str
         f"sample {100 * s['sample'] / total:.1f}%; outside steps {fg['untracked_s'] * 1e3:.1f} ms",
     ]
     single = fg["single"]
-    lines.append(f"fastgen single request: ttft {single['ttft_s'] * 1e3:.1f} ms, "
+    lines.append(f"fastgen (kernels.{kernels}) single request: ttft {single['ttft_s'] * 1e3:.1f} ms, "
                  f"decode {single['decode_s'] * 1e3 / max(single['steps'] - 1, 1):.2f} ms/token "
                  f"over {single['steps']} steps")
-    if best_attn:
-        hs = ok[best_attn]["single"]
-        lines.append(f"transformers ({best_attn}) single request: ttft {hs['ttft_s'] * 1e3:.1f} ms, "
-                     f"decode {hs['decode_s'] * 1e3 / max(args.gen_len - 1, 1):.2f} ms/token")
     if match:
-        lines.append(f"greedy tokens, fastgen vs transformers generate ({match['against']}): "
+        lines.append(f"greedy tokens, fastgen (kernels.{kernels}) vs transformers generate "
+                     f"({match['against']}): "
                      f"{match['equal_sequences']}/{match['sequences']} sequences equal, "
                      f"{match['agreeing_prefix_tokens']}/{match['tokens']} tokens before the first "
                      f"difference")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -345,28 +359,31 @@ def main(argv=None) -> int:
     vocab = AutoConfig.from_pretrained(folder).vocab_size
     prompts = make_prompts(tokenizer, vocab, args.requests, args.prompt_len, args.seed)
 
-    fg = bench_fastgen(args, prompts)
+    fgs = {kernels: bench_fastgen(args, prompts, kernels) for kernels in args.kernels.split(",")}
     hf = bench_hf_generate(args, folder, dtype, prompts)
     ok = {k: v for k, v in hf.items() if "error" not in v}
-    match = None
+    matches = {}
     if ok:
         against = "sdpa" if "sdpa" in ok else next(iter(ok))
-        match = compare(fg["token_ids"], ok[against]["token_ids"]) | {"against": against}
+        matches = {kernels: compare(fg["token_ids"], ok[against]["token_ids"]) | {"against": against}
+                   for kernels, fg in fgs.items()}
     cb = None
     if not args.skip_generate_batch:
         cb_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else "sdpa"
         cb = bench_hf_generate_batch(args, folder, dtype, prompts, cb_attn)
-        if "error" not in cb and match:
-            match["generate_batch_vs_fastgen"] = compare(fg["token_ids"], cb["token_ids"])
+        if "error" not in cb:
+            for kernels, match in matches.items():
+                match["generate_batch_vs_fastgen"] = compare(fgs[kernels]["token_ids"], cb["token_ids"])
 
-    table = report(args, fg, hf, cb, match)
+    table = report(args, fgs, hf, cb, matches)
     print(table, flush=True)
     if args.json:
         def strip(d):
             return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "token_ids"}
         data = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "fastgen": strip(fg), "transformers_generate": {k: strip(v) for k, v in hf.items()},
-                "transformers_generate_batch": strip(cb) if cb else None, "match": match,
+                "fastgen": {kernels: strip(fg) for kernels, fg in fgs.items()},
+                "transformers_generate": {k: strip(v) for k, v in hf.items()},
+                "transformers_generate_batch": strip(cb) if cb else None, "match": matches,
                 "table": table}
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2)
