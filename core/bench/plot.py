@@ -54,7 +54,7 @@ def plot_results(results: dict, path: str) -> None:
                         [r["summary"]["generation_sla"][index]["effective_throughput"] for r in mine],
                         marker="o", color=colors[target], label=target)
         row[0].set(title=f"{workload}: per-token latency", xlabel="generated tokens/s",
-                   ylabel="per-token latency (ms)")
+                   ylabel="per-token latency (ms)", yscale="log")
         row[0].legend(fontsize=7)
         for ax, rate in zip(row[1:], rates):
             ax.set(title=f"{workload}: effective throughput @{rate:g} tok/s",

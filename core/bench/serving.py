@@ -162,6 +162,8 @@ def run_serve_benchmark(bench: ServeBenchmark, show_progress: bool = True) -> di
                     status(f"{where}: building the target")
                 target = target_spec.make(load, requests)
                 target.open()
+                # Other work on the machine slows a run down: each run says how busy it was.
+                load_before = _load_average()
                 try:
                     if requests is None:
                         # The first target's vocabulary and length limit make the workload for all.
@@ -176,16 +178,20 @@ def run_serve_benchmark(bench: ServeBenchmark, show_progress: bool = True) -> di
                                                         on_done=lambda _: bar.update()))
                 finally:
                     target.close()
+                load_average = [load_before, _load_average()]
                 summary = summarize(trace, bench.sla)
                 failed = summary["requests"] - summary["completed"]
                 if show_progress:
                     status(f"{where}: done in {summary['duration_s']:.1f} s, "
                            f"{summary['request_throughput']:.2f} req/s, "
                            f"{summary['token_throughput']:.1f} tok/s"
+                           + (f", load average {load_average[0]:.1f} -> {load_average[1]:.1f}"
+                              if None not in load_average else "")
                            + (f", {failed} requests FAILED (first: {_first_error(trace)})" if failed else ""))
                 results["runs"].append({"workload": shape.name, "target": target_spec.name,
                                         "kind": target_spec.kind, "scheduler": target_spec.scheduler,
                                         "load": _load_dict(load), "load_label": load.label,
+                                        "load_average": load_average,
                                         "summary": summary, "trace": trace.to_dict()})
     return results
 
@@ -200,6 +206,16 @@ def _workload_dict(spec: WorkloadSpec, requests: list[BenchRequest]) -> dict:
             "num_requests": spec.num_requests, "seed": spec.seed,
             "prompt_lens": [r.prompt_len for r in requests],
             "max_tokens": [r.max_tokens for r in requests]}
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_count() -> int | None:
