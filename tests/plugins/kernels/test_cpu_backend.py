@@ -42,6 +42,24 @@ def test_bf16_attention_matches_reference(backends, window):
     torch.testing.assert_close(outs[0], outs[1], **BF16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_chunks_run_sdpa_beside_the_kernel(backends, dtype):
+    """A step whose long prompt chunk goes to SDPA and whose decodes and short chunk to the kernel:
+    both write their own rows of one output."""
+    cpu, ref = backends
+    batch = ragged_batch([(40, 1), (0, 1), (30, 80), (3, 17)], 16, 48)
+    meta = cpu.prepare(batch)
+    assert [c.q_len for c in meta.sdpa_plan.chunks] == [80] and meta.kernel_seq_ids.tolist() == [0, 1, 3]
+    k_cache, v_cache = randn(48, 16, 3, 64, seed=1, dtype=dtype), randn(48, 16, 3, 64, seed=2, dtype=dtype)
+    q = randn(batch.num_tokens, 9, 64, seed=3, dtype=dtype)
+    outs = []
+    for be in backends:
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, 24))
+    tolerance = BF16 if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **tolerance)
+
+
 def test_bf16_elementwise_ops_match_reference(backends):
     cpu, ref = backends
     x, residual, weight = randn(5, 96, seed=4), randn(5, 96, seed=5), randn(96, seed=6)
