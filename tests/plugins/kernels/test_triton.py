@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import BLOCK_SIZE_DEFAULT, make_backend, ragged_batch
+from kernel_batches import BLOCK_SIZE_DEFAULT, make_backend, ragged_batch
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ragged_batch
+from kernel_batches import ragged_batch
 
 DTYPES = [torch.float32, torch.float16]
 # (absolute, relative) tolerance by dtype: fp16 rounds to ~1e-3 and accumulation order differs.

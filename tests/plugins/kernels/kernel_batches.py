@@ -1,0 +1,47 @@
+"""Helpers for the kernel backend tests: the backends usable here and ragged batches to feed them.
+
+A module of its own, not conftest.py: every test folder has a conftest, and a plain
+`import conftest` gets whichever was imported last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.plugin_manager import load_plugins
+from fastgen.ragged_batch import RaggedBatch
+from fastgen.request import SamplingParams, Sequence
+
+CPU = torch.device("cpu")
+REFERENCE = "torch"
+BLOCK_SIZE_DEFAULT = 16
+
+
+def usable_backends() -> list[str]:
+    """Registered kernel backends that can run on the CPU here, the reference excluded."""
+    items = load_plugins().registry.items["kernels"]
+    return sorted(name for name, info in items.items()
+                  if name != REFERENCE and not info.cls.unavailable_reason(CPU))
+
+
+def make_backend(name: str):
+    return load_plugins().registry.get("kernels", name).cls(CPU)
+
+
+def ragged_batch(shapes: list[tuple[int, int]], block_size: int, num_blocks: int,
+                 seed: int = 0) -> RaggedBatch:
+    """A batch of sequences given as (cached tokens, new tokens), on shuffled cache blocks.
+
+    The blocks are drawn at random from the pool, so a kernel that reads the cache in block-id
+    order instead of through the block table gets the wrong keys.
+    """
+    g = torch.Generator().manual_seed(seed)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    scheduled = []
+    for i, (cached, new) in enumerate(shapes):
+        total = cached + new
+        seq = Sequence(f"s{i}", [1] * total, SamplingParams())
+        seq.num_computed = cached
+        seq.block_ids = [free.pop() for _ in range(-(-total // block_size))]
+        scheduled.append((seq, new))
+    return RaggedBatch.build(scheduled, block_size, CPU)
