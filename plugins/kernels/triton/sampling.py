@@ -44,21 +44,23 @@ def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, seeds_ptr, out_ptr, stri
 def _filter_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """logits: [S, V] -> the same with tokens outside each row's top-k / top-p set to -inf.
 
-    Runs on the temperature-scaled logits, as the nucleus is defined on the scaled distribution.
+    The nucleus is taken on the temperature-scaled distribution; the kernel scales afterwards.
     """
     vocab = logits.shape[-1]
-    sorted_logits = logits.sort(dim=-1, descending=True).values
-    keep = torch.ones_like(sorted_logits, dtype=torch.bool)
+    temps = torch.where(meta.temperatures > 0, meta.temperatures, 1.0)
+    scaled = logits / temps[:, None]
+    sorted_scaled = scaled.sort(dim=-1, descending=True).values
+    keep = torch.ones_like(sorted_scaled, dtype=torch.bool)
     if meta.any_top_k:
         k = torch.where(meta.top_k > 0, meta.top_k, vocab).clamp(max=vocab)
         keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
     if meta.any_top_p:
-        probs = sorted_logits.softmax(dim=-1)
+        probs = sorted_scaled.softmax(dim=-1)
         # The mass before the top token is 0, so it always stays.
         keep &= (probs.cumsum(dim=-1) - probs) < meta.top_p[:, None]
-    # The smallest kept logit per row is the cut: keep counts from the top, so it is a prefix.
-    cut = sorted_logits.gather(1, (keep.sum(dim=-1, keepdim=True) - 1).clamp(min=0))
-    return logits.masked_fill(logits < cut, float("-inf"))
+    # Keep counts from the top, so it is a prefix: its last element is each row's cut.
+    cut = sorted_scaled.gather(1, keep.sum(dim=-1, keepdim=True).clamp(min=1) - 1)
+    return logits.masked_fill(scaled < cut, float("-inf"))
 
 
 def _row_seeds(meta: SamplingMetadata, rows: int, device: torch.device,
@@ -83,8 +85,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     rows, vocab = logits.shape
     logits = logits.contiguous()
     if not meta.all_greedy and (meta.any_top_k or meta.any_top_p):
-        temps = torch.where(meta.temperatures > 0, meta.temperatures, 1.0)
-        logits = _filter_top_k_top_p(logits / temps[:, None], meta) * temps[:, None]
+        logits = _filter_top_k_top_p(logits, meta)
     seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
              else _row_seeds(meta, rows, logits.device, generator))
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

@@ -56,6 +56,13 @@ def test_top_k_draws_only_from_the_k_best(backend):
     assert set(tokens) == set(logits[0].topk(3).indices.tolist())
 
 
+def test_top_p_draws_only_from_the_nucleus(backend):
+    # Probabilities 0.4, 0.3, 0.2, 0.1: with top_p 0.6 the nucleus is the first two (0.4 < 0.6).
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(100, -1).contiguous()
+    tokens = draw(backend, logits, [SamplingParams(temperature=1.0, top_p=0.6)] * 100)
+    assert set(tokens) == {0, 1}
+
+
 def test_draws_follow_the_softmax_at_the_temperature(backend):
     # Few draws (the interpreter runs one program per row), so probabilities far apart: at
     # temperature 1 instead of 0.5 they would be (0.67, 0.24, 0.09), not (0.87, 0.12, 0.02).
