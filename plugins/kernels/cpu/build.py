@@ -1,9 +1,10 @@
 """Build the C++ sources in csrc/ with torch's extension tools, once per source, toolchain and CPU.
 
-The library lands in `<cache>/cpu-kernels/<key>/`, where the key hashes the sources, the torch
-version, the compiler's version and the compiler flags. The flags follow the vector instruction
-set torch itself dispatches to on this CPU (AVX512, AVX2 or none), so a cache shared between
-machines never hands one CPU a library built for another's instructions. Build ahead of time with
+The library lands in `<cache>/cpu-kernels/<key>/`, where the key hashes the sources and their
+folder, the torch version and folder, the compiler's version and the compiler flags. The flags
+follow the vector instruction set torch itself dispatches to on this CPU (AVX512, AVX2 or none),
+so a cache shared between machines never hands one CPU a library built for another's
+instructions. Build ahead of time with
 
     python -m fastgen.plugins.kernels.cpu.build [--cache-dir DIR] [--verbose]
 """
@@ -56,13 +57,17 @@ def sources(csrc: Path = CSRC) -> list[Path]:
 
 
 def build_key(csrc: Path = CSRC) -> str:
-    """Changes with any file in csrc/ (headers too), the torch and compiler versions and the flags."""
+    """Changes with any file in csrc/ (headers too), the torch and compiler versions and the flags,
+    and with where the sources and torch live: the build commands name both paths, so two checkouts
+    sharing one key would rebuild over each other's library."""
     digest = hashlib.sha256()
     for path in sorted(csrc.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     cxx = compiler()
-    digest.update(f"{torch.__version__}|{cxx}|{_compiler_version(cxx)}|{' '.join(cflags())}".encode())
+    toolchain = [str(csrc.resolve()), str(Path(torch.__file__).parent), torch.__version__, str(cxx),
+                 _compiler_version(cxx), " ".join(cflags())]
+    digest.update("|".join(toolchain).encode())
     return digest.hexdigest()[:16]
 
 

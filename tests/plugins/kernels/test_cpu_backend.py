@@ -121,11 +121,15 @@ def test_build_is_cached_by_source(tmp_path, monkeypatch, caplog):
     assert second.parent != first.parent and first.exists() and second.exists()
 
 
-def test_build_key_follows_the_compiler_flags(tmp_path, monkeypatch):
-    (tmp_path / "probe.cpp").write_text(PROBE % 1)
-    key = build.build_key(tmp_path)
+def test_build_key_follows_the_compiler_flags_and_the_source_folder(tmp_path, monkeypatch):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "probe.cpp").write_text(PROBE % 1)
+    key = build.build_key(tmp_path / "a")
+    # Same sources in another checkout: its build commands differ, so it must not share the folder.
+    assert build.build_key(tmp_path / "b") != key
     monkeypatch.setattr(build, "BASE_CFLAGS", [*build.BASE_CFLAGS, "-DFASTGEN_OTHER"])
-    assert build.build_key(tmp_path) != key
+    assert build.build_key(tmp_path / "a") != key
 
 
 def test_a_failed_build_is_a_plugin_error(tmp_path, monkeypatch):
