@@ -30,7 +30,11 @@ from fastgen.errors import PluginError
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-BASE_CFLAGS = ["-O3", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is a header template whose `omp parallel` pragma compiles into the
+# caller, so without it every op would run on one thread. The library then links libgomp.so.1,
+# which resolves to the copy torch has already loaded: one OpenMP runtime in the process.
+BASE_CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 # torch's names for its CPU dispatch levels -> the flags its own kernels of that level build with.
 CAPABILITY_CFLAGS = {
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
@@ -66,7 +70,7 @@ def build_key(csrc: Path = CSRC) -> str:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     cxx = compiler()
     toolchain = [str(csrc.resolve()), str(Path(torch.__file__).parent), torch.__version__, str(cxx),
-                 _compiler_version(cxx), " ".join(cflags())]
+                 _compiler_version(cxx), " ".join(cflags() + LDFLAGS)]
     digest.update("|".join(toolchain).encode())
     return digest.hexdigest()[:16]
 
@@ -95,10 +99,11 @@ def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC)
         if not (directory / f"{name}.so").exists():
             log.info("Building the fastgen CPU kernels into %s (first use: about a minute).", directory)
         try:
+            # Copies of the flag lists: torch's extension tools append to the ones they are given.
             library = cpp_extension.load(
                 name=name, sources=[str(s) for s in sources(csrc)], extra_include_paths=[str(csrc)],
-                extra_cflags=cflags(), build_directory=str(directory), is_python_module=False,
-                verbose=verbose)
+                extra_cflags=cflags(), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
+                is_python_module=False, verbose=verbose)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
             raise PluginError(f"Building the CPU kernels in {directory} failed ({_first_line(e)}); "
                               f"run `python -m fastgen.plugins.kernels.cpu.build --verbose` to see the "

@@ -117,6 +117,10 @@ class AttentionItem {
     const int64_t key_begin = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
     const int64_t key_end = last_pos + 1;
     const int32_t* table = block_tables + seq * g_.table_stride;
+    if (tokens == 1) {
+      run_decode(item, k_cache, v_cache, table, key_begin, key_end, out);
+      return;
+    }
 
     for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
       const int64_t j0 = std::max(key_begin, blk * bs), j1 = std::min(key_end, (blk + 1) * bs);
@@ -175,6 +179,73 @@ class AttentionItem {
   }
 
  private:
+  // Keys [j0, j1) of cache block `blk` as float rows: the cache itself for fp32, else converted
+  // into `buffer`. Returns the first row and sets the row stride.
+  const float* block_rows(const scalar_t* cache, const int32_t* table, int64_t blk, int64_t j0, int64_t j1,
+                          int64_t h, std::vector<float>& buffer, int64_t& stride) {
+    const int64_t D = g_.dim, bs = g_.block_size;
+    const int64_t base = table[blk] * g_.cache_block_stride + (j0 - blk * bs) * g_.cache_slot_stride + h * D;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      stride = g_.cache_slot_stride;
+      return cache + base;
+    } else {
+      for (int64_t j = 0; j < j1 - j0; ++j) load_floats(cache + base + j * g_.cache_slot_stride, buffer.data() + j * D, D);
+      stride = D;
+      return buffer.data();
+    }
+  }
+
+  // A decode: every row sees the same keys, so all scores are computed first and the softmax runs
+  // once over them, without the per-block rescaling of the online softmax.
+  void run_decode(const WorkItem& item, const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* table,
+                  int64_t key_begin, int64_t key_end, scalar_t* out) {
+    const int64_t D = g_.dim, G = g_.group, bs = g_.block_size;
+    const int64_t h = item.kv_head, length = key_end - key_begin;
+    const int64_t padded = (length + Vec::size() - 1) / Vec::size() * Vec::size();
+    if (static_cast<int64_t>(all_scores_.size()) < G * padded) all_scores_.resize(G * padded);
+    std::fill(all_scores_.begin(), all_scores_.begin() + G * padded, -std::numeric_limits<float>::infinity());
+    int64_t stride;
+    for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
+      const int64_t j0 = std::max(key_begin, blk * bs), j1 = std::min(key_end, (blk + 1) * bs);
+      const float* keys = block_rows(k_cache, table, blk, j0, j1, h, k_, stride);
+      for (int64_t r = 0; r < G; ++r) {
+        float* scores = all_scores_.data() + r * padded + (j0 - key_begin);
+        int64_t j = 0;
+        for (; j + 4 <= j1 - j0; j += 4) dot4(q_.data() + r * D, keys + j * stride, stride, D, scores + j);
+        for (; j < j1 - j0; ++j) scores[j] = dot(q_.data() + r * D, keys + j * stride, D);
+      }
+    }
+    for (int64_t r = 0; r < G; ++r) {
+      float* scores = all_scores_.data() + r * padded;
+      Vec vmax(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < padded; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(scores + j));
+      const float row_max = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+      Vec vsum(0.f);
+      for (int64_t j = 0; j < padded; j += Vec::size()) {
+        const Vec e = (Vec::loadu(scores + j) - Vec(row_max)).exp();
+        e.store(scores + j);
+        vsum = vsum + e;
+      }
+      sum_[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+    }
+    std::fill(acc_.begin(), acc_.begin() + G * D, 0.f);
+    for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
+      const int64_t j0 = std::max(key_begin, blk * bs), j1 = std::min(key_end, (blk + 1) * bs);
+      const float* values = block_rows(v_cache, table, blk, j0, j1, h, v_, stride);
+      for (int64_t r = 0; r < G; ++r) {
+        accumulate(acc_.data() + r * D, all_scores_.data() + r * padded + (j0 - key_begin), values, stride, j1 - j0, D);
+      }
+    }
+    for (int64_t r = 0; r < G; ++r) {
+      float* acc = acc_.data() + r * D;
+      const float inv = 1.f / sum_[r];
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[i] *= inv;
+      store_floats(acc, out + (item.token_begin * g_.heads + h * G + r) * D, D);
+    }
+  }
+
+  std::vector<float> all_scores_;
   const Geometry& g_;
   int64_t padded_block_;
   std::vector<float> q_, acc_, max_, sum_, scores_, k_, v_;
