@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_backend, ragged_batch
+from kernel_batches import make_backend, ragged_batch
 from fastgen.errors import PluginError
 from fastgen.plugins.kernels.cpu import build
 from fastgen.plugins.kernels.cpu.backend import CpuBackend
