@@ -10,18 +10,14 @@ the torch reference, noted once in the log.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention, plan_attention
-from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
-
-log = logging.getLogger(__name__)
+from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
+from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A prompt chunk of at least CHUNK_SDPA_MIN_TOKENS new tokens whose score matrix (new tokens x
@@ -40,16 +36,10 @@ class StepMetadata:
 
     kernel_seq_ids: torch.Tensor        # [n] int32, indices into the batch's sequences
     sdpa_plan: AttentionPlan | None
-    batch: Any
-    reference: AttentionPlan | None = None
-
-    def reference_plan(self) -> AttentionPlan:
-        if self.reference is None:
-            self.reference = plan_attention(self.batch)
-        return self.reference
+    reference: LazyReferencePlan
 
 
-class CpuBackend(TorchBackend):
+class CpuBackend(ReferenceFallbackBackend):
     name = "cpu"
 
     def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
@@ -58,7 +48,6 @@ class CpuBackend(TorchBackend):
         super().__init__(device)
         build.load(cache_dir)
         self.ops = torch.ops.fastgen_cpu
-        self._noted: set[str] = set()
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
@@ -76,11 +65,6 @@ class CpuBackend(TorchBackend):
                 return "ninja, needed to build its kernels, was not found; pip install ninja."
         return None
 
-    def _note(self, message: str) -> None:
-        if message not in self._noted:
-            self._noted.add(message)
-            log.info("kernels.cpu: %s.", message)
-
     def prepare(self, batch) -> StepMetadata:
         kernel_ids, sdpa_chunks = list(range(batch.num_decodes)), []
         start = batch.num_decodes
@@ -93,7 +77,8 @@ class CpuBackend(TorchBackend):
                 kernel_ids.append(i)
             start += q_len
         sdpa_plan = AttentionPlan(0, None, None, sdpa_chunks) if sdpa_chunks else None
-        return StepMetadata(torch.tensor(kernel_ids, dtype=torch.int32), sdpa_plan, batch)
+        return StepMetadata(torch.tensor(kernel_ids, dtype=torch.int32), sdpa_plan,
+                            LazyReferencePlan(batch))
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
@@ -107,7 +92,7 @@ class CpuBackend(TorchBackend):
         meta: StepMetadata = batch.attn_metadata
         if q.dtype not in DTYPES:
             self._note(f"attention of {q.dtype} runs the torch reference")
-            return paged_attention(q, k_cache, v_cache, meta.reference_plan(), scale, sliding_window)
+            return paged_attention(q, k_cache, v_cache, meta.reference.get(), scale, sliding_window)
         if meta.sdpa_plan is not None:
             # Fills the SDPA chunks' rows; the kernel fills the other rows of the same tensor below.
             out = paged_attention(q, k_cache, v_cache, meta.sdpa_plan, scale, sliding_window)

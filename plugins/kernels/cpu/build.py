@@ -11,7 +11,6 @@ instructions. Build ahead of time with
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import logging
@@ -119,24 +118,11 @@ def _first_line(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgen.plugins.kernels.cpu.build",
-                                     description="Build the kernels.cpu library ahead of time.")
-    parser.add_argument("--cache-dir", help="cache root (default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen)")
-    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastgen.plugins.kernels.compiled import build_ahead, build_parser
+
     from .backend import CpuBackend
 
-    reason = CpuBackend.unavailable_reason(None)
-    if reason:
-        print(f"kernels.cpu cannot be built here: {reason}", file=sys.stderr)
-        return 2
-    try:
-        print(load(args.cache_dir, verbose=args.verbose))
-    except PluginError as e:
-        print(e, file=sys.stderr)
-        return 1
-    return 0
+    return build_ahead(build_parser("cpu").parse_args(argv), CpuBackend, load)
 
 
 if __name__ == "__main__":

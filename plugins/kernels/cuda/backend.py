@@ -9,36 +9,22 @@ fails at engine start, not in the first request.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, paged_attention, plan_attention
-from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
-
-log = logging.getLogger(__name__)
+from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
+from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
 REFERENCE_OPS = ("rotary", "silu_and_mul", "sample")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass
-class StepMetadata:
+class StepMetadata(LazyReferencePlan):
     """What prepare() derives once per step: nothing for the CUDA kernel, which reads the batch's
     tensors directly, and the reference's plan only when some layer falls back to it."""
 
-    batch: Any
-    reference_plan: AttentionPlan | None = None
 
-    def plan(self) -> AttentionPlan:
-        if self.reference_plan is None:
-            self.reference_plan = plan_attention(self.batch)
-        return self.reference_plan
-
-
-class CudaBackend(TorchBackend):
+class CudaBackend(ReferenceFallbackBackend):
     name = "cuda"
 
     def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
@@ -48,7 +34,6 @@ class CudaBackend(TorchBackend):
         build.load(cache_dir)
         self.ops = torch.ops.fastgen_cuda
         self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
-        self._noted: set[str] = set()
         self._note(f"{', '.join(REFERENCE_OPS)} have no CUDA kernel here and run the torch reference")
 
     @classmethod
@@ -71,11 +56,6 @@ class CudaBackend(TorchBackend):
             return "ninja, needed to build its kernels, was not found; pip install ninja."
         return None
 
-    def _note(self, message: str) -> None:
-        if message not in self._noted:
-            self._noted.add(message)
-            log.info("kernels.cuda: %s.", message)
-
     def prepare(self, batch) -> StepMetadata:
         return StepMetadata(batch)
 
@@ -89,7 +69,7 @@ class CudaBackend(TorchBackend):
         if head_dim not in self.attention_head_sizes:
             self._note(f"attention with head size {head_dim} runs the torch reference (CUDA kernels: "
                        f"{', '.join(map(str, sorted(self.attention_head_sizes)))})")
-            return paged_attention(q, k_cache, v_cache, batch.attn_metadata.plan(), scale,
+            return paged_attention(q, k_cache, v_cache, batch.attn_metadata.get(), scale,
                                    sliding_window)
         return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                   batch.block_tables, scale, sliding_window or 0)

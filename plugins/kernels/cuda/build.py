@@ -11,7 +11,6 @@ and check that every source compiles, without a GPU, with `... build --check OUT
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -175,13 +174,11 @@ def compile_objects(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[Compile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastgen.plugins.kernels.cuda.build",
-                                     description="Build the kernels.cuda library ahead of time.")
-    parser.add_argument("--cache-dir", help="cache root (default: $XDG_CACHE_HOME/fastgen or "
-                                            "~/.cache/fastgen)")
+    from fastgen.plugins.kernels.compiled import build_ahead, build_parser
+
+    parser = build_parser("cuda")
     parser.add_argument("--check", metavar="OUT_DIR", type=Path,
                         help="only compile each source to an object in OUT_DIR; needs nvcc, no GPU")
-    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.check:
@@ -198,16 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .backend import CudaBackend
 
-    reason = CudaBackend.unavailable_reason(None)
-    if reason:
-        print(f"kernels.cuda cannot be built here: {reason}", file=sys.stderr)
-        return 2
-    try:
-        print(load(args.cache_dir, verbose=args.verbose))
-    except PluginError as e:
-        print(e, file=sys.stderr)
-        return 1
-    return 0
+    return build_ahead(args, CudaBackend, load)
 
 
 if __name__ == "__main__":

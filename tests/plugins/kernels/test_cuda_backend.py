@@ -144,7 +144,7 @@ def test_ops_without_a_kernel_run_the_reference_and_say_so_once(backend, caplog)
     assert type(be).rotary is TorchBackend.rotary and type(be).sample is TorchBackend.sample
     assert type(be).silu_and_mul is TorchBackend.silu_and_mul
     x, weight = torch.randn(3, 8), torch.randn(8)
-    with caplog.at_level(logging.INFO, "fastgen.plugins.kernels.cuda.backend"):
+    with caplog.at_level(logging.INFO, "fastgen.plugins.kernels.compiled"):
         for _ in range(2):
             out, residual = be.rms_norm(x, weight.double(), 1e-6)
     assert ops.calls == [] and out.dtype == torch.float64 and residual is x
@@ -182,4 +182,4 @@ def test_attention_head_sizes_without_a_kernel_run_the_reference(backend):
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, 24)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, None)
     assert ops.calls == [("attention", 24), ("attention", 0)]
-    assert batch.attn_metadata.reference_plan is None   # the kernel path plans nothing
+    assert batch.attn_metadata.plan is None   # the kernel path plans nothing

@@ -1,0 +1,72 @@
+"""What the compiled backends (kernels.cpu, kernels.cuda) share.
+
+Each subclasses the torch reference and runs it for inputs its kernels do not take (another
+dtype, an unsupported head size), noting each such case once in the log; each builds its
+sources at first use and can be built ahead of time with `python -m ...build`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastgen.errors import PluginError
+from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, plan_attention
+from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LazyReferencePlan:
+    """The reference's attention plan for a step, made only when some layer falls back to it."""
+
+    batch: Any
+    plan: AttentionPlan | None = None
+
+    def get(self) -> AttentionPlan:
+        if self.plan is None:
+            self.plan = plan_attention(self.batch)
+        return self.plan
+
+
+class ReferenceFallbackBackend(TorchBackend):
+    """A torch reference whose subclass replaces ops with compiled kernels where they apply."""
+
+    def __init__(self, device) -> None:
+        super().__init__(device)
+        self._noted: set[str] = set()
+
+    def _note(self, message: str) -> None:
+        """Log `message` once per backend: which inputs run the reference, and why."""
+        if message not in self._noted:
+            self._noted.add(message)
+            log.info("kernels.%s: %s.", self.name, message)
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The arguments of `python -m fastgen.plugins.kernels.NAME.build`."""
+    parser = argparse.ArgumentParser(prog=f"python -m fastgen.plugins.kernels.{name}.build",
+                                     description=f"Build the kernels.{name} library ahead of time.")
+    parser.add_argument("--cache-dir", help="cache root (default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    return parser
+
+
+def build_ahead(args: argparse.Namespace, backend_cls: type, load: Callable[..., Any]) -> int:
+    """Build the library into the cache and print where it is: 0, or 2 when the backend cannot
+    run here, or 1 when the build fails."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    reason = backend_cls.unavailable_reason(None)
+    if reason:
+        print(f"kernels.{backend_cls.name} cannot be built here: {reason}", file=sys.stderr)
+        return 2
+    try:
+        print(load(args.cache_dir, verbose=args.verbose))
+    except PluginError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
