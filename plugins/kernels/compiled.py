@@ -13,11 +13,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from fastgen.errors import PluginError
 from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, plan_attention
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
 
 log = logging.getLogger(__name__)
+
+# The dtypes the compiled kernels take; others run the reference.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -34,7 +39,14 @@ class LazyReferencePlan:
 
 
 class ReferenceFallbackBackend(TorchBackend):
-    """A torch reference whose subclass replaces ops with compiled kernels where they apply."""
+    """A torch reference whose subclass replaces ops with compiled kernels where they apply.
+
+    The element-wise ops are the same call in every compiled backend, so they live here: the
+    subclass sets `self.ops` to its `torch.ops` namespace, whose `rms_norm`, `add_rms_norm`,
+    `rotary` and `silu_and_mul` take the DTYPES, with the reference's signatures and results.
+    """
+
+    ops: Any
 
     def __init__(self, device) -> None:
         super().__init__(device)
@@ -45,6 +57,29 @@ class ReferenceFallbackBackend(TorchBackend):
         if message not in self._noted:
             self._noted.add(message)
             log.info("kernels.%s: %s.", self.name, message)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        # x, residual: [T, E], weight: [E] -> (normed [T, E], new residual [T, E])
+        if weight.dtype != x.dtype or x.dtype not in DTYPES:
+            self._note(f"rms_norm of {x.dtype} with a {weight.dtype} weight runs the torch reference")
+            return super().rms_norm(x, weight, eps, residual)
+        if residual is None:
+            return self.ops.rms_norm(x, weight, eps), x
+        return self.ops.add_rms_norm(x, residual, weight, eps)
+
+    def rotary(self, q, k, cos, sin, is_neox=True):
+        # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2] -> new contiguous q and k
+        if q.dtype not in DTYPES:
+            self._note(f"rotary of {q.dtype} runs the torch reference")
+            return super().rotary(q, k, cos, sin, is_neox)
+        return self.ops.rotary(q, k, cos, sin, is_neox)
+
+    def silu_and_mul(self, x):
+        # x: [T, 2I] -> [T, I]
+        if x.dtype not in DTYPES:
+            self._note(f"silu_and_mul of {x.dtype} runs the torch reference")
+            return super().silu_and_mul(x)
+        return self.ops.silu_and_mul(x)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:

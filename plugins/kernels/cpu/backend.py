@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
+from fastgen.plugins.kernels.compiled import DTYPES, LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A prompt chunk of at least CHUNK_SDPA_MIN_TOKENS new tokens whose score matrix (new tokens x
 # keys) has at least CHUNK_SDPA_MIN_SCORES entries runs SDPA; decodes and smaller chunks the paged
 # kernel. Measured on the 2-core AVX2 machine with SmolLM2-135M's heads (9 query, 3 KV, size 64):
@@ -102,26 +101,3 @@ class CpuBackend(ReferenceFallbackBackend):
             self.ops.paged_attention(out, q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                      batch.block_tables, meta.kernel_seq_ids, scale, sliding_window or 0)
         return out
-
-    def rms_norm(self, x, weight, eps, residual=None):
-        # x, residual: [T, E], weight: [E] -> (normed [T, E], new residual [T, E])
-        if weight.dtype != x.dtype or x.dtype not in DTYPES:
-            self._note(f"rms_norm of {x.dtype} with a {weight.dtype} weight runs the torch reference")
-            return super().rms_norm(x, weight, eps, residual)
-        if residual is None:
-            return self.ops.rms_norm(x, weight, eps), x
-        return self.ops.add_rms_norm(x, residual, weight, eps)
-
-    def rotary(self, q, k, cos, sin, is_neox=True):
-        # q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2] -> new contiguous q and k
-        if q.dtype not in DTYPES:
-            self._note(f"rotary of {q.dtype} runs the torch reference")
-            return super().rotary(q, k, cos, sin, is_neox)
-        return self.ops.rotary(q, k, cos, sin, is_neox)
-
-    def silu_and_mul(self, x):
-        # x: [T, 2I] -> [T, I]
-        if x.dtype not in DTYPES:
-            self._note(f"silu_and_mul of {x.dtype} runs the torch reference")
-            return super().silu_and_mul(x)
-        return self.ops.silu_and_mul(x)

@@ -1,4 +1,4 @@
-"""kernels.cuda: attention, KV cache write and RMSNorm as a CUDA extension built from csrc/.
+"""kernels.cuda: every op but sampling as a CUDA extension built from csrc/.
 
 Registered everywhere, so `fastgen plugins` lists it with the reason it cannot run where it cannot;
 the extension is built (or loaded from its cache) only when the backend is made.

@@ -1,22 +1,19 @@
-"""The CUDA extension backend: attention, KV cache write and RMSNorm as CUDA kernels (csrc/).
+"""The CUDA extension backend: attention, KV cache write, RMSNorm, rotary and SiLU-and-mul as
+CUDA kernels (csrc/).
 
-The ops without a CUDA kernel here (rotary, silu_and_mul, sample), and the cases a kernel does
-not cover (an unsupported head size, a weight in another dtype than its input), run the torch
-reference's code on the same GPU, each noted once in the log, so the backend always runs whole
-models. The library is built by `build.load()` when the backend is made, so a broken toolchain
-fails at engine start, not in the first request.
+Sampling, which has no CUDA kernel here, and the cases a kernel does not cover (an unsupported
+head size, another dtype, a weight in another dtype than its input), run the torch reference's
+code on the same GPU, each noted once in the log, so the backend always runs whole models. The
+library is built by `build.load()` when the backend is made, so a broken toolchain fails at
+engine start, not in the first request.
 """
 
 from __future__ import annotations
-
 
 import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
-
-REFERENCE_OPS = ("rotary", "silu_and_mul", "sample")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class StepMetadata(LazyReferencePlan):
@@ -34,7 +31,7 @@ class CudaBackend(ReferenceFallbackBackend):
         build.load(cache_dir)
         self.ops = torch.ops.fastgen_cuda
         self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
-        self._note(f"{', '.join(REFERENCE_OPS)} have no CUDA kernel here and run the torch reference")
+        self._note("sample has no CUDA kernel here and runs the torch reference")
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
@@ -73,12 +70,3 @@ class CudaBackend(ReferenceFallbackBackend):
                                    sliding_window)
         return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                   batch.block_tables, scale, sliding_window or 0)
-
-    def rms_norm(self, x, weight, eps, residual=None):
-        # x, residual: [T, E], weight: [E] -> (normed [T, E], new residual [T, E])
-        if weight.dtype != x.dtype or x.dtype not in DTYPES:
-            self._note(f"rms_norm of {x.dtype} with a {weight.dtype} weight runs the torch reference")
-            return super().rms_norm(x, weight, eps, residual)
-        if residual is None:
-            return self.ops.rms_norm(x, weight, eps), x
-        return self.ops.add_rms_norm(x, residual, weight, eps)

@@ -87,7 +87,8 @@ def test_build_key_follows_every_source_file(tmp_path):
     header = csrc / "kernels.h"
     header.write_text(header.read_text() + "\n// edited\n")
     assert build.build_key(csrc) != build.build_key(build.CSRC)
-    assert {p.name for p in build.sources()} >= {"ops.cpp", "attention.cu", "kv_cache.cu", "rms_norm.cu"}
+    assert {p.name for p in build.sources()} >= {"ops.cpp", "attention.cu", "kv_cache.cu", "rms_norm.cu",
+                                                  "rotary.cu", "activation.cu"}
 
 
 def test_build_lands_in_the_cache_dir_keyed_by_sources(tmp_path):
@@ -130,6 +131,14 @@ class FakeOps:
         self.calls.append(("add_rms_norm",))
         return self.reference.rms_norm(x, weight, eps, residual)
 
+    def rotary(self, q, k, cos, sin, is_neox):
+        self.calls.append(("rotary", is_neox))
+        return self.reference.rotary(q, k, cos, sin, is_neox)
+
+    def silu_and_mul(self, x):
+        self.calls.append(("silu_and_mul",))
+        return self.reference.silu_and_mul(x)
+
 
 @pytest.fixture
 def backend(monkeypatch):
@@ -139,18 +148,35 @@ def backend(monkeypatch):
     return CudaBackend(CPU), ops
 
 
-def test_ops_without_a_kernel_run_the_reference_and_say_so_once(backend, caplog):
+def test_inputs_without_a_kernel_run_the_reference_and_say_so_once(backend, caplog):
     be, ops = backend
-    assert type(be).rotary is TorchBackend.rotary and type(be).sample is TorchBackend.sample
-    assert type(be).silu_and_mul is TorchBackend.silu_and_mul
+    assert type(be).sample is TorchBackend.sample
     x, weight = torch.randn(3, 8), torch.randn(8)
+    q, k, angles = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 2, 8), torch.rand(3, 4)
     with caplog.at_level(logging.INFO, "fastgen.plugins.kernels.compiled"):
         for _ in range(2):
             out, residual = be.rms_norm(x, weight.double(), 1e-6)
+            q_out, _ = be.rotary(q, k.double(), angles.cos(), angles.sin())
+            gated = be.silu_and_mul(x.double())
     assert ops.calls == [] and out.dtype == torch.float64 and residual is x
+    torch.testing.assert_close(q_out, ops.reference.rotary(q, k, angles.cos(), angles.sin())[0])
+    torch.testing.assert_close(gated, ops.reference.silu_and_mul(x.double()))
     notes = [r.getMessage() for r in caplog.records]
     assert notes == ["kernels.cuda: rms_norm of torch.float32 with a torch.float64 weight runs the "
-                     "torch reference."]
+                     "torch reference.", "kernels.cuda: rotary of torch.float64 runs the torch reference.",
+                     "kernels.cuda: silu_and_mul of torch.float64 runs the torch reference."]
+
+
+def test_rotary_and_silu_and_mul_use_the_kernels(backend):
+    be, ops = backend
+    q, k, angles = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.rand(3, 2)
+    for is_neox in (True, False):
+        for actual, expected in zip(be.rotary(q, k, angles.cos(), angles.sin(), is_neox),
+                                    ops.reference.rotary(q, k, angles.cos(), angles.sin(), is_neox)):
+            torch.testing.assert_close(actual, expected)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(be.silu_and_mul(x), ops.reference.silu_and_mul(x))
+    assert ops.calls == [("rotary", True), ("rotary", False), ("silu_and_mul",)]
 
 
 def test_rms_norm_uses_the_kernels_and_keeps_the_residual_contract(backend):

@@ -25,10 +25,23 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+// x as the reference holds it: rounded to T, where the reference keeps an intermediate in T.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
   return x;
+}
+
+// Threads for a block that strides over `work` items: whole warps, at most `max_threads`.
+inline int block_threads(int work, int max_threads) {
+  const int warps = (work + kWarpSize - 1) / kWarpSize;
+  const int threads = (warps > 0 ? warps : 1) * kWarpSize;
+  return threads < max_threads ? threads : max_threads;
 }
 
 // Calls f with a null pointer of the element type `dtype` names, to pick a template instance.

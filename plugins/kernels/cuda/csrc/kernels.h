@@ -46,9 +46,30 @@ struct RMSNormParams {
   float eps;
 };
 
+struct RotaryParams {
+  void* q_out;                  // [T, H, D], contiguous
+  void* k_out;                  // [T, Hkv, D], contiguous
+  const void* q;                // [T, H, D], rows strided, last dim contiguous
+  const void* k;                // [T, Hkv, D], rows strided, last dim contiguous
+  const float* cos;             // [T, R/2], contiguous, for the first R dims of each head
+  const float* sin;
+  int num_tokens, num_heads, num_kv_heads, head_dim, rotary_half;   // rotary_half: R/2
+  int64_t q_token_stride, q_head_stride, k_token_stride, k_head_stride;
+  bool is_neox;                 // pairs (i, i + R/2); else gpt-j's adjacent pairs (2i, 2i + 1)
+};
+
+struct SiluAndMulParams {
+  void* out;                    // [T, I], contiguous
+  const void* x;                // [T, 2I], rows strided, last dim contiguous: gate | up
+  int num_tokens, inter;
+  int64_t x_row_stride;
+};
+
 // Each enqueues its kernel on `stream` (a cudaStream_t) and returns the launch's cudaError_t.
 int launch_attention(const AttentionParams& p, DType dtype, void* stream);
 int launch_write_kv(const WriteKVParams& p, DType dtype, void* stream);
 int launch_rms_norm(const RMSNormParams& p, DType dtype, void* stream);
+int launch_rotary(const RotaryParams& p, DType dtype, void* stream);
+int launch_silu_and_mul(const SiluAndMulParams& p, DType dtype, void* stream);
 
 }  // namespace fastgen_cuda

@@ -197,6 +197,56 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {out, residual_out};
 }
 
+// New contiguous q and k; the inputs are left as they are, as the reference leaves them.
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                          const at::Tensor& sin, bool is_neox) {
+  constexpr const char* op = "fastgen_cuda::rotary";
+  check_cuda_on_one_device(op, {&q, &k, &cos, &sin});
+  check_dim(op, "q", q, 3);
+  check_dim(op, "k", k, 3);
+  check_dim(op, "cos", cos, 2);
+  check_rows(op, "q", q);
+  check_rows(op, "k", k);
+  check_same_dtype(op, "q and k", {&q, &k});
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": k must be [T, Hkv, D] with q's T and D ",
+              "(q has shape ", q.sizes(), "), got ", k.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", cos.sizes(), ", got ",
+              sin.sizes());
+  TORCH_CHECK(cos.size(0) == q.size(0), op, ": cos and sin must hold one row per token (", q.size(0), "), got ",
+              cos.size(0));
+  TORCH_CHECK(2 * cos.size(1) <= q.size(2), op, ": cos and sin cover ", 2 * cos.size(1),
+              " rotary dims, more than the head size ", q.size(2));
+
+  const auto dtype = dtype_of(op, q);
+  const auto c = cos.to(at::kFloat).contiguous();
+  const auto s = sin.to(at::kFloat).contiguous();
+  auto q_out = at::empty(q.sizes(), q.options());
+  auto k_out = at::empty(k.sizes(), k.options());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const RotaryParams p{q_out.data_ptr(), k_out.data_ptr(), q.data_ptr(), k.data_ptr(), c.data_ptr<float>(),
+                       s.data_ptr<float>(), static_cast<int>(q.size(0)), static_cast<int>(q.size(1)),
+                       static_cast<int>(k.size(1)), static_cast<int>(q.size(2)), static_cast<int>(c.size(1)),
+                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), is_neox};
+  check_launch(launch_rotary(p, dtype, current_stream(q)));
+  return {q_out, k_out};
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  constexpr const char* op = "fastgen_cuda::silu_and_mul";
+  check_cuda_on_one_device(op, {&x});
+  check_dim(op, "x", x, 2);
+  check_rows(op, "x", x);
+  TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must be [T, 2I], got an odd width ", x.size(1));
+
+  const auto dtype = dtype_of(op, x);
+  auto out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const SiluAndMulParams p{out.data_ptr(), x.data_ptr(), static_cast<int>(x.size(0)),
+                           static_cast<int>(out.size(1)), x.stride(0)};
+  check_launch(launch_silu_and_mul(p, dtype, current_stream(x)));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastgen_cuda, m) {
@@ -214,6 +264,11 @@ TORCH_LIBRARY(fastgen_cuda, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // x, residual: [T, E], weight: [E] -> (rms_norm(x + residual) [T, E], x + residual [T, E])
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // q: [T, H, D], k: [T, Hkv, D], cos/sin: [T, R/2] for the first R dims of each head
+  // -> (rotated q, rotated k), new and contiguous. is_neox: halves; else gpt-j's adjacent pairs.
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool is_neox) -> (Tensor, Tensor)");
+  // x: [T, 2I] -> silu(x[:, :I]) * x[:, I:]: [T, I]
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_cuda, CUDA, m) {
@@ -221,6 +276,8 @@ TORCH_LIBRARY_IMPL(fastgen_cuda, CUDA, m) {
   m.impl("attention", &attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary", &rotary);
+  m.impl("silu_and_mul", &silu_and_mul);
 }
 
 }  // namespace fastgen_cuda

@@ -52,8 +52,7 @@ __global__ void rms_norm_kernel(const RMSNormParams p) {
 int launch_rms_norm(const RMSNormParams& p, DType dtype, void* stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   // Whole warps, as block_sum needs, and no more threads than a row has features.
-  const int warps = (p.hidden + kWarpSize - 1) / kWarpSize;
-  const int threads = warps * kWarpSize < kMaxThreads ? warps * kWarpSize : kMaxThreads;
+  const int threads = block_threads(p.hidden, kMaxThreads);
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rms_norm_kernel<T><<<p.num_tokens, threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
