@@ -15,7 +15,7 @@ from .block_allocator import BlockAllocator
 from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
-from .kernels import SamplingMetadata
+from .kernels import SamplingMetadata, make_backend
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, extend_for_prompt_logprobs, token_logprobs
 from .model import load_model
@@ -119,7 +119,7 @@ class Engine:
                       if not i.cls.unavailable_reason(self.device)]
             raise PluginError(f"kernels.{info.name} cannot run on {self.device}: {reason} "
                               f"Usable here: {', '.join(usable) or 'none'}.")
-        return info.cls(self.device)
+        return make_backend(info.cls, self.device, self.config.cache_dir)
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, kv_heads, head_dim = self.model.kv_cache_spec

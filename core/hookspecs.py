@@ -26,6 +26,8 @@ def register_kernels(register):
 
     `cls` must have `name` (the plugin name after `kernels.`), a classmethod
     `unavailable_reason(device) -> str | None` and implement `fastgen.kernels.KernelBackend`.
+    The engine builds it as `cls(device, cache_dir=config.cache_dir)` when its constructor takes
+    `cache_dir` (a backend that builds or caches files keeps them there), else as `cls(device)`.
     """
 
 

@@ -6,6 +6,7 @@ touching a model. The torch reference backend (`kernels.torch`) is the ground tr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -43,7 +44,12 @@ class SamplingMetadata:
 class KernelBackend(Protocol):
     name: ClassVar[str]
 
-    def __init__(self, device: torch.device) -> None: ...
+    def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
+        """Made once per engine for `device`. `cache_dir` is optional in the protocol: a backend
+        that builds or keeps files (a compiled library) takes it and keeps them under that root
+        (None: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen, as `Config.cache_dir`); a backend
+        that keeps nothing may take `device` alone (see `make_backend`)."""
+        ...
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
@@ -84,3 +90,12 @@ class KernelBackend(Protocol):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """logits: [S, V] float32 -> next token ids [S] int64 (greedy, temperature, top-k, top-p)."""
         ...
+
+
+def make_backend(cls: type, device: torch.device, cache_dir: str | None = None) -> KernelBackend:
+    """Construct a registered backend class, passing `cache_dir` only to a constructor that takes
+    it (by name or **kwargs), so backends written for `cls(device)` keep working."""
+    params = inspect.signature(cls).parameters.values()
+    if any(p.name == "cache_dir" or p.kind is p.VAR_KEYWORD for p in params):
+        return cls(device, cache_dir=cache_dir)
+    return cls(device)

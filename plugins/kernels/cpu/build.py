@@ -42,7 +42,10 @@ CAPABILITY_CFLAGS = {
 }
 
 _lock = threading.Lock()
-_loaded: dict[Path, Path] = {}   # build directory -> the library loaded from it
+# build key -> the library loaded for it. Keyed by the key, not the folder: a second copy of the
+# library would register the fastgen_cpu ops again, which torch refuses, so a library loaded from
+# one cache root also serves a later backend of the same process made with another.
+_loaded: dict[str, Path] = {}
 
 
 def compiler() -> str | None:
@@ -89,8 +92,8 @@ def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC)
     """Build (first use) or load the library, registering torch.ops.fastgen_cpu; once per process."""
     with _lock:
         directory = build_dir(cache_dir, csrc)
-        if directory in _loaded:
-            return _loaded[directory]
+        if directory.name in _loaded:
+            return _loaded[directory.name]
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -108,8 +111,8 @@ def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC)
                               f"run `python -m fastgen.plugins.kernels.cpu.build --verbose` to see the "
                               f"compiler output, or choose another backend with --kernels torch.") from e
         log.info("Loaded the fastgen CPU kernels from %s.", directory)
-        _loaded[directory] = Path(library) if library else directory
-        return _loaded[directory]
+        _loaded[directory.name] = Path(library) if library else directory
+        return _loaded[directory.name]
 
 
 def _first_line(error: Exception) -> str:

@@ -1,0 +1,148 @@
+"""How the engine makes its kernel backend: `config.cache_dir` reaches a backend whose constructor
+takes `cache_dir` (kernels.cpu builds its library there), and a backend written for `cls(device)`
+alone keeps working."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.config import make_config
+from fastgen.engine import Engine
+from fastgen.errors import PluginError
+from fastgen.kernels import make_backend
+from fastgen.plugins.kernels.cpu import build as cpu_build
+from fastgen.plugins.kernels.cpu.backend import CpuBackend
+from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+
+CPU = torch.device("cpu")
+
+
+class DeviceOnly(TorchBackend):
+    """A third-party backend as written before `cache_dir` existed."""
+
+    name = "device_only"
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.made_for = device
+
+
+class Caching(TorchBackend):
+    name = "caching"
+
+    def __init__(self, device, cache_dir=None):
+        super().__init__(device)
+        self.cache_dir = cache_dir
+
+
+class TakesKeywords(TorchBackend):
+    name = "takes_keywords"
+
+    def __init__(self, device, **options):
+        super().__init__(device)
+        self.options = options
+
+
+def test_make_backend_passes_cache_dir_only_where_the_constructor_takes_it():
+    assert make_backend(Caching, CPU, "/tmp/fastgen-cache").cache_dir == "/tmp/fastgen-cache"
+    assert make_backend(Caching, CPU).cache_dir is None
+    assert make_backend(TakesKeywords, CPU, "/c").options == {"cache_dir": "/c"}
+    assert make_backend(DeviceOnly, CPU, "/tmp/fastgen-cache").made_for == CPU
+
+
+def in_process_kernels(manager, *classes):
+    @fastgen.hookimpl
+    def register_kernels(register):
+        for cls in classes:
+            register(cls)
+
+    manager.register(types.SimpleNamespace(register_kernels=register_kernels), name="my-kernels")
+    return manager
+
+
+@pytest.mark.parametrize("cache_dir", [None, "given"])
+def test_engine_hands_its_cache_dir_to_the_backend(plugin_manager, tiny_llama, tmp_path, cache_dir):
+    cache_dir = cache_dir and str(tmp_path / cache_dir)
+    manager = in_process_kernels(plugin_manager, Caching)
+    engine = Engine(make_config(model=str(tiny_llama[0]), kernels="caching", cache_dir=cache_dir,
+                                num_blocks=16), manager)
+    assert isinstance(engine.backend, Caching) and engine.backend.cache_dir == cache_dir
+
+
+def test_engine_runs_a_backend_that_takes_only_the_device(plugin_manager, tiny_llama, tmp_path):
+    manager = in_process_kernels(plugin_manager, DeviceOnly)
+    engine = Engine(make_config(model=str(tiny_llama[0]), kernels="device_only",
+                                cache_dir=str(tmp_path), num_blocks=16), manager)
+    assert isinstance(engine.backend, DeviceOnly) and engine.backend.made_for == CPU
+    engine.add_request([1, 2, 3], fastgen.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert [len(o.token_ids) for o in finished] == [3]
+
+
+# --- kernels.cpu: the build goes under the engine's cache_dir ---------------------------------
+
+needs_kernels_cpu = pytest.mark.skipif(CpuBackend.unavailable_reason(CPU) is not None,
+                                       reason="kernels.cpu cannot be built here")
+
+
+@needs_kernels_cpu
+def test_kernels_cpu_builds_under_the_engines_cache_dir(plugin_manager, tmp_path, monkeypatch):
+    """Stops at the compiler call (a real build takes a minute; see the slow test below)."""
+    from torch.utils import cpp_extension
+
+    asked = []
+
+    def compile_nothing(**kwargs):
+        asked.append(kwargs["build_directory"])
+        raise RuntimeError("stopped before compiling")
+
+    monkeypatch.setattr(cpu_build, "_loaded", {})   # as in a fresh process
+    monkeypatch.setattr(cpp_extension, "load", compile_nothing)
+    with pytest.raises(PluginError, match="Building the CPU kernels in .* failed"):
+        Engine(make_config(kernels="cpu", cache_dir=str(tmp_path)), plugin_manager)
+    assert asked == [str(tmp_path / "cpu-kernels" / cpu_build.build_key())]
+
+
+def test_a_library_loaded_from_one_cache_root_serves_another(tmp_path, monkeypatch):
+    """torch refuses a second registration of the same ops, so the same key loads once per process."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: kwargs["build_directory"] + "/lib.so")
+    first = cpu_build.load(str(tmp_path / "a"))
+    assert first == tmp_path / "a" / "cpu-kernels" / cpu_build.build_key() / "lib.so"
+    assert cpu_build.load(str(tmp_path / "b")) == first
+
+
+GENERATE_IN_A_FRESH_PROCESS = """
+import json, sys
+import fastgen
+params = fastgen.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+tokens = {}
+for kernels in ("cpu", "torch"):
+    llm = fastgen.LLM(model=sys.argv[1], kernels=kernels, cache_dir=sys.argv[2], num_blocks=32)
+    tokens[kernels] = [o.token_ids for o in llm.generate([[5, 6, 7], list(range(3, 40))], params)]
+print(json.dumps(tokens))
+"""
+
+
+@pytest.mark.slow
+@needs_kernels_cpu
+def test_llm_with_a_cache_dir_builds_kernels_cpu_there(tiny_llama, tmp_path):
+    # A fresh process: this one may already hold the library from the default cache.
+    done = subprocess.run([sys.executable, "-c", GENERATE_IN_A_FRESH_PROCESS, str(tiny_llama[0]),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    tokens = json.loads(done.stdout.strip().splitlines()[-1])
+    assert tokens["cpu"] == tokens["torch"]
+    key = cpu_build.build_key()
+    assert (tmp_path / "cpu-kernels" / key / f"fastgen_cpu_{key}.so").exists()
