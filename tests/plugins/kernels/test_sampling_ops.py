@@ -1,7 +1,8 @@
 """The sample op of every backend: greedy and filtered rows exactly, sampled rows by their distribution.
 
-Sampling backends need not draw the same tokens as kernels.torch (their random streams differ), so
-these tests check what any correct sampler must do, including per-request seeds.
+Backends need not draw the same tokens as kernels.torch (their random streams differ), so these
+tests check what any correct sampler must do, kernels.torch included, per-request seeds too.
+Draw counts are a few hundred to a thousand: the Triton interpreter runs one program per row.
 """
 
 from __future__ import annotations
@@ -10,77 +11,95 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from fastgen.kernels import SamplingMetadata
-from fastgen.request import Sequence
+from kernel_batches import REFERENCE, make_backend, usable_backends
+from sampling_inputs import counts, draw, random_logits
 
-CPU = torch.device("cpu")
-
-
-def metadata(params: list[SamplingParams]) -> SamplingMetadata:
-    """As the engine builds it: a seeded request gets its own generator."""
-    seqs = []
-    for p in params:
-        seq = Sequence("r", [0], p)
-        if p.seed is not None:
-            seq.generator = torch.Generator(device=CPU).manual_seed(p.seed)
-        seqs.append(seq)
-    return SamplingMetadata.build(seqs, CPU)
+BACKENDS = [REFERENCE] + usable_backends()
 
 
-def logits_of(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
-    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+@pytest.fixture(params=BACKENDS, ids=lambda n: f"kernels.{n}")
+def backend(request):
+    """Every backend here, the reference included: this is the sample op's only test suite."""
+    return make_backend(request.param)
 
 
-def draw(backend, logits, params, seed: int = 1) -> list[int]:
-    return backend.sample(logits, metadata(params), torch.Generator().manual_seed(seed)).tolist()
+def chi2(observed: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * observed.sum()
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_greedy_batch_takes_the_argmax(backend):
+    logits = random_logits(16, 50)
+    assert draw(backend, logits, [SamplingParams(temperature=0)] * 16) == logits.argmax(-1).tolist()
 
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch(backend):
-    logits = logits_of(12, 300)
-    params = [SamplingParams(temperature=0 if i % 2 else 1.0) for i in range(12)]
+    logits = random_logits(16, 300, scale=0.1)    # flat: sampled rows rarely hit the argmax
+    params = [SamplingParams(temperature=0 if i % 2 else 1.0) for i in range(16)]
     tokens = draw(backend, logits, params)
-    assert tokens[1::2] == logits.argmax(-1).tolist()[1::2]
+    argmax = logits.argmax(-1).tolist()
+    assert tokens[1::2] == argmax[1::2]
+    assert tokens[0::2] != argmax[0::2]           # and the others sample
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=5.0, top_k=1),
-                                    SamplingParams(temperature=5.0, top_p=1e-6)],
-                         ids=["top_k=1", "tiny-top_p"])
-def test_filters_that_keep_one_token_are_greedy(backend, params):
-    logits = logits_of(16, 100, scale=0.3)
-    assert draw(backend, logits, [params] * 16) == logits.argmax(-1).tolist()
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-6}], ids=["top_k=1", "tiny-top_p"])
+def test_filters_that_keep_one_token_are_greedy_at_any_temperature(backend, cut, temperature):
+    logits = random_logits(16, 100, scale=0.3)
+    params = [SamplingParams(temperature=temperature, **cut)] * 16
+    assert draw(backend, logits, params) == logits.argmax(-1).tolist()
 
 
 def test_top_k_draws_only_from_the_k_best(backend):
-    logits = logits_of(1, 64, scale=0.2).expand(100, -1).contiguous()
-    tokens = draw(backend, logits, [SamplingParams(temperature=1.0, top_k=3)] * 100)
-    assert set(tokens) == set(logits[0].topk(3).indices.tolist())
+    logits = random_logits(1, 64, scale=0.2)[0]
+    drawn = counts(backend, logits, SamplingParams(temperature=1.0, top_k=3), 100)
+    assert set(drawn.nonzero().flatten().tolist()) == set(logits.topk(3).indices.tolist())
 
 
-def test_top_p_draws_only_from_the_nucleus(backend):
-    # Probabilities 0.4, 0.3, 0.2, 0.1: with top_p 0.6 the nucleus is the first two (0.4 < 0.6).
-    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(100, -1).contiguous()
-    tokens = draw(backend, logits, [SamplingParams(temperature=1.0, top_p=0.6)] * 100)
-    assert set(tokens) == {0, 1}
+# Probabilities out of order, so a filter that forgets to sort (or to scatter back) shows.
+PROBS = torch.tensor([0.04, 0.6, 0.11, 0.15, 0.1])
 
 
-def test_draws_follow_the_softmax_at_the_temperature(backend):
-    # Few draws (the interpreter runs one program per row), so probabilities far apart: at
-    # temperature 1 instead of 0.5 they would be (0.67, 0.24, 0.09), not (0.87, 0.12, 0.02).
-    row = torch.tensor([2.0, 1.0, 0.0])
-    n, temperature = 300, 0.5
-    tokens = draw(backend, row.expand(n, -1).contiguous(), [SamplingParams(temperature=temperature)] * n)
-    freq = torch.bincount(torch.tensor(tokens), minlength=3).float() / n
-    # 3.5 standard errors of the largest probability at n = 300 is about 0.07.
-    torch.testing.assert_close(freq, (row / temperature).softmax(-1), atol=0.07, rtol=0)
+def test_top_k_and_top_p_keep_the_same_tokens_here(backend):
+    # top_k=2 keeps 0.6 and 0.15. top_p=0.7 keeps a token while the mass before it is under 0.7:
+    # 0.6 (mass 0), 0.15 (0.6), but not 0.11 (0.75); a cut on the mass up to and including a
+    # token would keep 0.6 alone.
+    for cut in ({"top_k": 2}, {"top_p": 0.7}):
+        drawn = counts(backend, PROBS.log(), SamplingParams(temperature=1.0, **cut), 200)
+        assert set(drawn.nonzero().flatten().tolist()) == {1, 3}, cut
+        # renormalised in proportion: 0.8 and 0.2 (a uniform pick gives chi2 over 100)
+        kept = drawn[[1, 3]]
+        assert chi2(kept, torch.tensor([0.8, 0.2])) < 24, (cut, kept.tolist())
 
 
-def test_a_seed_gives_the_same_tokens_wherever_its_row_is(backend):
-    logits = logits_of(1, 200, scale=0.5)
-    seeded = SamplingParams(temperature=1.0, seed=42)
-    alone = [draw(backend, logits, [seeded], seed=s)[0] for s in (1, 2)]
-    batch = torch.cat([logits_of(3, 200, seed=5, scale=0.5), logits]).contiguous()
-    among_others = draw(backend, batch, [SamplingParams(temperature=1.0)] * 3 + [seeded], seed=3)
-    assert alone[0] == alone[1] == among_others[3]
-    # And the seed matters: other seeds draw other tokens from this flat distribution.
-    others = {draw(backend, logits, [SamplingParams(temperature=1.0, seed=s)])[0] for s in range(8)}
-    assert len(others) > 1
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_draws_follow_the_softmax_at_the_temperature(backend, temperature):
+    row = torch.tensor([1.5, 0.45, -0.6])
+    drawn = counts(backend, row, SamplingParams(temperature=temperature), 1000)
+    # 2 degrees of freedom: P(chi2 > 28) is about 1e-6. Half or twice the temperature gives 45
+    # or more at 0.5 and 2.0.
+    probs = (row.double() / temperature).softmax(-1)
+    assert chi2(drawn, probs) < 28, (drawn.tolist(), (probs * 1000).tolist())
+
+
+def test_a_request_seed_fixes_its_tokens(backend):
+    logits = random_logits(64, 100, scale=0.5)
+    seeded = [SamplingParams(temperature=1.0, seed=11)] * 64
+    same = [draw(backend, logits, seeded, seed=s) for s in (1, 2)]
+    assert same[0] == same[1], "a request seed must fix the tokens whatever the engine's generator"
+    assert draw(backend, logits, [SamplingParams(temperature=1.0, seed=12)] * 64) != same[0]
+    # Without a request seed, the engine's generator decides.
+    unseeded = [draw(backend, logits, [SamplingParams(temperature=1.0)] * 64, seed=s)
+                for s in (1, 1, 2)]
+    assert unseeded[0] == unseeded[1] != unseeded[2]
+
+
+def test_a_seeded_row_does_not_depend_on_its_batch(backend):
+    logits = random_logits(8, 100, scale=0.5)
+    seeded = SamplingParams(temperature=1.0, seed=5)
+    alone = [draw(backend, logits[i:i + 1], [seeded])[0] for i in range(8)]
+    others = [SamplingParams(temperature=0.7), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.5, top_k=3)]
+    batch = torch.cat([random_logits(3, 100, seed=9), logits])
+    together = draw(backend, batch, others + [seeded] * 8, seed=3)
+    assert together[3:] == alone
