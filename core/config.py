@@ -54,7 +54,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(
-        "where converted checkpoints are kept; default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen")] = None
+        "where converted checkpoints and compiled kernel backends are kept; default: $XDG_CACHE_HOME/fastgen or ~/.cache/fastgen")] = None
 
     # Serving.
     host: Annotated[str, _doc("address a network transport binds")] = "127.0.0.1"

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import DTYPES
 from ..errors import FastgenError
+from ..kernels import make_backend
 from ..kernels import SamplingMetadata
 from ..plugin_manager import PluginInfo, load_plugins
 from ..ragged_batch import RaggedBatch
@@ -232,7 +233,7 @@ class KernelCase:
 
     def build(self) -> Callable[[], object]:
         torch.manual_seed(0)
-        backend = self.backend.cls(self.device)
+        backend = make_backend(self.backend.cls, self.device)
         dtype, dev, m = DTYPES[self.dtype], self.device, self.model
         t = self.shape.num_tokens
 
