@@ -1,7 +1,9 @@
 """Sampling in one kernel pass over the vocabulary: greedy rows take the argmax, sampling rows the
 argmax of logits / temperature + Gumbel noise (the Gumbel-max trick draws from the softmax without
 computing it). The noise is Philox, keyed by a per-row seed: a seeded request draws its seed from
-its own generator, so its draws do not depend on its neighbours in the batch.
+its own generator, so its draws do not depend on its neighbours in the batch. Top-k / top-p come
+in as one threshold per row, from a kernel that searches for it without sorting (top_k_top_p.py):
+tokens whose scaled logit is below it are left out, so no filtered copy of the logits is made.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import triton.language as tl
 
 from fastgen.kernels import SamplingMetadata
 
+from .top_k_top_p import scaled_logit, thresholds
+
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, seeds_ptr, out_ptr, stride_l, vocab,
-                          BLOCK_V: tl.constexpr):
+def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, thresholds_ptr, seeds_ptr, out_ptr,
+                          stride_l, vocab, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     temperature = tl.load(temperatures_ptr + row)
     greedy = temperature <= 0.0
-    inv_temp = 1.0 / tl.where(greedy, 1.0, temperature)
+    threshold = tl.load(thresholds_ptr + row)
     seed = tl.load(seeds_ptr + row)
     best_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_V], tl.int32)
@@ -30,8 +34,9 @@ def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, seeds_ptr, out_ptr, stri
         # u in (0, 1): -log(-log(u)) is Gumbel(0, 1).
         u = tl.maximum(tl.rand(seed, cols), 1e-10)
         gumbel = -tl.log(-tl.log(u))
-        key = tl.where(greedy, logit, logit * inv_temp + gumbel)
-        key = tl.where(mask & (logit > float("-inf")), key, float("-inf"))
+        scaled = scaled_logit(logit, temperature)
+        key = tl.where(greedy, logit, scaled + gumbel)
+        key = tl.where(mask & (logit > float("-inf")) & (scaled >= threshold), key, float("-inf"))
         better = key > best_val      # strict: the first index wins ties, as argmax does
         best_val = tl.where(better, key, best_val)
         best_idx = tl.where(better, cols, best_idx)
@@ -39,28 +44,6 @@ def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, seeds_ptr, out_ptr, stri
     # Lowest index among lanes holding the maximum; an all -inf row falls back to token 0.
     winner = tl.min(tl.where(best_val == top, best_idx, vocab), axis=0)
     tl.store(out_ptr + row, tl.where(winner == vocab, 0, winner).to(tl.int64))
-
-
-def _filter_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """logits: [S, V] -> the same with tokens outside each row's top-k / top-p set to -inf.
-
-    The nucleus is taken on the temperature-scaled distribution; the kernel scales afterwards.
-    """
-    vocab = logits.shape[-1]
-    temps = torch.where(meta.temperatures > 0, meta.temperatures, 1.0)
-    scaled = logits / temps[:, None]
-    sorted_scaled = scaled.sort(dim=-1, descending=True).values
-    keep = torch.ones_like(sorted_scaled, dtype=torch.bool)
-    if meta.any_top_k:
-        k = torch.where(meta.top_k > 0, meta.top_k, vocab).clamp(max=vocab)
-        keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
-    if meta.any_top_p:
-        probs = sorted_scaled.softmax(dim=-1)
-        # The mass before the top token is 0, so it always stays.
-        keep &= (probs.cumsum(dim=-1) - probs) < meta.top_p[:, None]
-    # Keep counts from the top, so it is a prefix: its last element is each row's cut.
-    cut = sorted_scaled.gather(1, keep.sum(dim=-1, keepdim=True).clamp(min=1) - 1)
-    return logits.masked_fill(scaled < cut, float("-inf"))
 
 
 def _row_seeds(meta: SamplingMetadata, rows: int, device: torch.device,
@@ -85,12 +68,14 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     rows, vocab = logits.shape
     logits = logits.contiguous()
     if not meta.all_greedy and (meta.any_top_k or meta.any_top_p):
-        logits = _filter_top_k_top_p(logits, meta)
+        cuts = thresholds(logits, meta)
+    else:
+        cuts = torch.full((rows,), float("-inf"), device=logits.device)
     seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
              else _row_seeds(meta, rows, logits.device, generator))
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         block = min(triton.next_power_of_2(vocab), 4096 if logits.is_cuda else 1024)
-        _gumbel_argmax_kernel[(rows,)](logits, meta.temperatures, seeds, out, logits.stride(0),
-                                       vocab, BLOCK_V=block)
+        _gumbel_argmax_kernel[(rows,)](logits, meta.temperatures, cuts, seeds, out,
+                                       logits.stride(0), vocab, BLOCK_V=block)
     return out

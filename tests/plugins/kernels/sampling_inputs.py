@@ -35,7 +35,8 @@ def draw(backend, logits: torch.Tensor, params: list[SamplingParams], seed: int 
     return backend.sample(logits, metadata(params), torch.Generator().manual_seed(seed)).tolist()
 
 
-def counts(backend, row: torch.Tensor, params: SamplingParams, n: int, seed: int = 7) -> torch.Tensor:
+def counts(backend, row: torch.Tensor, params: SamplingParams, n: int,
+           seed: int = 7) -> torch.Tensor:
     """[V] float64: how often each token is drawn in n draws from one row (a batch of n copies)."""
     tokens = draw(backend, row.expand(n, -1).contiguous(), [params] * n, seed=seed)
     return torch.bincount(torch.tensor(tokens), minlength=row.numel()).double()
