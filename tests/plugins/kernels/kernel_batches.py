@@ -11,8 +11,8 @@ import torch
 from fastgen.plugin_manager import load_plugins
 from fastgen.ragged_batch import RaggedBatch
 from fastgen.request import SamplingParams, Sequence
+from kernel_targets import CPU
 
-CPU = torch.device("cpu")
 REFERENCE = "torch"
 BLOCK_SIZE_DEFAULT = 16
 
@@ -24,12 +24,12 @@ def usable_backends() -> list[str]:
                   if name != REFERENCE and not info.cls.unavailable_reason(CPU))
 
 
-def make_backend(name: str):
-    return load_plugins().registry.get("kernels", name).cls(CPU)
+def make_backend(name: str, device: torch.device = CPU):
+    return load_plugins().registry.get("kernels", name).cls(device)
 
 
 def ragged_batch(shapes: list[tuple[int, int]], block_size: int, num_blocks: int,
-                 seed: int = 0) -> RaggedBatch:
+                 seed: int = 0, device: torch.device = CPU) -> RaggedBatch:
     """A batch of sequences given as (cached tokens, new tokens), on shuffled cache blocks.
 
     The blocks are drawn at random from the pool, so a kernel that reads the cache in block-id
@@ -44,4 +44,4 @@ def ragged_batch(shapes: list[tuple[int, int]], block_size: int, num_blocks: int
         seq.num_computed = cached
         seq.block_ids = [free.pop() for _ in range(-(-total // block_size))]
         scheduled.append((seq, new))
-    return RaggedBatch.build(scheduled, block_size, CPU)
+    return RaggedBatch.build(scheduled, block_size, device)

@@ -1,8 +1,13 @@
 """Every op of the kernel set against the torch reference, on fresh random inputs.
 
+Each case runs on every (backend, device) pair where the backend can run here (`triton-cuda`,
+`cpu-cpu`, ...), against kernels.torch on the same device from the same inputs; kernels.torch on
+a GPU is checked against itself on the CPU. The inputs are drawn on the CPU, so every device
+sees the same values.
+
 Shapes are small (the Triton interpreter runs each program in numpy) but awkward: ragged batches
 mixing decodes and prompt chunks, lengths crossing block boundaries, GQA ratios 1/2/4, sliding
-windows, head sizes 64, 80 and 128, float32 and float16.
+windows, head sizes 64, 80 and 128, float32 and float16, and bfloat16 on a GPU.
 """
 
 from __future__ import annotations
@@ -10,18 +15,46 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_batches import ragged_batch
+from kernel_batches import REFERENCE, make_backend, ragged_batch
+from kernel_targets import CPU, kernel_targets, target_id
 
-DTYPES = [torch.float32, torch.float16]
-# (absolute, relative) tolerance by dtype: fp16 rounds to ~1e-3 and accumulation order differs.
-TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
+# bfloat16 on GPUs only: the Triton interpreter has none, so the CPU cases stay as they were.
+GPU_DTYPES = [torch.bfloat16] if torch.cuda.is_available() else []
+DTYPES = [torch.float32, torch.float16] + GPU_DTYPES
+# (absolute, relative) tolerance by dtype: fp16 rounds to ~1e-3 and accumulation order differs;
+# bf16 keeps 8 bits of mantissa, so results differ by an ulp of the output.
+TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# On a GPU, float32 results also differ by the order of tiled and warp-level sums.
+GPU_FLOAT32 = (1e-4, 1e-4)
 BLOCK_SIZE = 16
 NUM_BLOCKS = 48
 
+# kernels.torch is the reference on each device, so on the CPU it has nothing to be checked against.
+TARGETS = [t for t in kernel_targets() if t != (REFERENCE, CPU)]
+
+
+@pytest.fixture(params=TARGETS, ids=[target_id(*t) for t in TARGETS])
+def backend(request):
+    name, device = request.param
+    if request.node.callspec.params.get("dtype") in GPU_DTYPES and device.type != "cuda":
+        pytest.skip("bfloat16 cases run on GPUs only")
+    return make_backend(name, device)
+
+
+@pytest.fixture
+def reference(backend):
+    """kernels.torch on the backend's device; for kernels.torch itself, on the CPU."""
+    return make_backend(REFERENCE, CPU if backend.name == REFERENCE else backend.device)
+
+
+def dtypes_on(device: torch.device) -> list[torch.dtype]:
+    return DTYPES if device.type == "cuda" else [d for d in DTYPES if d not in GPU_DTYPES]
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    gpu = "cuda" in (actual.device.type, expected.device.type)
+    atol, rtol = GPU_FLOAT32 if gpu and dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol)
 
 
 def random(*shape, dtype, seed):
@@ -35,9 +68,20 @@ def fill_cache(kv_heads, dim, dtype, seed):
     return random(*shape, dtype=dtype, seed=seed), random(*shape, dtype=dtype, seed=seed + 1)
 
 
-def run_attention(be, q, k_cache, v_cache, batch, window):
-    batch.attn_metadata = be.prepare(batch)
-    return be.attention(q, k_cache, v_cache, batch, q.shape[-1] ** -0.5, window)
+def on(be, *tensors):
+    """The inputs on the backend's device (the same tensors where that is the CPU)."""
+    return [None if t is None else t.to(be.device) for t in tensors]
+
+
+def run_both(backend, reference, op, *inputs):
+    """[op(backend, *inputs), op(reference, *inputs)], each with the inputs on its own device."""
+    return [op(be, *on(be, *inputs)) for be in (backend, reference)]
+
+
+def split_qkv(qkv, heads, kv_heads, dim):
+    """q, k, v as the models pass them: strided views into one fused projection [T, (H+2Hkv)*D]."""
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
 
 
 # (cached, new) per sequence: decodes at block edges (15, 16, 31 cached), prompt chunks that start
@@ -63,40 +107,48 @@ SHAPES = {"mixed": MIXED, "decodes": DECODES, "chunks": CHUNKS}
                               for s, h, w, d in ATTENTION_CASES])
 def test_attention_matches_reference(backend, reference, shapes, heads, window, dtype):
     heads, kv_heads, dim = HEADS[heads]
-    batch = ragged_batch(SHAPES[shapes], BLOCK_SIZE, NUM_BLOCKS)
+    shapes = SHAPES[shapes]
     k_cache, v_cache = fill_cache(kv_heads, dim, dtype, seed=1)
-    q = random(batch.num_tokens, heads, dim, dtype=dtype, seed=3)
-    expected = run_attention(reference, q, k_cache, v_cache, batch, window)
-    actual = run_attention(backend, q, k_cache, v_cache, batch, window)
+    q = random(sum(new for _, new in shapes), heads, dim, dtype=dtype, seed=3)
+
+    def attention(be, q, k_cache, v_cache):
+        batch = ragged_batch(shapes, BLOCK_SIZE, NUM_BLOCKS, device=be.device)
+        batch.attn_metadata = be.prepare(batch)
+        return be.attention(q, k_cache, v_cache, batch, dim ** -0.5, window)
+
+    actual, expected = run_both(backend, reference, attention, q, k_cache, v_cache)
     assert_close(actual, expected, dtype)
 
 
+def write_kv(be, key, value, shapes, dtype, seed):
+    """The caches (random values in every slot first) after `be` wrote key and value [T, Hkv, D]."""
+    batch = ragged_batch(shapes, BLOCK_SIZE, NUM_BLOCKS, device=be.device)
+    k_cache, v_cache = on(be, *fill_cache(key.shape[1], key.shape[2], dtype, seed))
+    be.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+    return k_cache.cpu(), v_cache.cpu()
+
+
 def test_kv_cache_write_matches_reference(backend, reference):
-    for dtype in DTYPES:
-        batch = ragged_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS)
-        key = random(batch.num_tokens, 2, 80, dtype=dtype, seed=5)
-        value = random(batch.num_tokens, 2, 80, dtype=dtype, seed=6)
-        caches = {}
-        for be in (backend, reference):
-            k_cache, v_cache = fill_cache(2, 80, dtype, seed=7)
-            be.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
-            caches[be.name] = (k_cache, v_cache)
-        assert torch.equal(caches[backend.name][0], caches[reference.name][0])
-        assert torch.equal(caches[backend.name][1], caches[reference.name][1])
+    tokens = sum(new for _, new in MIXED)
+    for dtype in dtypes_on(backend.device):
+        key = random(tokens, 2, 80, dtype=dtype, seed=5)
+        value = random(tokens, 2, 80, dtype=dtype, seed=6)
+        (k_out, v_out), (k_exp, v_exp) = run_both(
+            backend, reference, lambda be, key, value: write_kv(be, key, value, MIXED, dtype, seed=7),
+            key, value)
+        assert torch.equal(k_out, k_exp) and torch.equal(v_out, v_exp)
 
 
 def test_kv_cache_write_from_a_fused_projection(backend, reference):
     """key and value as the models pass them: strided views into one qkv projection."""
-    batch = ragged_batch(CHUNKS, BLOCK_SIZE, NUM_BLOCKS)
-    qkv = random(batch.num_tokens, (4 + 2 + 2) * 64, dtype=torch.float32, seed=8)
-    _, key, value = qkv.split([4 * 64, 2 * 64, 2 * 64], dim=-1)
-    key, value = key.view(-1, 2, 64), value.view(-1, 2, 64)
-    results = []
-    for be in (backend, reference):
-        k_cache, v_cache = fill_cache(2, 64, torch.float32, seed=9)
-        be.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
-        results.append((k_cache, v_cache))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    qkv = random(sum(new for _, new in CHUNKS), (4 + 2 + 2) * 64, dtype=torch.float32, seed=8)
+
+    def write_fused(be, qkv):
+        _, key, value = split_qkv(qkv, 4, 2, 64)    # split on the device: still strided
+        return write_kv(be, key, value, CHUNKS, torch.float32, seed=9)
+
+    (k_out, v_out), (k_exp, v_exp) = run_both(backend, reference, write_fused, qkv)
+    assert torch.equal(k_out, k_exp) and torch.equal(v_out, v_exp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,8 +158,9 @@ def test_rms_norm_matches_reference(backend, reference, dtype, hidden, with_resi
     x = random(7, hidden, dtype=dtype, seed=10)
     residual = random(7, hidden, dtype=dtype, seed=11) if with_residual else None
     weight = random(hidden, dtype=dtype, seed=12)
-    normed, new_residual = backend.rms_norm(x, weight, 1e-6, residual)
-    exp_normed, exp_residual = reference.rms_norm(x, weight, 1e-6, residual)
+    (normed, new_residual), (exp_normed, exp_residual) = run_both(
+        backend, reference, lambda be, x, weight, residual: be.rms_norm(x, weight, 1e-6, residual),
+        x, weight, residual)
     assert_close(normed, exp_normed, dtype)
     assert_close(new_residual, exp_residual, dtype)
 
@@ -119,12 +172,13 @@ def test_rms_norm_matches_reference(backend, reference, dtype, hidden, with_resi
 def test_rotary_matches_reference(backend, reference, dtype, is_neox, dim, rotary_dims):
     tokens = 9
     qkv = random(tokens, (4 + 2 + 2) * dim, dtype=dtype, seed=13)
-    q, k, _ = qkv.split([4 * dim, 2 * dim, 2 * dim], dim=-1)    # strided, as the models pass them
-    q, k = q.view(tokens, 4, dim), k.view(tokens, 2, dim)
     angles = torch.rand(tokens, rotary_dims // 2, generator=torch.Generator().manual_seed(14)) * 50
-    cos, sin = angles.cos(), angles.sin()
-    q_out, k_out = backend.rotary(q, k, cos, sin, is_neox)
-    q_exp, k_exp = reference.rotary(q, k, cos, sin, is_neox)
+
+    def rotary(be, qkv, cos, sin):
+        q, k, _ = split_qkv(qkv, 4, 2, dim)    # split on the device: strided, as the models pass them
+        return be.rotary(q, k, cos, sin, is_neox)
+
+    (q_out, k_out), (q_exp, k_exp) = run_both(backend, reference, rotary, qkv, angles.cos(), angles.sin())
     assert_close(q_out, q_exp, dtype)
     assert_close(k_out, k_exp, dtype)
 
@@ -133,4 +187,5 @@ def test_rotary_matches_reference(backend, reference, dtype, is_neox, dim, rotar
 @pytest.mark.parametrize("inter", [128, 344])
 def test_silu_and_mul_matches_reference(backend, reference, dtype, inter):
     x = random(6, 2 * inter, dtype=dtype, seed=15) * 4
-    assert_close(backend.silu_and_mul(x), reference.silu_and_mul(x), dtype)
+    actual, expected = run_both(backend, reference, lambda be, x: be.silu_and_mul(x), x)
+    assert_close(actual, expected, dtype)

@@ -11,28 +11,29 @@ import os
 import pytest
 import torch
 
-# The engine runs on the CPU here, so kernels.triton runs under Triton's interpreter; the variable
-# must be set before its kernel modules are imported, which happens when the backend is made.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, kernels.triton runs under Triton's interpreter; the variable must be set before
+# its kernel modules are imported, which happens when the backend is made. With a GPU it compiles.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastgen
-from fastgen import SamplingParams
+import fastgen  # noqa: E402
+from fastgen import SamplingParams  # noqa: E402
+from kernel_targets import kernel_targets, target_id  # noqa: E402
 
 NEW_TOKENS = 8
 # 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
 PROMPT_LENS = (1, 2, 7, 16, 17, 33, 64, 65, 130, 300)
-SETTINGS = dict(token_budget=64, max_num_seqs=8, device="cpu")
+SETTINGS = dict(token_budget=64, max_num_seqs=8)
 # The interpreter runs every kernel program in numpy: minutes, not seconds, for all three models.
-SLOW_KERNELS = {"triton"}
+SLOW_TARGETS = {("triton", "cpu")}
 
 
 def kernel_params() -> list:
-    """Every registered kernel backend that can run on the CPU here, from the registry."""
-    from fastgen.plugin_manager import load_plugins
-
-    items = load_plugins().registry.items["kernels"]
-    return [pytest.param(name, id=f"kernels.{name}", marks=[pytest.mark.slow] if name in SLOW_KERNELS else [])
-            for name, info in sorted(items.items()) if not info.cls.unavailable_reason(torch.device("cpu"))]
+    """(backend, device) for every registered kernel backend on every device here where it runs:
+    on a GPU machine the GPU backends are checked against transformers (on the CPU) too."""
+    return [pytest.param(name, device.type, id=target_id(name, device),
+                         marks=[pytest.mark.slow] if (name, device.type) in SLOW_TARGETS else [])
+            for name, device in kernel_targets()]
 
 
 KERNELS = kernel_params()
@@ -82,10 +83,10 @@ def generate(llm, prompts, new_tokens=NEW_TOKENS):
     return outputs, recorder.steps
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_greedy_matches_transformers(reference, kernels):
+@pytest.mark.parametrize("kernels,device", KERNELS)
+def test_greedy_matches_transformers(reference, kernels, device):
     arch, folder, prompts, expected = reference
-    llm = fastgen.LLM(model=str(folder), kernels=kernels, **SETTINGS)
+    llm = fastgen.LLM(model=str(folder), kernels=kernels, device=device, **SETTINGS)
     if arch == "mistral":   # the window must be in force, or parity says nothing about it
         assert set(llm.engine.model.windows) == {24}
     outputs, steps = generate(llm, prompts)
@@ -100,15 +101,15 @@ def test_greedy_matches_transformers(reference, kernels):
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_greedy_matches_transformers_with_preemption(tiny_checkpoint, kernels):
+@pytest.mark.parametrize("kernels,device", KERNELS)
+def test_greedy_matches_transformers_with_preemption(tiny_checkpoint, kernels, device):
     arch, folder, model = tiny_checkpoint
     # 10 blocks of 16 hold all these prompts (9 blocks) but not their growth by 12 tokens each:
     # decodes crossing into a new block preempt the latest admitted sequence, which recomputes
     # its prompt and the tokens it had generated.
     prompts = random_prompts(model.config.vocab_size, (10, 14, 15, 30, 47, 60), seed=1)
     expected = [transformers_greedy(model, p, 12) for p in prompts]
-    llm = fastgen.LLM(model=str(folder), num_blocks=10, kernels=kernels, **SETTINGS)
+    llm = fastgen.LLM(model=str(folder), num_blocks=10, kernels=kernels, device=device, **SETTINGS)
     outputs, _ = generate(llm, prompts, new_tokens=12)
 
     assert llm.engine.totals.preemptions > 0
