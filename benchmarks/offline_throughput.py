@@ -1,12 +1,18 @@
-"""Offline throughput: fastgen against transformers on the same checkpoint, dtype and threads.
+"""Offline throughput: fastgen against transformers on the same checkpoint, dtype, device and threads.
 
     python benchmarks/offline_throughput.py --dtype float32 --requests 16 --prompt-len 256 \
-        --gen-len 64 [--model DIR] [--threads 2] [--kernels torch,cpu] [--json FILE]
+        --gen-len 64 [--model DIR | --random-model llama-1b] [--device cuda] [--threads 2] \
+        [--kernels torch,cpu] [--json FILE]
 
-Measures, in one process:
+--random-model builds a random-weight checkpoint of a named shape (random_checkpoint.py) in a
+temporary folder, for a machine with no real checkpoint at hand; its tokens mean nothing, its
+timings do. Measures, in one process:
 - fastgen, once per kernel backend in --kernels: all requests submitted at once, greedy, ignore_eos;
   generated tokens/s from submit to all done (after a warm-up run), and the split of fastgen's time
   per step (EngineTotals).
+- prefill tokens/s: the same requests with one generated token each, prompt tokens over the time;
+  batched decode tokens/s is derived from the two runs: the tokens after each request's first over
+  the time the full run took beyond the prefill run.
 - transformers `generate` with static batching (no padding: every prompt has the same length),
   attn_implementation sdpa and eager; the best is reported.
 - transformers `generate_batch` (continuous batching); an error is reported in the table.
@@ -21,24 +27,60 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
+from functools import partial
 
 import torch
 
 from fastgen.bench.peers import continuous_batching_config, hf_generate, load_hf
 from fastgen.bench.workload import allowed_token_ids
 from fastgen.checkpoint import DTYPES
+from fastgen.engine import resolve_device
+from random_checkpoint import SHAPES, make_random_checkpoint
 
 
 def status(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def timed(run, device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of run(), the work it queued on a GPU included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def best_prefill(run, device: torch.device, repeat: int, label: str) -> float:
+    """The fastest of `repeat` runs of `run`, which generates one token per request: the prefill."""
+    walls = [timed(run, device)[0] for _ in range(repeat)]
+    status(f"{label}: prefill runs {', '.join(f'{w:.2f}' for w in walls)} s")
+    return min(walls)
+
+
+def prefill_and_decode(result: dict, prefill_wall: float, prompts: list[list[int]]) -> None:
+    """Prefill tokens/s from the one-token run; batched decode tokens/s from what the full run took
+    beyond it (the tokens after each request's first)."""
+    result["prefill_wall_s"] = prefill_wall
+    result["prefill_tokens_per_s"] = sum(len(p) for p in prompts) / prefill_wall
+    decode_wall = result["wall_s"] - prefill_wall
+    decoded = result["generated_tokens"] - len(prompts)
+    result["decode_tokens_per_s"] = decoded / decode_wall if decode_wall > 0 and decoded > 0 else None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint folder or .gguf; default: the demo model")
+    p.add_argument("--random-model", default=None, choices=sorted(SHAPES),
+                   help="instead of --model: a random-weight Llama of this shape, in a temporary folder")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda[:N], for fastgen and transformers alike")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -56,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2,
                    help="timed runs per measurement; the fastest counts (the machine may be shared)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model and args.random_model:
+        p.error("give --model or --random-model, not both")
+    return args
 
 
 # --- workload --------------------------------------------------------------------------------
@@ -76,7 +121,7 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
 
     status(f"fastgen: loading the engine with kernels.{kernels}")
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                    kernels=kernels)
+                    kernels=kernels, device=args.device)
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)
@@ -86,6 +131,9 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     status("fastgen: warm-up")
     llm.generate([p[:64] for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prefill_wall = best_prefill(partial(llm.generate, prompts, one_token), engine.device, args.repeat,
+                                f"fastgen (kernels.{kernels})")
 
     status(f"fastgen: {len(prompts)} requests x {args.prompt_len} prompt + {args.gen_len} generated")
     best = None
@@ -114,7 +162,9 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
         "untracked_s": wall - sum(split.values()),
         "token_ids": [list(o.token_ids) for o in outs],
     }
-    status(f"fastgen: {result['tokens_per_s']:.1f} tok/s over {steps} steps")
+    prefill_and_decode(result, prefill_wall, prompts)
+    status(f"fastgen: {result['tokens_per_s']:.1f} tok/s over {steps} steps, "
+           f"prefill {result['prefill_tokens_per_s']:.1f} tok/s")
 
     status("fastgen: single-request decode")
     result["single"] = min((fastgen_single(engine, prompts[0], params) for _ in range(args.repeat)),
@@ -165,31 +215,35 @@ class FirstTokenTimer:
         pass
 
 
-def bench_hf_generate(args, folder, dtype, prompts) -> dict:
-    batch = torch.tensor(prompts)
+def bench_hf_generate(args, folder, dtype, prompts, device: torch.device) -> dict:
+    batch = torch.tensor(prompts, device=device)
     results = {}
     for attn in [a.strip() for a in args.attn.split(",") if a.strip()]:
         status(f"transformers generate ({attn}): loading")
         try:
-            model = load_hf(folder, dtype, attn)
+            model = load_hf(folder, dtype, attn).to(device)
             status(f"transformers generate ({attn}): warm-up")
             hf_generate(model, batch[:2, :64], 4)
             hf_generate(model, batch, 2)
+            prefill_wall = best_prefill(partial(hf_generate, model, batch, 1), device, args.repeat,
+                                        f"transformers generate ({attn})")
             status(f"transformers generate ({attn}): batch of {len(prompts)}")
             wall, out = float("inf"), None
             for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                out = hf_generate(model, batch, args.gen_len)
-                wall = min(wall, time.perf_counter() - t0)
-                status(f"transformers generate ({attn}): run {time.perf_counter() - t0:.2f} s")
-            r = {"tokens_per_s": out.numel() / wall, "wall_s": wall, "token_ids": out.tolist()}
+                run_wall, out = timed(partial(hf_generate, model, batch, args.gen_len), device)
+                wall = min(wall, run_wall)
+                status(f"transformers generate ({attn}): run {run_wall:.2f} s")
+            r = {"tokens_per_s": out.numel() / wall, "wall_s": wall, "generated_tokens": out.numel(),
+                 "token_ids": out.tolist()}
+            prefill_and_decode(r, prefill_wall, prompts)
             status(f"transformers generate ({attn}): {r['tokens_per_s']:.1f} tok/s; single-request decode")
             hf_generate(model, batch[:1], 4)
             singles = []
             for _ in range(args.repeat):
                 timer = FirstTokenTimer()
                 t0 = time.perf_counter()
-                single = hf_generate(model, batch[:1], args.gen_len, streamer=timer)
+                single = timed(partial(hf_generate, model, batch[:1], args.gen_len, streamer=timer),
+                               device)[1]
                 t_end = time.perf_counter()
                 singles.append({"ttft_s": timer.t_first - t0, "decode_s": t_end - timer.t_first,
                                 "decode_tokens_per_s": (single.shape[1] - 1) / (t_end - timer.t_first)})
@@ -205,12 +259,12 @@ def bench_hf_generate(args, folder, dtype, prompts) -> dict:
     return results
 
 
-def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str) -> dict:
+def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str, device: torch.device) -> dict:
     from transformers import GenerationConfig
 
     status(f"transformers generate_batch ({attn}): loading")
     try:
-        model = load_hf(folder, dtype, attn)
+        model = load_hf(folder, dtype, attn).to(device)
         gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=args.gen_len, eos_token_id=None,
                                    pad_token_id=0)
         cb_cfg = continuous_batching_config(args.prompt_len + args.gen_len,
@@ -266,7 +320,14 @@ def fmt(v, spec=".1f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[str, dict]) -> str:
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[str, dict],
+           device: torch.device) -> str:
     ok = {k: v for k, v in hf.items() if "error" not in v}
     best_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else None
     tf_numbers = [v["tokens_per_s"] for v in ok.values()]
@@ -277,36 +338,43 @@ def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[
     def ratio(x):
         return None if x is None or not best_tf else x / best_tf
 
+    model = f"random-weight {args.random_model}" if args.random_model else (args.model or "the demo model")
+
+    def row(label: str, r: dict) -> str:
+        return (f"| {label} | {fmt(r['tokens_per_s'])} | {fmt(ratio(r['tokens_per_s']), '.2f')}x "
+                f"| {fmt(r['prefill_tokens_per_s'])} | {fmt(r['decode_tokens_per_s'])} "
+                f"| {fmt(r['single']['decode_tokens_per_s'])} |")
+
     lines = [
         f"## Offline throughput: {args.requests} requests x {args.prompt_len} prompt + {args.gen_len} "
-        f"generated tokens (greedy)",
+        f"generated tokens (greedy), {model}",
         "",
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+        f"{device_name(device)}; torch {torch.__version__}, dtype {args.dtype}, "
         f"fastgen token_budget {args.token_budget}; best of {args.repeat} runs; "
-        f"load average at the end {os.getloadavg()[0]:.2f}",
+        f"load average at the end {os.getloadavg()[0]:.2f}. Prefill: the requests with one generated "
+        f"token each; batched decode: the tokens after each request's first over the full run's "
+        f"time beyond the prefill's",
         "",
-        "| engine | tokens/s | ratio to best transformers | single-request decode tokens/s |",
-        "|---|---:|---:|---:|",
+        "| engine | tokens/s | ratio to best transformers | prefill tokens/s | batched decode tokens/s "
+        "| single-request decode tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for kernels, fg in fgs.items():
-        lines.append(f"| fastgen (kernels.{kernels}) | {fmt(fg['tokens_per_s'])} "
-                     f"| {fmt(ratio(fg['tokens_per_s']), '.2f')}x | {fmt(fg['single']['decode_tokens_per_s'])} |")
+        lines.append(row(f"fastgen (kernels.{kernels})", fg))
     if best_attn:
-        b = ok[best_attn]
         others = ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in ok.items() if k != best_attn)
         label = f"transformers generate ({best_attn}{'; ' + others if others else ''})"
-        lines.append(f"| {label} | {fmt(b['tokens_per_s'])} | {fmt(ratio(b['tokens_per_s']), '.2f')}x "
-                     f"| {fmt(b['single']['decode_tokens_per_s'])} |")
+        lines.append(row(label, ok[best_attn]))
     else:
         errs = "; ".join(f"{k}: {v['error']}" for k, v in hf.items())
-        lines.append(f"| transformers generate | error: {errs} | — | — |")
+        lines.append(f"| transformers generate | error: {errs} | — | — | — | — |")
     if cb is None:
-        lines.append("| transformers generate_batch | skipped | — | — |")
+        lines.append("| transformers generate_batch | skipped | — | — | — | — |")
     elif "error" in cb:
-        lines.append(f"| transformers generate_batch | error: {cb['error'][:200]} | — | — |")
+        lines.append(f"| transformers generate_batch | error: {cb['error'][:200]} | — | — | — | — |")
     else:
         lines.append(f"| transformers generate_batch ({cb['attn']}) | {fmt(cb['tokens_per_s'])} "
-                     f"| {fmt(ratio(cb['tokens_per_s']), '.2f')}x | — |")
+                     f"| {fmt(ratio(cb['tokens_per_s']), '.2f')}x | — | — | — |")
     lines.append("")
     for kernels, fg in fgs.items():
         lines += fastgen_lines(kernels, fg, matches.get(kernels))
@@ -350,17 +418,30 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from fastgen.checkpoint import resolve_checkpoint
+
+    device = resolve_device(args.device)
+    status(f"torch {torch.__version__}, {device_name(device)}, dtype {args.dtype}")
+    if not args.random_model:
+        return run(args, resolve_checkpoint(args.model, None, args.dtype), device)
+    status(f"building a random-weight {args.random_model} on {device}")
+    folder = make_random_checkpoint(args.random_model, DTYPES[args.dtype], device)
+    args.model = str(folder)
+    try:
+        return run(args, folder, device)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args, folder, device: torch.device) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
-    status(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}")
-    folder = resolve_checkpoint(args.model, None, args.dtype)
     dtype = DTYPES[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = AutoConfig.from_pretrained(folder).vocab_size
     prompts = make_prompts(tokenizer, vocab, args.requests, args.prompt_len, args.seed)
 
     fgs = {kernels: bench_fastgen(args, prompts, kernels) for kernels in args.kernels.split(",")}
-    hf = bench_hf_generate(args, folder, dtype, prompts)
+    hf = bench_hf_generate(args, folder, dtype, prompts, device)
     ok = {k: v for k, v in hf.items() if "error" not in v}
     matches = {}
     if ok:
@@ -370,17 +451,18 @@ def main(argv=None) -> int:
     cb = None
     if not args.skip_generate_batch:
         cb_attn = max(ok, key=lambda k: ok[k]["tokens_per_s"]) if ok else "sdpa"
-        cb = bench_hf_generate_batch(args, folder, dtype, prompts, cb_attn)
+        cb = bench_hf_generate_batch(args, folder, dtype, prompts, cb_attn, device)
         if "error" not in cb:
             for kernels, match in matches.items():
                 match["generate_batch_vs_fastgen"] = compare(fgs[kernels]["token_ids"], cb["token_ids"])
 
-    table = report(args, fgs, hf, cb, matches)
+    table = report(args, fgs, hf, cb, matches, device)
     print(table, flush=True)
     if args.json:
         def strip(d):
             return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "token_ids"}
-        data = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        data = {"args": vars(args), "torch": torch.__version__, "device": device_name(device),
+                "threads": torch.get_num_threads(),
                 "fastgen": {kernels: strip(fg) for kernels, fg in fgs.items()},
                 "transformers_generate": {k: strip(v) for k, v in hf.items()},
                 "transformers_generate_batch": strip(cb) if cb else None, "match": matches,
