@@ -1,0 +1,295 @@
+#!/usr/bin/env bash
+# A GPU session's checks and measurements (issue 5) in one command, run by the device tool in the
+# repository root, with the wheels that scripts/gpu_wheels.sh put in .whl/ (carry [".whl"]):
+#
+#   bash scripts/gpu_session.sh [tests] [kernels] [e2e]      no step named: all three, in order
+#
+#   tests    pytest tests/plugins/kernels tests/plugins/models: the conformance suite on cuda
+#            (kernels.torch, .triton and .cuda against kernels.torch), kernels.cuda's build and GPU
+#            tests, greedy parity with transformers for every backend on the GPU
+#   kernels  fastgen bench kernels, full shapes, over the backends that run on the device; one run
+#            per model shape, so a timeout costs that model's rows only
+#   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m and llama-1b in bf16:
+#            every backend beside transformers generate, prefill and decode tokens/s
+#
+# Each part runs under its own `timeout` and a failing one does not stop the next; the whole
+# command ends within GPU_SESSION_BUDGET_S seconds (default 570, under the device tool's 600 s
+# per command), each part getting at most its cap and what the later steps leave it. A part that
+# gets no time is reported as skipped. What comes back under $OUT (7 files, all rewritten after
+# every part, so what was done survives a kill):
+#   summary.md   versions, each part's result and time, the test summary, both tables
+#   session.log  everything printed        tests.xml  pytest's junit report
+#   kernels.json pytest-benchmark JSON of all model shapes      kernels.md  its tables
+#   e2e.json     offline_throughput's JSON per model             e2e.md      its tables
+#
+# Dry run on a CPU machine, to check this script: FASTGEN_DEVICE=cpu bash scripts/gpu_session.sh
+# runs the same steps with tiny shapes and quick modes over the backends that run on the CPU,
+# with $OUT a new temporary folder when unset.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+DEVICE=${FASTGEN_DEVICE:-cuda}
+DRY=0
+[ "$DEVICE" = cpu ] && DRY=1
+BUDGET_S=${GPU_SESSION_BUDGET_S:-570}
+RESERVE_S=15                     # for the last summary and the tool's copy of $OUT
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-session-out.XXXXXX")}
+mkdir -p "$OUT"
+LOG=$OUT/session.log
+: > "$LOG"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-session-work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+# A fixed place, so that a second call on the same warm machine finds kernels.cuda's build cached
+# (its cache key follows the source folder).
+SITE=${GPU_SESSION_SITE:-${TMPDIR:-/tmp}/fastgen-gpu-session/site}
+export PYTHONUNBUFFERED=1
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PY=$REPO/.venv/bin/python
+else PY=python3
+fi
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e)
+for s in "${STEPS[@]}"; do
+    case $s in tests|kernels|e2e) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e" >&2; exit 2 ;; esac
+done
+
+# Seconds: each step's cap (all its parts together), and the floor that the parts before it leave
+# it; the setup's parts have caps of their own.
+declare -A CAP=([tests]=330 [kernels]=540 [e2e]=300) FLOOR=([tests]=120 [kernels]=150 [e2e]=150)
+# GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
+PYTEST_ARGS=()
+if [ "$DRY" = 1 ]; then
+    KERNEL_MODELS=(smollm2-135m); KERNEL_ARGS=(--quick)
+    E2E_MODELS=(llama-tiny)
+    E2E_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --gen-len 8 --repeat 1)
+    PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-rms_norm_matches or (greedy_matches_transformers and torch-cpu)}")
+else
+    unset TRITON_INTERPRET       # compiled Triton on the GPU, never the interpreter
+    KERNEL_MODELS=(llama3-8b smollm2-135m mistral-7b); KERNEL_ARGS=(--dtype bfloat16)
+    E2E_MODELS=(smollm2-135m llama-1b)
+    E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
+    [ -n "${GPU_SESSION_PYTEST_K:-}" ] && PYTEST_ARGS=(-k "$GPU_SESSION_PYTEST_K")
+fi
+
+say() { echo "[gpu_session $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG" >&2; }
+
+RESULTS=()
+# bounded NAME LIMIT OUTPUT CMD...: run CMD under `timeout LIMIT` and record the result. The
+# timeout interrupts (SIGINT) as Ctrl-C would, so pytest still writes its reports and
+# pytest-benchmark its JSON of the cases done by then; a KILL follows 15 s later. OUTPUT -:
+# everything to the console and the log; tee:FILE: the same, and to FILE; FILE: stdout to FILE
+# only (a table), stderr to the console and the log.
+bounded() {
+    local name=$1 limit=$2 output=$3 rc t0=$SECONDS
+    shift 3
+    if [ "$limit" -lt 10 ]; then
+        say "$name: skipped, no time left"
+        RESULTS+=("| $name | skipped: no time left | 0 | $limit |")
+        write_summary
+        return 1
+    fi
+    say "$name: start, limit ${limit}s: $*"
+    case $output in
+        -) timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+        tee:*) : > "${output#tee:}"
+               timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG" "${output#tee:}"; rc=${PIPESTATUS[0]} ;;
+        *) timeout -s INT -k 15 "$limit" "$@" 2>&1 >"$output" | tee -a "$LOG"; rc=${PIPESTATUS[0]}
+           cat "$output" >> "$LOG" ;;
+    esac
+    local result="ok"
+    [ "$rc" -ne 0 ] && result="exit $rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && result="timed out"
+    say "$name: $result after $((SECONDS - t0))s"
+    RESULTS+=("| $name | $result | $((SECONDS - t0)) | $limit |")
+    write_summary
+    return "$rc"
+}
+
+# limit_for STEP CAP PARTS: the seconds the next part of STEP may take: at most its share of CAP
+# (what is left of the step's cap, split among its PARTS still to run), and at most its share of
+# what is left of the budget once the floors of the steps after STEP are kept back. The setup
+# keeps nothing back: every step needs it.
+limit_for() {
+    local step=$1 cap=$2 parts=$3 later=0 seen=0 s
+    for s in "${STEPS[@]}"; do
+        [ "$seen" = 1 ] && later=$((later + FLOOR[$s]))
+        [ "$s" = "$step" ] && seen=1
+    done
+    local left=$(((BUDGET_S - RESERVE_S - SECONDS - later) / parts)) share=$((cap / parts))
+    left=$((left < share ? left : share))
+    echo $((left > 0 ? left : 0))
+}
+
+write_summary() {
+    {
+        echo "# GPU session, $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo
+        echo "Steps: ${STEPS[*]}; device $DEVICE$([ "$DRY" = 1 ] && echo ' (dry run)'); budget ${BUDGET_S}s, ${SECONDS}s used."
+        echo
+        echo '```'
+        cat "$WORK/env.txt" 2>/dev/null
+        echo '```'
+        echo
+        echo "| part | result | seconds | limit |"
+        echo "|---|---|---:|---:|"
+        printf '%s\n' "${RESULTS[@]}"
+        if [ -s "$WORK/tests.txt" ]; then
+            echo
+            echo "## Tests"
+            echo
+            echo '```'
+            # pytest's short summary (failures, errors and skips with their reasons) and the counts.
+            if grep -q "short test summary info" "$WORK/tests.txt"; then
+                sed -n '/short test summary info/,$p' "$WORK/tests.txt" | tail -n 200
+            else
+                tail -n 1 "$WORK/tests.txt"
+            fi
+            echo '```'
+        fi
+        for f in kernels e2e; do
+            [ -s "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }
+        done
+    } > "$OUT/summary.md"
+}
+
+# merge_json OUT.json FILES...: pytest-benchmark files into one (the first's machine info, every
+# file's cases, without the raw per-round times, which run to megabytes per case on a GPU);
+# offline_throughput files into one object keyed by file stem.
+merge_json() {
+    "$PY" - "$@" <<'EOF'
+import json, sys
+from pathlib import Path
+out, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[2:] if Path(f).exists()]
+data = [json.loads(f.read_text()) for f in files]
+if data and "benchmarks" in data[0]:
+    benchmarks = [b for d in data for b in d["benchmarks"]]
+    for b in benchmarks:
+        (b.get("stats") or {}).pop("data", None)
+    merged = dict(data[0], benchmarks=benchmarks)
+else:
+    merged = {f.stem: d for f, d in zip(files, data)}
+out.write_text(json.dumps(merged, indent=1))
+EOF
+}
+
+# kernels_table MODEL: the table `fastgen bench kernels` printed for MODEL or, where it was
+# interrupted before printing, the table of the cases its JSON holds.
+kernels_table() {
+    echo "## Kernels: $1"
+    echo
+    if [ -s "$WORK/kernels-$1.md" ]; then
+        cat "$WORK/kernels-$1.md"
+    elif [ -s "$WORK/kernels-$1.json" ]; then
+        echo "Interrupted at its time limit: the cases done by then."
+        "$PY" -c "import json, sys; from fastgen.bench.kernels import format_table
+print(format_table(json.load(open(sys.argv[1]))))" "$WORK/kernels-$1.json"
+    else
+        echo "No results."
+    fi
+    echo
+}
+
+setup() {
+    {
+        echo "host $(uname -n), $(nproc) cores, $(date -u)"
+        command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    } > "$WORK/env.txt" 2>&1
+    command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
+
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        if [ "$DRY" = 1 ]; then
+            # The wheels are for the GPU machine's Python 3.12: check that they install there.
+            bounded setup:wheels-check "$(limit_for setup 60 1)" - "$PY" -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --upgrade --only-binary=:all: --python-version 3.12 --target "$WORK/wheels" .whl/*.whl
+        else
+            bounded setup:wheels "$(limit_for setup 60 1)" - "$PY" -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+        fi
+    else
+        say "no .whl/ folder: using the packages this Python has (bash scripts/gpu_wheels.sh makes it)"
+    fi
+    # fastgen itself, built from a copy of its sources (nothing is written into the checkout):
+    # setuptools maps core/ to `fastgen` and plugins/ to `fastgen.plugins`, and the dist-info
+    # carries the entry points through which the plugins are found.
+    mkdir -p "$WORK/src" "$SITE"
+    cp -r pyproject.toml README.md core plugins "$WORK/src/"
+    bounded setup:fastgen "$(limit_for setup 120 1)" - "$PY" -m pip install -q --no-index --no-deps --no-build-isolation \
+        --no-compile --no-cache-dir --upgrade --target "$SITE" "$WORK/src"
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" - "$SITE" "$DEVICE" >> "$WORK/env.txt" 2>&1 <<'EOF'
+import importlib.metadata as md, sys
+import torch
+import fastgen
+site, device = sys.argv[1], torch.device(sys.argv[2])
+assert fastgen.__file__.startswith(site), f"fastgen is imported from {fastgen.__file__}, not {site}"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}")
+for name in ("triton", "transformers", "msgspec", "gguf", "pytest-benchmark"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} not installed")
+from fastgen.plugin_manager import load_plugins
+for name, info in sorted(load_plugins().registry.items["kernels"].items()):
+    reason = info.cls.unavailable_reason(device)
+    print(f"kernels.{name} on {device}: {'available' if reason is None else 'unavailable: ' + reason}")
+EOF
+    cat "$WORK/env.txt" | tee -a "$LOG"
+    # The backends that run on the device, from the registry (kernels.cpu does not on a GPU).
+    BACKENDS=$(sed -n "s/^kernels\.\([a-z_0-9]*\) on .*: available$/\1/p" "$WORK/env.txt" | paste -sd, -)
+    say "backends on $DEVICE: ${BACKENDS:-none}"
+    # Build the compiled backend ahead, under its own limit, so no step's limit pays for it.
+    local compiled=$([ "$DRY" = 1 ] && echo cpu || echo cuda)
+    if [[ ",$BACKENDS," == *",$compiled,"* ]]; then
+        bounded "setup:build-$compiled" "$(limit_for setup 300 1)" - "$PY" -m "fastgen.plugins.kernels.$compiled.build"
+    fi
+    write_summary
+}
+
+step_tests() {
+    bounded tests "$(limit_for tests "${CAP[tests]}" 1)" "tee:$WORK/tests.txt" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+        --junitxml="$OUT/tests.xml" "${PYTEST_ARGS[@]}" tests/plugins/kernels tests/plugins/models
+}
+
+step_kernels() {
+    local i=0 m t0=$SECONDS
+    : > "$OUT/kernels.md"
+    for m in "${KERNEL_MODELS[@]}"; do
+        bounded "kernels:$m" "$(limit_for kernels $((CAP[kernels] - SECONDS + t0)) $((${#KERNEL_MODELS[@]} - i)))" \
+            "$WORK/kernels-$m.md" \
+            "$PY" -m fastgen.cli bench kernels --backends "$BACKENDS" --models "$m" --device "$DEVICE" \
+            "${KERNEL_ARGS[@]}" --json "$WORK/kernels-$m.json"
+        i=$((i + 1))
+        kernels_table "$m" >> "$OUT/kernels.md"
+        merge_json "$OUT/kernels.json" "$WORK"/kernels-*.json
+        write_summary
+    done
+}
+
+step_e2e() {
+    local i=0 m t0=$SECONDS
+    : > "$OUT/e2e.md"
+    for m in "${E2E_MODELS[@]}"; do
+        bounded "e2e:$m" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) $((${#E2E_MODELS[@]} - i)))" \
+            "$WORK/e2e-$m.md" \
+            "$PY" benchmarks/offline_throughput.py --random-model "$m" --device "$DEVICE" \
+            --kernels "$BACKENDS" "${E2E_ARGS[@]}" --attn sdpa --skip-generate-batch \
+            --json "$WORK/e2e-$m.json"
+        i=$((i + 1))
+        { cat "$WORK/e2e-$m.md"; echo; } >> "$OUT/e2e.md"
+        merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
+        write_summary
+    done
+}
+
+say "steps ${STEPS[*]} on $DEVICE with $PY; results in $OUT"
+setup
+for s in "${STEPS[@]}"; do "step_$s"; done
+write_summary
+say "done in ${SECONDS}s; $OUT holds: $(cd "$OUT" && ls | paste -sd' ' -)"
