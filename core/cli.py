@@ -9,7 +9,7 @@ import sys
 import time
 
 from .config import Config, add_config_arguments, config_from_args
-from .errors import FastgenError
+from .errors import FastgenError, PluginError
 from .plugin_manager import KINDS, load_plugins
 
 # `--plugin KIND.NAME` sets the Config field that selects a plugin of that kind.
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     transport_cls = load_plugins().registry.get("transports", config.transport).cls
     engine = Engine(config)
     print(f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
-          f"kernels.{config.kernels}, schedulers.{config.scheduler} on {engine.device} "
+          f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} "
           f"({engine.allocator.num_blocks} KV blocks of {config.block_size} tokens)", file=sys.stderr)
     transport_cls(AsyncEngine(engine).start(), config).run()
     return 0
@@ -107,7 +107,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for r in (r for r in rows if r["kind"] == kind):
             status = "yes" if r["available"] else f"no: {r['reason']}"
             print("  ".join(str(r[k]).ljust(widths[k]) for k in widths) + "  " + status)
+    print(f"\nkernels = auto (the default) runs {_auto_kernels()}")
     return 0
+
+
+def _auto_kernels() -> str:
+    from .engine import resolve_device
+    from .kernels import choose_auto
+
+    device = resolve_device("auto")
+    classes = [i.cls for i in load_plugins().registry.items["kernels"].values()]
+    try:
+        return f"kernels.{choose_auto(classes, device).name} on {device}"
+    except PluginError as e:
+        return f"nothing on {device}: {e}"
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -35,7 +35,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "name clients use for the model; default: the checkpoint's folder name")] = None
 
     # Which plugins do the work (each is the NAME of a KIND.NAME plugin).
-    kernels: Annotated[str, _doc("kernel backend plugin (kernels.NAME)")] = "torch"
+    kernels: Annotated[str, _doc(
+        "kernel backend plugin (kernels.NAME), or auto: the fastest backend that is ready on the "
+        "device without a build (kernels.cpu once built on a CPU, else kernels.torch)")] = "auto"
     scheduler: Annotated[str, _doc("scheduler plugin (schedulers.NAME)")] = "splitfuse"
     transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "http"
 

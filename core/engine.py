@@ -15,7 +15,7 @@ from .block_allocator import BlockAllocator
 from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
-from .kernels import SamplingMetadata, make_backend
+from .kernels import AUTO, SamplingMetadata, choose_auto, make_backend
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, extend_for_prompt_logprobs, token_logprobs
 from .model import load_model
@@ -112,6 +112,11 @@ class Engine:
     # --- setup -------------------------------------------------------------------------------
 
     def _make_backend(self):
+        if self.config.kernels == AUTO:
+            infos = list(self.plugins.registry.items["kernels"].values())
+            cls = choose_auto([i.cls for i in infos], self.device, self.config.cache_dir)
+            log.info("kernels = auto: kernels.%s on %s", cls.name, self.device)
+            return make_backend(cls, self.device, self.config.cache_dir)
         info = self.plugins.registry.get("kernels", self.config.kernels)
         reason = info.cls.unavailable_reason(self.device)
         if reason:

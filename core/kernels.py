@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from .errors import PluginError
 from .request import Sequence
 
 
@@ -56,6 +57,11 @@ class KernelBackend(Protocol):
         """None when the backend can run on `device` (None: on this machine at all); else why not."""
         ...
 
+    # Optional: `auto_rank(device, cache_dir) -> int | None`, a classmethod. With `kernels = "auto"`
+    # the engine takes the backend of highest rank on its device; None, or no such method, means
+    # "never chosen automatically" (choose_auto below). A backend ranks itself only where it is
+    # measured faster than the reference and ready at once: choosing must never start a build.
+
     def prepare(self, batch: Any) -> Any:
         """Derive once per step whatever the attention op needs from the batch metadata."""
         ...
@@ -99,3 +105,24 @@ def make_backend(cls: type, device: torch.device, cache_dir: str | None = None) 
     if any(p.name == "cache_dir" or p.kind is p.VAR_KEYWORD for p in params):
         return cls(device, cache_dir=cache_dir)
     return cls(device)
+
+
+AUTO = "auto"
+
+
+def choose_auto(classes: list[type], device: torch.device, cache_dir: str | None = None) -> type:
+    """The backend class `kernels = "auto"` runs: of those that can run on `device` and rank
+    themselves there, the highest rank (the first registered wins a tie)."""
+    ranked = []
+    for cls in classes:
+        rank_of = getattr(cls, "auto_rank", None)
+        if rank_of is None or cls.unavailable_reason(device) is not None:
+            continue
+        rank = rank_of(device, cache_dir)
+        if rank is not None:
+            ranked.append((rank, -len(ranked), cls))
+    if not ranked:
+        names = ", ".join(f"kernels.{c.name}" for c in classes) or "none"
+        raise PluginError(f"kernels = auto: no installed kernel backend offers itself for {device}; "
+                          f"name one (installed: {names}).")
+    return max(ranked, key=lambda r: r[:2])[2]

@@ -16,7 +16,7 @@ import fastgen
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.errors import PluginError
-from fastgen.kernels import make_backend
+from fastgen.kernels import choose_auto, make_backend
 from fastgen.plugins.kernels.cpu import build as cpu_build
 from fastgen.plugins.kernels.cpu.backend import CpuBackend
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
@@ -146,3 +146,49 @@ def test_llm_with_a_cache_dir_builds_kernels_cpu_there(tiny_llama, tmp_path):
     assert tokens["cpu"] == tokens["torch"]
     key = cpu_build.build_key()
     assert (tmp_path / "cpu-kernels" / key / f"fastgen_cpu_{key}.so").exists()
+
+
+# --- kernels = auto: the highest-ranked backend that is ready on the device --------------------
+
+class Unranked(TorchBackend):
+    name = "unranked"
+    auto_rank = None   # a backend that never offers itself
+
+
+def ranked(name: str, rank: int | None, reason: str | None = None) -> type:
+    return type(name, (TorchBackend,), {
+        "name": name, "auto_rank": classmethod(lambda cls, device, cache_dir=None: rank),
+        "unavailable_reason": classmethod(lambda cls, device: reason)})
+
+
+def test_auto_takes_the_highest_rank_among_backends_that_run_here():
+    low, high = ranked("low", 1), ranked("high", 5)
+    elsewhere = ranked("elsewhere", 99, reason="needs a GPU")
+    declines = ranked("declines", None)
+    assert choose_auto([low, high, elsewhere, declines, Unranked], CPU) is high
+    assert choose_auto([ranked("first", 3), ranked("second", 3)], CPU).name == "first"
+
+
+def test_auto_with_no_backend_offering_itself_names_the_installed_ones():
+    with pytest.raises(PluginError, match=r"no installed kernel backend offers itself for cpu.*"
+                                          r"kernels\.unranked, kernels\.declines"):
+        choose_auto([Unranked, ranked("declines", None)], CPU)
+
+
+def test_engine_with_auto_runs_the_ranked_plugin(plugin_manager, tiny_llama):
+    manager = in_process_kernels(plugin_manager, ranked("favourite", 1000))
+    engine = Engine(make_config(model=str(tiny_llama[0]), num_blocks=16), manager)
+    assert make_config().kernels == "auto" and engine.backend.name == "favourite"
+
+
+def test_auto_takes_kernels_cpu_only_once_it_is_built(tmp_path, monkeypatch):
+    """Choosing must never start the minute-long build: unbuilt, the reference serves."""
+    monkeypatch.setattr(cpu_build, "_loaded", {})   # as in a fresh process
+    classes = [CpuBackend, TorchBackend]
+    assert choose_auto(classes, CPU, str(tmp_path)) is TorchBackend
+    library = cpu_build.build_dir(str(tmp_path))
+    library.mkdir(parents=True)
+    (library / f"fastgen_cpu_{library.name}.so").write_bytes(b"")
+    expected = CpuBackend if CpuBackend.unavailable_reason(CPU) is None else TorchBackend
+    assert choose_auto(classes, CPU, str(tmp_path)) is expected
+    assert choose_auto(classes, torch.device("meta"), str(tmp_path)) is TorchBackend

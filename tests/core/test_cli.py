@@ -10,8 +10,9 @@ import pytest
 import fastgen
 from fastgen import cli, plugin_manager as manager_module
 from fastgen.config import Config, config_from_args, make_config
-from fastgen.engine import Engine
+from fastgen.engine import Engine, resolve_device
 from fastgen.errors import ConfigError, PluginError
+from fastgen.kernels import choose_auto
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
 
 
@@ -94,8 +95,11 @@ def test_plugins_command_lists_kind_name_package_and_availability(capsys, monkey
     monkeypatch.setattr(manager_module, "_manager", manager)
 
     assert cli.main(["plugins"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    row = {line.split()[1]: line for line in lines[1:]}
+    table, _, after = capsys.readouterr().out.partition("\n\n")
+    row = {line.split()[1]: line for line in table.splitlines()[1:]}
+    device = resolve_device("auto")
+    auto = choose_auto([i.cls for i in manager.registry.items["kernels"].values()], device)
+    assert after.strip() == f"kernels = auto (the default) runs kernels.{auto.name} on {device}"
     for name in ("models.llama", "kernels.torch", "schedulers.splitfuse", "transports.stdin"):
         assert row[name].split()[2] == "fastgen" and row[name].endswith("yes")
     assert "gpu-kernels" in row["kernels.needs_gpu"]

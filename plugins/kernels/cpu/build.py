@@ -88,6 +88,16 @@ def build_dir(cache_dir: str | None = None, csrc: Path = CSRC) -> Path:
     return cache_root(cache_dir) / "cpu-kernels" / build_key(csrc)
 
 
+def is_built(cache_dir: str | None = None, csrc: Path = CSRC) -> bool:
+    """Whether load() would find a library, loaded or on disk, without compiling."""
+    directory = build_dir(cache_dir, csrc)
+    return directory.name in _loaded or (directory / f"{_library_name(directory)}.so").exists()
+
+
+def _library_name(directory: Path) -> str:
+    return f"fastgen_cpu_{directory.name}"
+
+
 def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC) -> Path:
     """Build (first use) or load the library, registering torch.ops.fastgen_cpu; once per process."""
     with _lock:
@@ -97,7 +107,7 @@ def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC)
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"fastgen_cpu_{directory.name}"
+        name = _library_name(directory)
         if not (directory / f"{name}.so").exists():
             log.info("Building the fastgen CPU kernels into %s (first use: about a minute).", directory)
         try:

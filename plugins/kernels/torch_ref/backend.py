@@ -23,6 +23,10 @@ class TorchBackend:
             return "CUDA was asked for but torch sees no CUDA device."
         return None
 
+    @classmethod
+    def auto_rank(cls, device: torch.device, cache_dir: str | None = None) -> int:
+        return 0   # the floor of `kernels = auto`: runs on every device, nothing to build
+
     def prepare(self, batch):
         return plan_attention(batch)
 
