@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import AUTO, SamplingMetadata, choose_auto, make_backend
 from .logits_processors import apply_logits_processors
-from .logprobs import PromptLogprobPlan, extend_for_prompt_logprobs, token_logprobs
+from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
 from .model import load_model
 from .plugin_manager import PluginManager, load_plugins
 from .ragged_batch import RaggedBatch
@@ -152,6 +152,7 @@ class Engine:
                       request_id: str | None = None) -> Sequence:
         """Validate and tokenize a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
+        params.check_vocab(self.hf_config.vocab_size)
         token_ids = self.tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise RequestError(f"The prompt has {len(token_ids)} tokens; this engine serves at most "
@@ -238,16 +239,10 @@ class Engine:
         logits, extra = logits[:len(seqs)], logits[len(seqs):]
         if prompt_logprobs:
             prompt_logprobs.record(extra)
-        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        # From the logits before processing: logprobs are the model's own distribution.
-        raw = logits[wanted].log_softmax(dim=-1) if wanted else None
+        sampled_logprobs = SampledLogprobs(logits, seqs)   # before processing: the model's own
         logits = apply_logits_processors(logits, seqs)
         next_tokens = self.backend.sample(logits, sampling, self.generator).tolist()
-        if wanted:
-            entries = token_logprobs(raw, [next_tokens[i] for i in wanted],
-                                     [seqs[i].params.logprobs for i in wanted])
-            for i, entry in zip(wanted, entries):
-                seqs[i].logprobs.append(entry)
+        sampled_logprobs.record(next_tokens)
         return next_tokens
 
     def _record(self, stats: StepStats) -> None:
@@ -320,7 +315,9 @@ class Engine:
                              metrics=self._metrics(seq) if finished else None,
                              logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                              prompt_logprobs=(seq.prompt_logprobs
-                                              if seq.params.prompt_logprobs is not None else None))
+                                              if seq.params.prompt_logprobs is not None else None),
+                             cumulative_logprob=(seq.cumulative_logprob
+                                                 if seq.params.records_logprobs else None))
 
     @staticmethod
     def _metrics(seq: Sequence) -> RequestMetrics:

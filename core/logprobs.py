@@ -4,6 +4,9 @@ They are the model's own distribution (log-softmax of the raw logits), before te
 penalties, min-p, top-k or top-p: what a scorer or an evaluation harness wants, and what
 OpenAI-compatible servers return.
 
+A token's log-probability is its logit minus its row's logsumexp: no [N, V] log-softmax is
+made, and a request that wants only the sampled tokens' sum (best_of) costs one reduction per row.
+
 Prompt log-probabilities need logits at prompt positions, which a step does not otherwise
 compute: `extend_for_prompt_logprobs` appends those positions to the batch's `logits_indices`
 after the sampling rows, so the model returns them with the rest in one forward pass.
@@ -17,18 +20,43 @@ from .ragged_batch import RaggedBatch
 from .request import Sequence, TokenLogprob
 
 
-def token_logprobs(logprobs: torch.Tensor, token_ids: list[int], top: list[int]) -> list[TokenLogprob]:
-    """logprobs: [N, V] log-softmaxed rows; the entry of token_ids[i] in row i, with the top[i]
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top: list[int]) -> list[TokenLogprob]:
+    """logits: [N, V] raw rows; the log-probability of token_ids[i] in row i, with the top[i]
     most likely tokens of that row."""
-    ids = torch.tensor(token_ids, dtype=torch.int64, device=logprobs.device)
-    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=logits.device)
+    norm = logits.logsumexp(dim=-1, keepdim=True)                                   # [N, 1]
+    chosen = (logits.gather(1, ids[:, None]) - norm)[:, 0].tolist()
     k = max(top, default=0)
     if k:
-        values, indices = logprobs.topk(k, dim=-1)
-        values, indices = values.tolist(), indices.tolist()
+        values, indices = logits.topk(k, dim=-1)
+        values, indices = (values - norm).tolist(), indices.tolist()
     return [TokenLogprob(token_ids[i], chosen[i],
                          list(zip(indices[i][:n], values[i][:n])) if n else [])
             for i, n in enumerate(top)]
+
+
+class SampledLogprobs:
+    """The logits rows of the sequences that record their sampled tokens' log-probabilities,
+    copied before processing and sampling: the model's own distribution, safe from a backend
+    that samples in place."""
+
+    def __init__(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """logits: [S, V], one row per sampling sequence."""
+        self.seqs = seqs
+        self.rows = [i for i, s in enumerate(seqs) if s.params.records_logprobs]
+        self.logits = logits[self.rows] if self.rows else None                     # [W, V]
+
+    def record(self, next_tokens: list[int]) -> None:
+        """next_tokens: [S], the tokens sampled for every row."""
+        if not self.rows:
+            return
+        entries = token_logprobs(self.logits, [next_tokens[i] for i in self.rows],
+                                 [self.seqs[i].params.logprobs or 0 for i in self.rows])
+        for i, entry in zip(self.rows, entries):
+            seq = self.seqs[i]
+            seq.cumulative_logprob += entry.logprob
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(entry)
 
 
 class PromptLogprobPlan:
@@ -45,7 +73,7 @@ class PromptLogprobPlan:
     def record(self, logits: torch.Tensor) -> None:
         """logits: [R, V] float32, the extra rows in plan order."""
         top = [s.params.prompt_logprobs for s, n in zip(self.seqs, self.counts) for _ in range(n)]
-        entries = token_logprobs(logits.log_softmax(dim=-1), self.targets, top)
+        entries = token_logprobs(logits, self.targets, top)
         start = 0
         for seq, n in zip(self.seqs, self.counts):
             seq.prompt_logprobs += entries[start:start + n]

@@ -12,6 +12,7 @@ from .errors import RequestError
 
 
 MAX_LOGPROBS = 20   # most alternatives a request may ask for per token (OpenAI's top_logprobs cap)
+MAX_LOGIT_BIAS = 100.0   # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -33,10 +34,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logprobs: int | None = None    # return each generated token's log-probability and this many
                                    # most likely alternatives (0: the chosen token's only)
     prompt_logprobs: int | None = None   # the same for every prompt token after the first
+    logit_bias: dict[int, float] = {}    # token id -> added to its logit before sampling, in
+                                         # [-100, 100]; keys may be decimal strings (JSON's way)
+    cumulative_logprob: bool = False     # sum the chosen tokens' log-probabilities into
+                                         # RequestOutput.cumulative_logprob (best_of ranks by it)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.logit_bias = _token_biases(self.logit_bias)
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.", param="max_tokens")
         if not self.temperature >= 0:  # also refuses NaN
@@ -63,13 +69,48 @@ class SamplingParams(msgspec.Struct, kw_only=True):
                 raise RequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}.",
                                    param=name)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids the model does not have (only the model knows its vocabulary size)."""
+        outside = sorted(t for t in self.logit_bias if t >= vocab_size)
+        if outside:
+            raise RequestError(f"logit_bias has token ids outside this model's vocabulary "
+                               f"[0, {vocab_size}): {outside[:3]}.", param="logit_bias")
+
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
     @property
+    def records_logprobs(self) -> bool:
+        """Whether each sampled token's log-probability is recorded (for logprobs or the sum)."""
+        return self.logprobs is not None or self.cumulative_logprob
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _token_biases(biases: object) -> dict[int, float]:
+    """logit_bias with int keys, checked: JSON objects have string keys, so "50256" means 50256."""
+    if not isinstance(biases, dict):
+        raise RequestError(f"logit_bias must be an object mapping token ids to biases, got "
+                           f"{type(biases).__name__}.", param="logit_bias")
+    checked = {}
+    for key, value in biases.items():
+        if isinstance(key, str) and key.isascii() and key.isdecimal():
+            token = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            token = key
+        else:
+            raise RequestError(f"logit_bias keys must be token ids (integers of 0 or more), got "
+                               f"{key!r}.", param="logit_bias")
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):   # also refuses NaN
+            raise RequestError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                               f"{MAX_LOGIT_BIAS:g}], got {value!r} for token {key!r}.",
+                               param="logit_bias")
+        checked[token] = float(value)
+    return checked
 
 
 class FinishReason(str, enum.Enum):
@@ -99,7 +140,7 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "prompt_len", "params", "num_computed", "block_ids",
                  "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
                  "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions",
-                 "logprobs", "prompt_logprobs")
+                 "logprobs", "prompt_logprobs", "cumulative_logprob")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -123,6 +164,7 @@ class Sequence:
         self.num_preemptions = 0
         self.logprobs: list[TokenLogprob] = []          # one per generated token, when asked for
         self.prompt_logprobs: list[TokenLogprob] = []   # one per prompt token after the first
+        self.cumulative_logprob = 0.0   # of the generated tokens, when logprobs are recorded
 
     @property
     def num_pending(self) -> int:
@@ -184,6 +226,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     metrics: RequestMetrics | None = None   # on the finished output only
     logprobs: list[TokenLogprob] | None = None          # [len(token_ids)], when asked for
     prompt_logprobs: list[TokenLogprob] | None = None   # [len(prompt) - 1], when asked for
+    cumulative_logprob: float | None = None   # sum of `logprobs`' values, when either is asked for
 
     @property
     def usage(self) -> dict[str, int]:

@@ -131,3 +131,92 @@ def test_prompt_logprobs_survive_chunking_and_preemption(tiny_llama):
     want = [ref[i, PROMPTS[1][i + 1]].item() for i in range(len(PROMPTS[1]) - 1)]
     assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4
     assert [len(o.logprobs) for o in outs] == [20, 20]
+
+
+# --- logit_bias -------------------------------------------------------------------------------
+
+
+def test_logit_bias_adds_to_its_rows_greedy_ones_included_in_one_call():
+    logits = torch.randn(3, 8)
+    seqs = [seq_with([1], [], logit_bias={"3": -100, 5: 2.5}, temperature=0),
+            seq_with([1], []),
+            seq_with([1], [], logit_bias={"0": 1}, temperature=0.7)]
+    out = apply_logits_processors(logits.clone(), seqs)
+    expected = logits.clone()
+    expected[0, 3] -= 100
+    expected[0, 5] += 2.5
+    expected[2, 0] += 1
+    assert torch.equal(out, expected)
+
+
+def test_logit_bias_comes_before_the_penalties():
+    """vLLM's order: the bias changes the logit that the repetition penalty then divides."""
+    seq = seq_with([0], [], logit_bias={0: 1.0}, repetition_penalty=2.0)
+    assert apply_logits_processors(torch.ones(1, 2), [seq]).tolist() == [[1.0, 1.0]]
+
+
+def test_logit_bias_keys_may_be_decimal_strings():
+    assert SamplingParams(logit_bias={"50256": -100, 7: 3}).logit_bias == {50256: -100.0, 7: 3.0}
+
+
+@pytest.mark.parametrize("bias, pattern", [
+    ({"abc": 1}, "keys must be token ids"), ({"-1": 1}, "keys must be token ids"),
+    ({-1: 1}, "keys must be token ids"), ({"1.5": 1}, "keys must be token ids"),
+    ({True: 1}, "keys must be token ids"), ({"5": 100.5}, r"values must be numbers in \[-100, 100\]"),
+    ({"5": -101}, r"in \[-100, 100\]"), ({"5": float("nan")}, r"in \[-100, 100\]"),
+    ({"5": "x"}, "values must be numbers"), ({"5": True}, "values must be numbers"),
+    ([5], "must be an object mapping token ids to biases")])
+def test_bad_logit_bias_is_a_request_error_naming_it(bias, pattern):
+    with pytest.raises(RequestError, match=pattern) as info:
+        SamplingParams(logit_bias=bias)
+    assert info.value.param == "logit_bias"
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused_before_queueing(llm):
+    vocab = llm.engine.hf_config.vocab_size
+    with pytest.raises(RequestError, match=rf"outside this model's vocabulary \[0, {vocab}\): \[{vocab}\]") as info:
+        llm.generate([[5, 6]], SamplingParams(logit_bias={vocab: 1, 3: 1}))
+    assert info.value.param == "logit_bias" and not llm.engine.has_unfinished()
+
+
+def test_logit_bias_forces_and_bans_tokens_greedily_as_transformers_does(llm, tiny_llama):
+    prompt = PROMPTS[0]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    forced = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                   logit_bias={"7": 100}))[0]
+    assert forced.token_ids == [7] * 10
+    # Ban the greedy answer's first token and nudge two others: a different answer, the one
+    # transformers' SequenceBiasLogitsProcessor gives.
+    bias = {greedy.token_ids[0]: -100.0, 12: 1.5, 40: -0.75}
+    banned = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                                   logit_bias=bias))[0]
+    assert greedy.token_ids[0] not in banned.token_ids
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = tiny_llama[1].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     sequence_bias=[[[t], b] for t, b in bias.items()],
+                                     min_new_tokens=10, max_new_tokens=10)
+    assert banned.token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_logit_bias_bans_a_token_when_sampling_too(llm):
+    common = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]
+    outs = llm.generate([PROMPTS[0]] * 4, [SamplingParams(max_tokens=12, temperature=1.5, seed=s,
+                                                          ignore_eos=True, logit_bias={common: -100})
+                                           for s in range(4)])
+    assert all(common not in out.token_ids for out in outs)
+
+
+# --- cumulative logprob -----------------------------------------------------------------------
+
+
+def test_cumulative_logprob_is_the_sum_of_the_sampled_tokens_logprobs(llm):
+    common = dict(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+    with_logprobs = llm.generate([PROMPTS[0]], SamplingParams(logprobs=0, **common))[0]
+    alone = llm.generate([PROMPTS[0]], SamplingParams(cumulative_logprob=True, **common))[0]
+    plain = llm.generate([PROMPTS[0]], SamplingParams(**common))[0]
+    assert alone.token_ids == with_logprobs.token_ids == plain.token_ids
+    total = sum(e.logprob for e in with_logprobs.logprobs)
+    assert math.isclose(with_logprobs.cumulative_logprob, total, abs_tol=1e-4)
+    assert math.isclose(alone.cumulative_logprob, total, abs_tol=1e-4)
+    assert alone.logprobs is None and plain.cumulative_logprob is None
