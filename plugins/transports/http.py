@@ -16,7 +16,9 @@ Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "par
 for a body over config.max_body_bytes, 503 while the engine is not accepting requests, 500 (with
 a log line) for a bug.
 
-A request is served as one engine request per choice (n per prompt); leaving the `async for`
+A request is served as one engine request per choice (n per prompt; with best_of, best_of
+candidates per prompt, of which the n with the highest cumulative logprob are returned); leaving
+the `async for`
 over `AsyncEngine.generate` aborts it, so a client that disconnects (aiohttp then cancels its
 handler) gives its KV blocks back at the engine's next step.
 """
@@ -77,6 +79,9 @@ class _RequestFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    # Keys are token ids as strings (JSON's way); SamplingParams checks keys and biases alike, so
+    # every bad entry gets one message naming logit_bias.
+    logit_bias: dict[str, Any] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -89,6 +94,7 @@ class CompletionRequest(_RequestFields):
     prompt: str | list[str | int | list[int]]
     logprobs: int | None = None    # the chosen token's logprob and this many alternatives
     echo: bool = False             # the prompt before the completion (with logprobs: its logprobs)
+    best_of: int | None = None     # sample this many per prompt, return the n most likely
 
 
 class ChatRequest(_RequestFields):
@@ -113,14 +119,9 @@ class _Neutral:
 
 
 # OpenAI fields (and vLLM extensions) that are not served yet: refused unless at their neutral value.
-_UNSUPPORTED_COMMON = {
-    "logit_bias": _Neutral(None, {}),
-    "best_of": _Neutral(None, 1),
-}
 UNSUPPORTED_FIELDS = {
-    CompletionRequest: {**_UNSUPPORTED_COMMON,
-                        "suffix": _Neutral(None, "")},
-    ChatRequest: {**_UNSUPPORTED_COMMON,
+    CompletionRequest: {"suffix": _Neutral(None, "")},
+    ChatRequest: {"best_of": _Neutral(None, 1),   # a completions field: chat has no best_of
                   "tools": _Neutral(None, []),
                   "tool_choice": _Neutral(None, "none", "auto"),
                   "parallel_tool_calls": _Neutral(None, True, False),
@@ -676,17 +677,33 @@ class OpenAIServer:
                            param="stream_options")
         return bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
+    @staticmethod
+    def _candidates(body: _RequestFields) -> int:
+        """Engine requests per prompt: best_of when the client gave it (completions), else n."""
+        return getattr(body, "best_of", None) or body.n
+
     def _params(self, body: _RequestFields, prompt_ids: list[list[int]], max_tokens: int | None,
                 max_tokens_name: str, prompt_name: str, logprobs: dict[str, int | None]) -> SamplingParams:
         if body.n < 1:
             raise ApiError(400, f"n must be at least 1, got {body.n}.", param="n")
-        if body.n * len(prompt_ids) > self.config.max_choices:
-            raise ApiError(400, f"This request asks for {body.n * len(prompt_ids)} completions "
-                                f"(n={body.n} for each of {len(prompt_ids)} prompts); at most "
-                                f"{self.config.max_choices} are served per request.", param="n")
+        best_of = getattr(body, "best_of", None)
+        if best_of is not None and best_of < body.n:
+            raise ApiError(400, f"best_of must be at least n, got best_of={best_of} and n={body.n}.",
+                           param="best_of")
+        if best_of is not None and best_of > 1 and body.stream:
+            raise ApiError(400, "best_of cannot be streamed, since the best completions are known "
+                                "only at the end; set stream to false or best_of to 1.", param="best_of")
+        candidates, name = (best_of, "best_of") if best_of is not None else (body.n, "n")
+        if candidates * len(prompt_ids) > self.config.max_choices:
+            raise ApiError(400, f"This request asks for {candidates * len(prompt_ids)} completions "
+                                f"({name}={candidates} for each of {len(prompt_ids)} prompts); at most "
+                                f"{self.config.max_choices} are served per request.", param=name)
         overrides = dict(logprobs) if max_tokens is None else {**logprobs, "max_tokens": max_tokens}
+        if candidates > body.n:   # best_of ranks the candidates by it
+            overrides["cumulative_logprob"] = True
         try:
             params = sampling_params(body, **overrides)
+            params.check_vocab(self.engine.engine.hf_config.vocab_size)
         except RequestError as e:
             # The chat API calls it max_completion_tokens when the client did, and its logprobs
             # count top_logprobs.
@@ -712,11 +729,13 @@ class OpenAIServer:
 
     async def _serve(self, request: web.Request, body: _RequestFields, reply: _Reply,
                      prompt_ids: list[list[int]], params: SamplingParams) -> web.StreamResponse:
-        """One engine request per choice: choice p * n + i is prompt p's i-th sample; with a seed,
-        sample i uses seed + i, so choice 0 is what n=1 gives."""
+        """One engine request per candidate: candidate p * c + i is prompt p's i-th sample (c is
+        best_of, else n); with a seed, sample i uses seed + i, so candidate 0 is what n=1 gives.
+        Without best_of the candidates are the choices."""
+        candidates = self._candidates(body)
         jobs = []
         for p, ids in enumerate(prompt_ids):
-            for i in range(body.n):
+            for i in range(candidates):
                 choice = params
                 if params.seed is not None and i:
                     choice = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
@@ -739,7 +758,10 @@ class OpenAIServer:
             raise _error_from(e) from None
         finally:
             self.in_flight -= ids_here
-        return _json(reply.body(finals, _usage(prompt_ids, finals)))
+        usage = _usage(prompt_ids, finals)   # every candidate's tokens, as OpenAI counts best_of
+        if candidates > body.n:
+            finals = _most_likely(finals, body.n, candidates)
+        return _json(reply.body(finals, usage))
 
     async def _stream(self, request: web.Request, reply: _Reply,
                       outputs: AsyncIterator[tuple[int, RequestOutput]],
@@ -786,6 +808,17 @@ class OpenAIServer:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response
+
+
+def _most_likely(finals: dict[int, RequestOutput], n: int, candidates: int) -> dict[int, RequestOutput]:
+    """best_of: of prompt p's candidates (p * candidates + i), the n with the highest cumulative
+    logprob, most likely first, as choices p * n + j."""
+    chosen = {}
+    for p in range(len(finals) // candidates):
+        group = [finals[p * candidates + i] for i in range(candidates)]
+        group.sort(key=lambda out: -out.cumulative_logprob)   # stable: a tie keeps sample order
+        chosen.update((p * n + j, out) for j, out in enumerate(group[:n]))
+    return chosen
 
 
 def _usage(prompt_ids: list[list[int]], finals: dict[int, RequestOutput]) -> Usage:

@@ -7,9 +7,10 @@ Each input line is one request:
 `prompt` is a string or a list of token ids; `messages` ([{"role": ..., "content": ...}, ...])
 may come instead and is rendered with the model's chat template. The sampling fields are those of
 `fastgen.SamplingParams` (max_tokens, temperature, top_p, top_k, min_p, seed, stop,
-stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logprobs,
-prompt_logprobs); a
-field left out takes its default there. `id` (a string or an integer) is echoed
+stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias,
+logprobs, prompt_logprobs, cumulative_logprob); a field left out takes its default there.
+`logit_bias` is {"<token id>": bias, ...} with biases in [-100, 100], added to the logits before
+sampling (-100 bans a token, +100 forces it, greedy requests included). `id` (a string or an integer) is echoed
 on every line that answers the request; it is optional when requests are sent one at a time.
 
 A finished request gets one line:
@@ -20,7 +21,8 @@ A finished request gets one line:
 With "logprobs": N, the finished line (or each stream line, for its tokens) also has "logprobs":
 one {"token_id", "logprob", "top": [[token id, logprob], ...]} per generated token; with
 "prompt_logprobs": N, the finished line has "prompt_logprobs", the same for each prompt token
-after the first.
+after the first. With "cumulative_logprob": true (or with logprobs), the finished line has
+"cumulative_logprob", the sum of the generated tokens' log-probabilities.
 
 With "stream": true, each new piece of text gets {"id", "text", "token_ids", "finished": false}
 (the piece and the token ids it came from), and the last line, with "finished": true, also has
@@ -79,6 +81,9 @@ class StdinRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     repetition_penalty: float | Unset = UNSET
     logprobs: int | None | Unset = UNSET
     prompt_logprobs: int | None | Unset = UNSET
+    # Values are checked by SamplingParams, so a bad key or bias gets its message naming logit_bias.
+    logit_bias: dict[str, Any] | Unset = UNSET
+    cumulative_logprob: bool | Unset = UNSET
 
     def sampling_params(self) -> SamplingParams:
         return sampling_params(self)
@@ -94,6 +99,8 @@ def _with_logprobs(line: dict, out: RequestOutput, sent: int) -> dict:
         line["logprobs"] = out.logprobs[sent:]
     if out.prompt_logprobs is not None and out.finished:
         line["prompt_logprobs"] = out.prompt_logprobs
+    if out.cumulative_logprob is not None and out.finished:
+        line["cumulative_logprob"] = out.cumulative_logprob
     return line
 
 

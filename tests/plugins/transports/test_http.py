@@ -310,6 +310,68 @@ def test_penalties_and_min_p_reach_the_sampler(server, client, llm):
     assert hot.choices[0].text == greedy.choices[0].text
 
 
+def test_logit_bias_forces_and_bans_tokens_like_the_offline_api(server, client, llm):
+    prompt = [5, 9, 14, 30]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    bias = {str(greedy.token_ids[0]): -100, "12": 2}     # OpenAI clients send string keys
+    offline = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                    logit_bias=bias))[0]
+    assert offline.token_ids[0] != greedy.token_ids[0]
+    answer = client.completions.create(model=server.engine.model_name, prompt=prompt, max_tokens=6,
+                                       temperature=0, logit_bias=bias, logprobs=0,
+                                       extra_body={"ignore_eos": True})
+    assert answer.choices[0].text == offline.text
+    # logprobs stay the model's own: those of the biased tokens without the bias.
+    assert answer.choices[0].logprobs.token_logprobs == pytest.approx(
+        [e.logprob for e in llm.generate([prompt], SamplingParams(
+            max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias, logprobs=0))[0].logprobs],
+        abs=1e-5)
+    forced_id = server.engine.tokenize("fox")[-1]
+    chat = client.chat.completions.create(model=server.engine.model_name, messages=HI, max_tokens=4,
+                                          temperature=0.8, seed=2, logit_bias={str(forced_id): 100},
+                                          logprobs=True)
+    assert chat.choices[0].message.content == server.engine.tokenizer.decode([forced_id] * 4)
+    server.wait_idle()
+
+
+def cumulative_logprobs(llm, prompt, seeds: list[int], **fields) -> list[tuple[str, float]]:
+    """(text, cumulative logprob) of the offline samples with these seeds, summed from logprobs."""
+    outs = llm.generate([prompt] * len(seeds), [SamplingParams(seed=s, logprobs=0, **fields)
+                                                for s in seeds])
+    return [(out.text, sum(e.logprob for e in out.logprobs)) for out in outs]
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(server, client, llm):
+    prompt, fields = "The quick", dict(max_tokens=8, temperature=1.0, ignore_eos=True)
+    # A seed whose best candidate is not the first sample, so picking sample 0 would fail.
+    for seed in range(20):
+        candidates = cumulative_logprobs(llm, prompt, [seed, seed + 1, seed + 2], **fields)
+        best = max(range(3), key=lambda i: candidates[i][1])
+        if best != 0:
+            break
+    else:
+        pytest.fail("every seed's best candidate was its first sample")
+    answer = client.completions.create(model=server.engine.model_name, prompt=prompt, best_of=3, n=1,
+                                       seed=seed, max_tokens=8, temperature=1.0, logprobs=0,
+                                       extra_body={"ignore_eos": True})
+    (choice,) = answer.choices
+    assert choice.index == 0 and choice.text == candidates[best][0]
+    assert sum(choice.logprobs.token_logprobs) == pytest.approx(candidates[best][1], abs=1e-4)
+    assert answer.usage.completion_tokens == 3 * 8    # every candidate's tokens count
+
+    two = client.completions.create(model=server.engine.model_name, prompt=[prompt, "Paris"],
+                                    best_of=3, n=2, seed=seed, max_tokens=8, temperature=1.0,
+                                    extra_body={"ignore_eos": True})
+    ranked = sorted(candidates, key=lambda c: -c[1])
+    assert [c.index for c in two.choices] == [0, 1, 2, 3]
+    assert [c.text for c in two.choices[:2]] == [ranked[0][0], ranked[1][0]]
+    paris = sorted(cumulative_logprobs(llm, "Paris", [seed, seed + 1, seed + 2], **fields),
+                   key=lambda c: -c[1])
+    assert [c.text for c in two.choices[2:]] == [paris[0][0], paris[1][0]]
+    assert two.usage.completion_tokens == 2 * 3 * 8
+    server.wait_idle()
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted(server):
     status, _, raw = request(server, "POST", "/v1/completions", {
         "model": server.engine.model_name, "prompt": "Paris", "max_tokens": 2, "presence_penalty": 0,
@@ -355,7 +417,21 @@ ERRORS = [
     (CHAT, {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs set to true"),
     (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs",
      "top_logprobs must be between 0 and 20"),
-    (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias", "not supported"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 10}}, 400, "logit_bias",
+     "logit_bias keys must be token ids"),
+    (CHAT, {"messages": HI, "logit_bias": {"5": 101}}, 400, "logit_bias",
+     r"logit_bias values must be numbers in \[-100, 100\], got 101"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": "up"}}, 400, "logit_bias",
+     "logit_bias values must be numbers"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"100000": 1}}, 400, "logit_bias",
+     "outside this model's vocabulary"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": [5]}, 400, "logit_bias", "Expected `object | null`"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 2, "n": 3}, 400, "best_of",
+     "best_of must be at least n, got best_of=2 and n=3"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of", "cannot be streamed"),
+    (COMPLETIONS, {"prompt": ["x", "y"], "best_of": 65}, 400, "best_of",
+     r"130 completions \(best_of=65 for each of 2 prompts\)"),
+    (CHAT, {"messages": HI, "best_of": 2}, 400, "best_of", "`best_of` is not supported"),
     (CHAT, {"messages": HI, "tools": [{"type": "function"}]}, 400, "tools", "`tools` is not supported"),
     (CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format",
      "not supported"),

@@ -325,3 +325,21 @@ def test_logprobs_and_penalties_on_stdin_match_offline(engine, llm):
     assert [e["token_id"] for e in whole["prompt_logprobs"]] == prompt[1:]
     streamed = [e for line in by_id["s"] for e in line["logprobs"]]
     assert streamed == whole["logprobs"]
+
+
+def test_logit_bias_and_cumulative_logprob_on_stdin(engine, llm):
+    prompt = [5, 9, 14, 30]
+    fields = dict(max_tokens=5, temperature=0, ignore_eos=True)
+    offline = llm.generate([prompt], SamplingParams(logit_bias={"7": 100}, logprobs=0, **fields))[0]
+    answers = by_id(serve(engine, [
+        {"id": "forced", "prompt": prompt, "logit_bias": {"7": 100}, "cumulative_logprob": True, **fields},
+        {"id": "bad key", "prompt": prompt, "logit_bias": {"seven": 1}},
+        {"id": "bad bias", "prompt": prompt, "logit_bias": {"7": -150}},
+        {"id": "outside", "prompt": prompt, "logit_bias": {"100000": 1}}]))
+    assert answers["forced"]["token_ids"] == offline.token_ids == [7] * 5
+    assert answers["forced"]["cumulative_logprob"] == pytest.approx(
+        sum(e.logprob for e in offline.logprobs), abs=1e-4)
+    assert "logprobs" not in answers["forced"]
+    assert answers["bad key"]["error"].startswith("logit_bias keys must be token ids")
+    assert answers["bad bias"]["error"].startswith("logit_bias values must be numbers in [-100, 100]")
+    assert answers["outside"]["error"].startswith("logit_bias has token ids outside this model's vocabulary")
