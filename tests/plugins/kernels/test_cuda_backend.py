@@ -18,9 +18,9 @@ from fastgen.errors import PluginError
 from fastgen.plugins.kernels.cuda import build
 from fastgen.plugins.kernels.cuda.backend import CudaBackend, StepMetadata
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+from kernel_batches import ragged_batch
+from kernel_targets import CPU, CUDA
 
-CPU = torch.device("cpu")
-CUDA = torch.device("cuda")
 needs_cpu_torch = pytest.mark.skipif(torch.version.cuda is not None, reason="torch here has CUDA")
 
 
@@ -190,8 +190,6 @@ def test_rms_norm_uses_the_kernels_and_keeps_the_residual_contract(backend):
 
 
 def test_attention_head_sizes_without_a_kernel_run_the_reference(backend):
-    from conftest import ragged_batch
-
     be, ops = backend
     batch = ragged_batch([(5, 1), (0, 7)], block_size=4, num_blocks=8)
     batch.attn_metadata = be.prepare(batch)
