@@ -1,10 +1,22 @@
-"""Shared fixtures: tiny random checkpoints built once per session, and isolated plugin managers."""
+"""Shared fixtures: tiny random checkpoints built once per session, and isolated plugin managers.
+
+Without a GPU, kernels.triton runs under Triton's interpreter. TRITON_INTERPRET is set here, once,
+before any test module is collected: triton decides at a kernel's decoration whether to interpret,
+and the test targets (kernel_targets.py) ask at collection whether kernels.triton can run on the
+CPU. With a GPU it stays unset, so Triton compiles and runs on the GPU alone.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tiny_models import SERVE_SETTINGS, make_checkpoint
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tiny_models import SERVE_SETTINGS, make_checkpoint  # noqa: E402
 
 ARCHS = ("llama", "mistral", "qwen2")   # llama3 rope scaling, sliding window 24, qkv bias
 
