@@ -1,4 +1,4 @@
-"""Helpers for the kernel backend tests: the backends usable here and ragged batches to feed them.
+"""Helpers for the kernel backend tests: backends on the devices where they run, and ragged batches.
 
 A module of its own, not conftest.py: every test folder has a conftest, and a plain
 `import conftest` gets whichever was imported last.
@@ -11,17 +11,16 @@ import torch
 from fastgen.plugin_manager import load_plugins
 from fastgen.ragged_batch import RaggedBatch
 from fastgen.request import SamplingParams, Sequence
-from kernel_targets import CPU
+from kernel_targets import CPU, kernel_targets
 
 REFERENCE = "torch"
 BLOCK_SIZE_DEFAULT = 16
 
 
-def usable_backends() -> list[str]:
-    """Registered kernel backends that can run on the CPU here, the reference excluded."""
-    items = load_plugins().registry.items["kernels"]
-    return sorted(name for name, info in items.items()
-                  if name != REFERENCE and not info.cls.unavailable_reason(CPU))
+def devices_for(name: str) -> list[torch.device]:
+    """The devices here where backend `name` runs (kernels.triton: the GPU, or the CPU under the
+    interpreter), so a test of one backend runs where it can, with no flag."""
+    return [device for backend, device in kernel_targets() if backend == name]
 
 
 def make_backend(name: str, device: torch.device = CPU):

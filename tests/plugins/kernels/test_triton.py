@@ -1,4 +1,9 @@
-"""What is particular to kernels.triton: where it can run, split-KV planning and its forced path."""
+"""What is particular to kernels.triton: where it can run, split-KV planning and its forced path.
+
+The cases that run kernels run on every device where kernels.triton runs here: the GPU with
+compiled kernels, or the CPU under the interpreter (never the CPU on a GPU machine, where
+TRITON_INTERPRET is unset: compiled Triton cannot take CPU tensors).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,21 @@ import sys
 import pytest
 import torch
 
-from kernel_batches import BLOCK_SIZE_DEFAULT, make_backend, ragged_batch
+from kernel_batches import BLOCK_SIZE_DEFAULT, devices_for, make_backend, ragged_batch
+from kernel_targets import CPU
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 
 from fastgen.plugins.kernels.triton.backend import TritonBackend  # noqa: E402
 
-CPU = torch.device("cpu")
+DEVICES = devices_for("triton")
+# float32 tolerance as in the conformance suite: on a GPU tiled and warp-level sums reorder more.
+FLOAT32 = {"cpu": dict(atol=2e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
+
+
+@pytest.fixture(params=DEVICES, ids=lambda d: d.type)
+def device(request):
+    return request.param
 
 
 def test_cpu_without_the_interpreter_is_refused_with_the_way_out(monkeypatch):
@@ -40,34 +53,37 @@ def test_without_triton_the_plugin_still_registers_and_says_how_to_install():
     assert "pip install triton" in out.stdout
 
 
-def test_split_kv_is_planned_for_few_long_sequences_only():
-    backend = make_backend("triton")
-    few_long = ragged_batch([(700, 1), (650, 1)], BLOCK_SIZE_DEFAULT, num_blocks=96)
-    many_short = ragged_batch([(40, 1)] * 12 + [(0, 30)], BLOCK_SIZE_DEFAULT, num_blocks=96)
+def test_split_kv_is_planned_for_few_long_sequences_only(device):
+    backend = make_backend("triton", device)
+    few_long = ragged_batch([(700, 1), (650, 1)], BLOCK_SIZE_DEFAULT, num_blocks=96, device=device)
+    many_short = ragged_batch([(40, 1)] * 12 + [(0, 30)], BLOCK_SIZE_DEFAULT, num_blocks=96,
+                              device=device)
     assert backend.prepare(few_long).num_splits > 1
     assert backend.prepare(many_short).num_splits == 1
 
 
 @pytest.mark.parametrize("splits", [2, 5])
 @pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
-def test_forced_split_kv_matches_reference(splits, window):
-    backend, reference = make_backend("triton"), make_backend("torch")
+def test_forced_split_kv_matches_reference(device, splits, window):
+    backend, reference = make_backend("triton", device), make_backend("torch", device)
     backend.num_kv_splits = splits
     # Decodes with long contexts and a chunk: some splits of a short tile have no keys at all.
-    batch = ragged_batch([(200, 1), (75, 1), (3, 1), (30, 20)], BLOCK_SIZE_DEFAULT, num_blocks=32)
-    g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = (torch.randn(32, BLOCK_SIZE_DEFAULT, 2, 64, generator=g) for _ in range(2))
-    q = torch.randn(batch.num_tokens, 4, 64, generator=g)
+    batch = ragged_batch([(200, 1), (75, 1), (3, 1), (30, 20)], BLOCK_SIZE_DEFAULT, num_blocks=32,
+                         device=device)
+    g = torch.Generator().manual_seed(0)   # drawn on the CPU: the same values on every device
+    k_cache, v_cache = (torch.randn(32, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
+                        for _ in range(2))
+    q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
     outs = []
     for be in (backend, reference):
         batch.attn_metadata = be.prepare(batch)
         outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
     assert batch.attn_metadata is not None
     assert backend.prepare(batch).num_splits == splits
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **FLOAT32[device.type])
 
 
-def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama):
+def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, device):
     """A short end-to-end run in the main suite; the full parity with transformers is in the slow step."""
     import fastgen
 
@@ -78,7 +94,7 @@ def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama):
     params = [fastgen.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
               fastgen.SamplingParams(max_tokens=4, temperature=0.8, seed=11, ignore_eos=True),
               fastgen.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)]
-    settings = dict(model=str(folder), token_budget=16, device="cpu")
+    settings = dict(model=str(folder), token_budget=16, device=device.type)
     triton_out = fastgen.LLM(kernels="triton", **settings).generate(prompts, params)
     torch_out = fastgen.LLM(kernels="torch", **settings).generate(prompts, params)
     assert [o.token_ids for o in triton_out][0::2] == [o.token_ids for o in torch_out][0::2]
