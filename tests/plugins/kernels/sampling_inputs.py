@@ -10,19 +10,18 @@ import torch
 from fastgen import SamplingParams
 from fastgen.kernels import SamplingMetadata
 from fastgen.request import Sequence
+from kernel_targets import CPU
 
-CPU = torch.device("cpu")
 
-
-def metadata(params: list[SamplingParams]) -> SamplingMetadata:
-    """As the engine builds it: a seeded request gets its own generator."""
+def metadata(params: list[SamplingParams], device: torch.device = CPU) -> SamplingMetadata:
+    """As the engine builds it on `device`: a seeded request gets its own generator there."""
     seqs = []
     for p in params:
         seq = Sequence("r", [0], p)
         if p.seed is not None:
-            seq.generator = torch.Generator(device=CPU).manual_seed(p.seed)
+            seq.generator = torch.Generator(device=device).manual_seed(p.seed)
         seqs.append(seq)
-    return SamplingMetadata.build(seqs, CPU)
+    return SamplingMetadata.build(seqs, device)
 
 
 def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
@@ -31,8 +30,11 @@ def random_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> t
 
 
 def draw(backend, logits: torch.Tensor, params: list[SamplingParams], seed: int = 1) -> list[int]:
-    """One sample op call: a token per row, the engine's generator seeded with `seed`."""
-    return backend.sample(logits, metadata(params), torch.Generator().manual_seed(seed)).tolist()
+    """One sample op call on the backend's device, as the engine makes it: a token per row, the
+    engine's generator (on that device) seeded with `seed`."""
+    device = backend.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return backend.sample(logits.to(device), metadata(params, device), generator).tolist()
 
 
 def counts(backend, row: torch.Tensor, params: SamplingParams, n: int,

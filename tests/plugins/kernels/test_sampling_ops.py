@@ -1,7 +1,8 @@
 """The sample op of every backend: greedy and filtered rows exactly, sampled rows by their distribution.
 
 Backends need not draw the same tokens as kernels.torch (their random streams differ), so these
-tests check what any correct sampler must do, kernels.torch included, per-request seeds too.
+tests check what any correct sampler must do, kernels.torch included, per-request seeds too, on
+every device where a backend runs (`triton-cuda`, `torch-cpu`, ...).
 Draw counts are a few hundred to a thousand: the Triton interpreter runs one program per row.
 """
 
@@ -11,16 +12,18 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from kernel_batches import REFERENCE, make_backend, usable_backends
+from kernel_batches import make_backend
+from kernel_targets import kernel_targets, target_id
 from sampling_inputs import counts, draw, random_logits
 
-BACKENDS = [REFERENCE] + usable_backends()
+TARGETS = kernel_targets()
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda n: f"kernels.{n}")
+@pytest.fixture(params=TARGETS, ids=[target_id(*t) for t in TARGETS])
 def backend(request):
-    """Every backend here, the reference included: this is the sample op's only test suite."""
-    return make_backend(request.param)
+    """Every backend on every device where it runs, kernels.torch included: this is the sample
+    op's only test suite, and a GPU sampler draws with the engine's GPU generators."""
+    return make_backend(*request.param)
 
 
 def chi2(observed: torch.Tensor, probs: torch.Tensor) -> float:
