@@ -17,6 +17,8 @@ from torch import nn
 import fastgen
 from fastgen.errors import ModelLoadError
 
+from .weights import Target, layer_target, load_weights
+
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, int]:
     """(inverse frequencies [R/2] float32, R rotated dims) from the config's rope settings."""
@@ -135,45 +137,18 @@ class LlamaForCausalLM(nn.Module):
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> set[str]:
-        parts_of = {"qkv": [self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                            self.kv_heads * self.head_dim]}
-        parts_of["qkv_bias"] = parts_of["qkv"]
-        parts_of["gate_up"] = [self.layers[0].down.shape[1]] * 2
-        filled: dict[str, int] = {}
-        for name, tensor in weights:
-            target, part = self._target(name)
-            if target is None:
-                continue
-            param_name, param = target
-            with torch.no_grad():
-                if part is None:
-                    dest = param
-                else:
-                    sizes = parts_of[param_name.rsplit(".", 1)[-1]]
-                    dest = param.narrow(0, sum(sizes[:part]), sizes[part])
-                if dest.shape != tensor.shape:
-                    raise ModelLoadError(f"Weight {name} has shape {tuple(tensor.shape)}, "
-                                         f"the config expects {tuple(dest.shape)}.")
-                dest.copy_(tensor)
-            filled[param_name] = filled.get(param_name, 0) + 1
-        expected = {n: 3 if n.endswith(("qkv", "qkv_bias")) else 2 if n.endswith("gate_up") else 1
-                    for n, _ in self.named_parameters()}
-        return {n for n, count in filled.items() if count >= expected[n]}
+        qkv = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        parts = {"qkv": qkv, "qkv_bias": qkv, "gate_up": [self.layers[0].down.shape[1]] * 2}
+        return load_weights(weights, self._target, parts)
 
-    def _target(self, name: str):
+    def _target(self, name: str) -> Target | None:
         if name == "model.embed_tokens.weight":
-            return ("embed", self.embed), None
+            return "embed", self.embed, None
         if name == "model.norm.weight":
-            return ("norm", self.norm), None
+            return "norm", self.norm, None
         if name == "lm_head.weight":
-            return (("lm_head", self.lm_head), None) if self.lm_head is not None else (None, None)
-        match = _LAYER_NAME.fullmatch(name)
-        if match is None or match.group(2) not in _LAYER_WEIGHTS:
-            return None, None  # rotary inv_freq and other buffers some checkpoints carry
-        index, rest = int(match.group(1)), match.group(2)
-        attr, part = _LAYER_WEIGHTS[rest]
-        param = getattr(self.layers[index], attr)
-        return (f"layers.{index}.{attr}", param), part
+            return ("lm_head", self.lm_head, None) if self.lm_head is not None else None
+        return layer_target(name, _LAYER_NAME, self.layers, _LAYER_WEIGHTS)
 
     @torch.inference_mode()
     def forward(self, batch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
