@@ -22,11 +22,18 @@ _CORPUS = [
 # Engine settings for the serving tests: small steps and pool, so requests really share them.
 SERVE_SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
 
+_LLAMA_FAMILY = dict(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False)
+# arch -> (transformers class prefix: `{prefix}Config`, `{prefix}ForCausalLM`; settings).
 ARCHS = {
-    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
-    "mistral": dict(sliding_window=24),
-    "qwen2": dict(),
+    "llama": ("Llama", dict(_LLAMA_FAMILY, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128})),
+    "mistral": ("Mistral", dict(_LLAMA_FAMILY, sliding_window=24)),
+    "qwen2": ("Qwen2", dict(_LLAMA_FAMILY)),
+    # opt-125m ... 6.7b: LayerNorm before each block, ReLU, tied embeddings.
+    "opt": ("OPT", dict(ffn_dim=128)),
+    # opt-350m: LayerNorm after each block, token embeddings narrower than the hidden size.
+    "opt-post-ln": ("OPT", dict(ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=48)),
 }
 
 
@@ -54,16 +61,14 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **override
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(folder)
-    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config}[arch]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM}[arch]
-    settings = dict(vocab_size=len(tokenizer) + 12, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    tie_word_embeddings=False)
-    settings.update(ARCHS[arch])
+    prefix, arch_settings = ARCHS[arch]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
+    settings = dict(vocab_size=len(tokenizer) + 12, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=1024,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    settings.update(arch_settings)
     settings.update(overrides)
     config = config_cls(**settings)
     torch.manual_seed(seed)
@@ -73,5 +78,11 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **override
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+        if prefix == "OPT":
+            # Biases start at 0 and LayerNorm weights at 1: shift them, so that loading one into
+            # the wrong place (or not at all) changes the tokens.
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p), alpha=0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return model

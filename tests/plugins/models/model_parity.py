@@ -1,0 +1,112 @@
+"""Helpers of the model parity tests: a model plugin's greedy tokens against transformers' generate.
+
+The token budget is small, so long prompts are split over several steps and fused with other
+sequences' decodes; a tiny KV pool forces preemption and recomputation. Neither may change a token.
+Each family's test module builds its tiny checkpoints and runs these checks on them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, kernels.triton runs under Triton's interpreter; the variable must be set before
+# its kernel modules are imported, which happens when the backend is made. With a GPU it compiles.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastgen  # noqa: E402
+from fastgen import SamplingParams  # noqa: E402
+from kernel_targets import kernel_targets, target_id  # noqa: E402
+
+NEW_TOKENS = 8
+# 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
+PROMPT_LENS = (1, 2, 7, 16, 17, 33, 64, 65, 130, 300)
+SETTINGS = dict(token_budget=64, max_num_seqs=8)
+# The interpreter runs every kernel program in numpy: minutes, not seconds, for all the models.
+SLOW_TARGETS = {("triton", "cpu")}
+
+
+def kernel_params() -> list:
+    """(backend, device) for every registered kernel backend on every device here where it runs:
+    on a GPU machine the GPU backends are checked against transformers (on the CPU) too."""
+    return [pytest.param(name, device.type, id=target_id(name, device),
+                         marks=[pytest.mark.slow] if (name, device.type) in SLOW_TARGETS else [])
+            for name, device in kernel_targets()]
+
+
+KERNELS = kernel_params()
+
+
+class StepRecorder:
+    """An in-process observer plugin: what every engine step computed."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int]] = []   # (num_decodes, num_tokens, num_seqs)
+
+    @fastgen.hookimpl
+    def on_step_finished(self, engine, stats):
+        self.steps.append((stats.num_decodes, stats.num_tokens, stats.num_seqs))
+
+
+def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def transformers_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             min_new_tokens=n, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def reference_continuations(model) -> tuple[list[list[int]], list[list[int]]]:
+    """(the PROMPT_LENS prompts, transformers' greedy continuations of NEW_TOKENS each)."""
+    prompts = random_prompts(model.config.vocab_size, PROMPT_LENS)
+    return prompts, [transformers_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def generate(llm, prompts, new_tokens=NEW_TOKENS):
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    recorder = StepRecorder()
+    llm.engine.plugins.register(recorder, name="test-step-recorder")
+    try:
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.engine.plugins.pm.unregister(name="test-step-recorder")
+    return outputs, recorder.steps
+
+
+def assert_greedy_parity(llm, prompts, expected) -> None:
+    """`llm` continues `prompts` with `expected`, in steps that fused decodes with prompt chunks
+    within SETTINGS, and without preemption."""
+    outputs, steps = generate(llm, prompts)
+
+    assert [o.token_ids for o in outputs] == expected
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert all(tokens <= SETTINGS["token_budget"] and seqs <= SETTINGS["max_num_seqs"]
+               for _, tokens, seqs in steps)
+    mixed = [s for s in steps if 0 < s[0] < s[1]]    # decodes and prompt chunks in one step
+    assert mixed, f"no step fused decodes with prompt chunks: {steps}"
+    assert llm.engine.totals.preemptions == 0
+    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+
+
+def assert_parity_with_preemption(folder, model, kernels: str, device: str) -> None:
+    """Greedy parity on the checkpoint in `folder` (transformers' `model`) with a KV pool too small
+    for every sequence's growth, so that sequences are preempted and recomputed."""
+    # 10 blocks of 16 hold all these prompts (9 blocks) but not their growth by 12 tokens each:
+    # decodes crossing into a new block preempt the latest admitted sequence, which recomputes
+    # its prompt and the tokens it had generated.
+    prompts = random_prompts(model.config.vocab_size, (10, 14, 15, 30, 47, 60), seed=1)
+    expected = [transformers_greedy(model, p, 12) for p in prompts]
+    llm = fastgen.LLM(model=str(folder), num_blocks=10, kernels=kernels, device=device, **SETTINGS)
+    outputs, _ = generate(llm, prompts, new_tokens=12)
+
+    assert llm.engine.totals.preemptions > 0
+    assert [o.token_ids for o in outputs] == expected
+    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
