@@ -7,19 +7,12 @@ Each family's test module builds its tiny checkpoints and runs these checks on t
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Without a GPU, kernels.triton runs under Triton's interpreter; the variable must be set before
-# its kernel modules are imported, which happens when the backend is made. With a GPU it compiles.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import fastgen  # noqa: E402
-from fastgen import SamplingParams  # noqa: E402
-from kernel_targets import kernel_targets, target_id  # noqa: E402
+import fastgen
+from fastgen import SamplingParams
+from kernel_targets import kernel_targets, target_id
 
 NEW_TOKENS = 8
 # 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
