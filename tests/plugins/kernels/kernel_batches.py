@@ -6,6 +6,7 @@ A module of its own, not conftest.py: every test folder has a conftest, and a pl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastgen.plugin_manager import load_plugins
@@ -21,6 +22,15 @@ def devices_for(name: str) -> list[torch.device]:
     """The devices here where backend `name` runs (kernels.triton: the GPU, or the CPU under the
     interpreter), so a test of one backend runs where it can, with no flag."""
     return [device for backend, device in kernel_targets() if backend == name]
+
+
+def device_fixture(name: str):
+    """A `device` fixture over devices_for(name), for a module that tests backend `name` alone:
+    `device = device_fixture("triton")`."""
+    @pytest.fixture(params=devices_for(name), ids=lambda d: d.type)
+    def device(request):
+        return request.param
+    return device
 
 
 def make_backend(name: str, device: torch.device = CPU):

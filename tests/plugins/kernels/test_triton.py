@@ -14,21 +14,16 @@ import sys
 import pytest
 import torch
 
-from kernel_batches import BLOCK_SIZE_DEFAULT, devices_for, make_backend, ragged_batch
+from kernel_batches import BLOCK_SIZE_DEFAULT, device_fixture, make_backend, ragged_batch
 from kernel_targets import CPU
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 
 from fastgen.plugins.kernels.triton.backend import TritonBackend  # noqa: E402
 
-DEVICES = devices_for("triton")
+device = device_fixture("triton")
 # float32 tolerance as in the conformance suite: on a GPU tiled and warp-level sums reorder more.
 FLOAT32 = {"cpu": dict(atol=2e-5, rtol=1e-5), "cuda": dict(atol=1e-4, rtol=1e-4)}
-
-
-@pytest.fixture(params=DEVICES, ids=lambda d: d.type)
-def device(request):
-    return request.param
 
 
 def test_cpu_without_the_interpreter_is_refused_with_the_way_out(monkeypatch):

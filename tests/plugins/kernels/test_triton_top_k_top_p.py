@@ -13,11 +13,10 @@ import torch
 
 from fastgen import SamplingParams
 from fastgen.plugins.kernels.torch_ref.sampling import _filter_top_k_top_p
-from kernel_batches import devices_for
+from kernel_batches import device_fixture, devices_for
 from sampling_inputs import metadata, random_logits
 
-DEVICES = devices_for("triton")
-if not DEVICES:
+if not devices_for("triton"):
     pytest.skip("kernels.triton cannot run here", allow_module_level=True)
 
 from fastgen.plugins.kernels.triton.top_k_top_p import thresholds  # noqa: E402
@@ -25,10 +24,7 @@ from fastgen.plugins.kernels.triton.top_k_top_p import thresholds  # noqa: E402
 TEMPERATURES = (0.5, 1.0, 2.0)
 TOP_P = (1e-6, 0.5, 0.9, 1.0)
 
-
-@pytest.fixture(params=DEVICES, ids=lambda d: d.type)
-def device(request):
-    return request.param
+device = device_fixture("triton")
 
 
 def rows_of(kind: str, rows: int, vocab: int, seed: int) -> torch.Tensor:
