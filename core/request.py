@@ -55,6 +55,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise RequestError(f"seed must be in [0, 2**63), got {self.seed}.", param="seed")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty.", param="stop")
+        bad = [t for t in self.stop_token_ids if not _is_token_id(t)]
+        if bad:
+            raise RequestError(f"stop_token_ids must be token ids (integers of 0 or more), got "
+                               f"{bad[:3]}.", param="stop_token_ids")
         if not 0 <= self.min_p <= 1:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}.", param="min_p")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -71,10 +75,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def check_vocab(self, vocab_size: int) -> None:
         """Refuse token ids the model does not have (only the model knows its vocabulary size)."""
-        outside = sorted(t for t in self.logit_bias if t >= vocab_size)
-        if outside:
-            raise RequestError(f"logit_bias has token ids outside this model's vocabulary "
-                               f"[0, {vocab_size}): {outside[:3]}.", param="logit_bias")
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            outside = sorted({t for t in ids if t >= vocab_size})
+            if outside:
+                raise RequestError(f"{name} has token ids outside this model's vocabulary "
+                                   f"[0, {vocab_size}): {outside[:3]}.", param=name)
 
     @property
     def penalized(self) -> bool:
@@ -90,6 +95,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return self.temperature == 0
 
 
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _token_biases(biases: object) -> dict[int, float]:
     """logit_bias with int keys, checked: JSON objects have string keys, so "50256" means 50256."""
     if not isinstance(biases, dict):
@@ -99,7 +108,7 @@ def _token_biases(biases: object) -> dict[int, float]:
     for key, value in biases.items():
         if isinstance(key, str) and key.isascii() and key.isdecimal():
             token = int(key)
-        elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        elif _is_token_id(key):
             token = key
         else:
             raise RequestError(f"logit_bias keys must be token ids (integers of 0 or more), got "

@@ -172,11 +172,21 @@ def test_bad_logit_bias_is_a_request_error_naming_it(bias, pattern):
     assert info.value.param == "logit_bias"
 
 
-def test_logit_bias_outside_the_vocabulary_is_refused_before_queueing(llm):
+@pytest.mark.parametrize("ids", [[-1], [3, True], [1.5], ["7"]], ids=repr)
+def test_bad_stop_token_ids_are_a_request_error_naming_them(ids):
+    with pytest.raises(RequestError, match=r"must be token ids \(integers of 0 or more\)") as info:
+        SamplingParams(stop_token_ids=ids)
+    assert info.value.param == "stop_token_ids"
+
+
+@pytest.mark.parametrize("name, given", [("logit_bias", lambda ids: {t: 1 for t in ids}),
+                                         ("stop_token_ids", list)])
+def test_token_ids_outside_the_vocabulary_are_refused_before_queueing(llm, name, given):
     vocab = llm.engine.hf_config.vocab_size
-    with pytest.raises(RequestError, match=rf"outside this model's vocabulary \[0, {vocab}\): \[{vocab}\]") as info:
-        llm.generate([[5, 6]], SamplingParams(logit_bias={vocab: 1, 3: 1}))
-    assert info.value.param == "logit_bias" and not llm.engine.has_unfinished()
+    with pytest.raises(RequestError, match=rf"^{name} has token ids outside this model's vocabulary "
+                                           rf"\[0, {vocab}\): \[{vocab}, {vocab + 7}\]\.$") as info:
+        llm.generate([[5, 6]], SamplingParams(**{name: given([vocab + 7, 3, vocab])}))
+    assert info.value.param == name and not llm.engine.has_unfinished()
 
 
 def test_logit_bias_forces_and_bans_tokens_greedily_as_transformers_does(llm, tiny_llama):
