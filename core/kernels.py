@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .errors import PluginError
 from .request import Sequence
@@ -62,6 +63,9 @@ class KernelBackend(Protocol):
     # "never chosen automatically" (choose_auto below). A backend ranks itself only where it is
     # measured faster than the reference and ready at once: choosing must never start a build.
 
+    # Optional: `linear(x, weight, bias=None)`, F.linear's contract ([T, K] x [N, K] -> [T, N]). Models
+    # take it through linear_of() below, so a backend without one runs torch's F.linear.
+
     def prepare(self, batch: Any) -> Any:
         """Derive once per step whatever the attention op needs from the batch metadata."""
         ...
@@ -105,6 +109,12 @@ def make_backend(cls: type, device: torch.device, cache_dir: str | None = None) 
     if any(p.name == "cache_dir" or p.kind is p.VAR_KEYWORD for p in params):
         return cls(device, cache_dir=cache_dir)
     return cls(device)
+
+
+def linear_of(backend: Any) -> Callable[..., torch.Tensor]:
+    """The backend's `linear` op, else torch's F.linear: the matmuls stay plain torch linear
+    algebra unless a backend has a faster path for them (kernels.cpu does, for few rows)."""
+    return getattr(backend, "linear", F.linear)
 
 
 AUTO = "auto"

@@ -16,6 +16,7 @@ from torch import nn
 
 import fastgen
 from fastgen.errors import ModelLoadError
+from fastgen.kernels import linear_of
 
 from .weights import Target, layer_target, load_weights
 
@@ -105,6 +106,7 @@ class LlamaForCausalLM(nn.Module):
         if getattr(c, "hidden_act", "silu") != "silu":
             raise ModelLoadError(f"models.llama needs hidden_act silu, the checkpoint has {c.hidden_act!r}.")
         self.backend = backend
+        self.linear = linear_of(backend)   # the backend's matmul path, else F.linear
         self.hf_config = c
         self.hidden = c.hidden_size
         self.heads = c.num_attention_heads
@@ -152,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        be = self.backend
+        be, linear = self.backend, self.linear
         tokens = batch.num_tokens
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         x = F.embedding(batch.input_ids, self.embed)                      # [T, E]
@@ -160,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, window, (k_cache, v_cache) in zip(self.layers, self.windows, kv_cache):
             h, residual = be.rms_norm(x, layer.input_norm, self.eps, residual)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(tokens, self.heads, self.head_dim)
             k = k.view(tokens, self.kv_heads, self.head_dim)
@@ -168,12 +170,12 @@ class LlamaForCausalLM(nn.Module):
             be.write_kv(k, v.view(tokens, self.kv_heads, self.head_dim), k_cache, v_cache,
                         batch.slot_mapping)
             attn = be.attention(q, k_cache, v_cache, batch, self.scale, window)
-            x = F.linear(attn.view(tokens, q_size), layer.o_proj)
+            x = linear(attn.view(tokens, q_size), layer.o_proj)
             h, residual = be.rms_norm(x, layer.post_norm, self.eps, residual)
-            x = F.linear(be.silu_and_mul(F.linear(h, layer.gate_up)), layer.down)
+            x = linear(be.silu_and_mul(linear(h, layer.gate_up)), layer.down)
         idx = batch.logits_indices
         h, _ = be.rms_norm(x[idx], self.norm, self.eps, residual[idx])
-        return F.linear(h, self.embed if self.tied else self.lm_head).float()   # [S, V]
+        return linear(h, self.embed if self.tied else self.lm_head).float()   # [S, V]
 
 
 @fastgen.hookimpl

@@ -18,6 +18,7 @@ from torch import nn
 
 import fastgen
 from fastgen.errors import ModelLoadError
+from fastgen.kernels import linear_of
 
 from .weights import Target, attr_target, layer_target, load_weights
 
@@ -91,6 +92,7 @@ class OPTForCausalLM(nn.Module):
                                  f"the checkpoint has {act!r}.")
         self.activation = ACTIVATIONS[act]
         self.backend = backend
+        self.linear = linear_of(backend)   # the backend's matmul path, else F.linear
         self.hidden = c.hidden_size
         self.heads = c.num_attention_heads
         self.head_dim = self.hidden // self.heads
@@ -134,23 +136,23 @@ class OPTForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        be = self.backend
+        be, linear = self.backend, self.linear
         tokens = batch.num_tokens
         x = F.embedding(batch.input_ids, self.embed)                          # [T, E_embed]
         if self.project_in is not None:
-            x = F.linear(x, self.project_in)                                  # [T, E]
+            x = linear(x, self.project_in)                                  # [T, E]
         x = x + F.embedding(batch.positions + POSITION_OFFSET, self.positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
             h = layer_norm(x, layer.attn_norm, layer.attn_norm_bias) if self.pre_norm else x
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
             q, k, v = (t.view(tokens, self.heads, self.head_dim) for t in qkv.split(self.hidden, dim=-1))
             be.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             attn = be.attention(q, k_cache, v_cache, batch, self.scale)       # [T, H, D]
-            x = x + F.linear(attn.reshape(tokens, self.hidden), layer.out_proj, layer.out_bias)
+            x = x + linear(attn.reshape(tokens, self.hidden), layer.out_proj, layer.out_bias)
             if not self.pre_norm:
                 x = layer_norm(x, layer.attn_norm, layer.attn_norm_bias)
             h = layer_norm(x, layer.mlp_norm, layer.mlp_norm_bias) if self.pre_norm else x
-            x = x + F.linear(self.activation(F.linear(h, layer.fc1, layer.fc1_bias)),
+            x = x + linear(self.activation(linear(h, layer.fc1, layer.fc1_bias)),
                              layer.fc2, layer.fc2_bias)
             if not self.pre_norm:
                 x = layer_norm(x, layer.mlp_norm, layer.mlp_norm_bias)
@@ -158,8 +160,8 @@ class OPTForCausalLM(nn.Module):
         if self.has_final_norm:
             x = layer_norm(x, self.final_norm, self.final_norm_bias)
         if self.project_out is not None:
-            x = F.linear(x, self.project_out)                                 # [S, E_embed]
-        return F.linear(x, self.embed if self.tied else self.lm_head).float()   # [S, V]
+            x = linear(x, self.project_out)                                 # [S, E_embed]
+        return linear(x, self.embed if self.tied else self.lm_head).float()   # [S, V]
 
 
 @fastgen.hookimpl

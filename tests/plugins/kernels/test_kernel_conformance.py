@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastgen.kernels import linear_of
 from kernel_batches import REFERENCE, make_backend, ragged_batch
 from kernel_targets import CPU, kernel_targets, target_id
 
@@ -188,4 +189,18 @@ def test_rotary_matches_reference(backend, reference, dtype, is_neox, dim, rotar
 def test_silu_and_mul_matches_reference(backend, reference, dtype, inter):
     x = random(6, 2 * inter, dtype=dtype, seed=15) * 4
     actual, expected = run_both(backend, reference, lambda be, x: be.silu_and_mul(x), x)
+    assert_close(actual, expected, dtype)
+
+
+# Rows around kernels.cpu's limits for its oneDNN path (32, and 64 for wide weights); 16400 outputs
+# is a vocabulary-sized (wide) weight. Small values: fp32 sums in another order stay within 1e-5.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 33, 70])
+@pytest.mark.parametrize("outputs", [48, 16400])
+def test_linear_matches_reference(backend, reference, dtype, rows, outputs):
+    x = random(rows, 72, dtype=dtype, seed=16)[:, :64] * 0.2    # strided, like a split's view
+    weight = random(outputs, 64, dtype=dtype, seed=17) * 0.2
+    bias = random(outputs, dtype=dtype, seed=18) if outputs == 48 else None
+    actual, expected = run_both(backend, reference,
+                                lambda be, x, w, b: linear_of(be)(x, w, b), x, weight, bias)
     assert_close(actual, expected, dtype)
