@@ -70,7 +70,6 @@ def empty_plugin_manager():
     return PluginManager()
 
 
-
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
     """An Engine on the tiny Llama with SERVE_SETTINGS, one per test module."""
