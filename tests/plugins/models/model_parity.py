@@ -50,10 +50,14 @@ def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
 
 
 def transformers_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' n greedy tokens after `prompt`, EOS sampled like any token as fastgen's
+    ignore_eos does: generation does not stop there (eos_token_id=None), and EOS is not suppressed
+    (min_new_tokens would mask it, and the tokens after a masked EOS differ from fastgen's)."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             min_new_tokens=n, max_new_tokens=n)
+                             max_new_tokens=n, eos_token_id=None)
+    assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt):].tolist()
 
 
