@@ -30,11 +30,26 @@ ARCHS = {
         "original_max_position_embeddings": 128})),
     "mistral": ("Mistral", dict(_LLAMA_FAMILY, sliding_window=24)),
     "qwen2": ("Qwen2", dict(_LLAMA_FAMILY)),
+    # q/k RMSNorm per head, head_dim 32 != hidden / heads, the window on layers from 1 on only.
+    "qwen3": ("Qwen3", dict(_LLAMA_FAMILY, head_dim=32, use_sliding_window=True, sliding_window=24,
+                            max_window_layers=1)),
+    # Phi-3-mini-4k: fused qkv_proj and gate_up_proj, a window on every layer.
+    "phi3": ("Phi3", dict(_LLAMA_FAMILY, sliding_window=24)),
+    # Phi-3.5 / Phi-4-mini: longrope (short factors for prompts up to 28 tokens, long ones for
+    # longer ones), rotary on the first 12 of 16 head dims. The factors are far apart so that a
+    # wrong choice shows. No parity prompt grows past 28 while it decodes (see models/rope.py).
+    "phi3-longrope": ("Phi3", dict(_LLAMA_FAMILY, partial_rotary_factor=0.75,
+                                   original_max_position_embeddings=28, rope_scaling={
+                                       "rope_type": "longrope",
+                                       "short_factor": [1.0, 1.0, 1.2, 1.5, 2.0, 3.0],
+                                       "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
     # opt-125m ... 6.7b: LayerNorm before each block, ReLU, tied embeddings.
     "opt": ("OPT", dict(ffn_dim=128)),
     # opt-350m: LayerNorm after each block, token embeddings narrower than the hidden size.
     "opt-post-ln": ("OPT", dict(ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=48)),
 }
+# Families whose 1-D weights (biases, norm weights) the checkpoints shift away from their init.
+_SHIFTED_VECTORS = {"OPT", "Qwen3", "Phi3"}
 
 
 def make_tokenizer(folder: Path):
@@ -78,9 +93,9 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **override
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-        if prefix == "OPT":
-            # Biases start at 0 and LayerNorm weights at 1: shift them, so that loading one into
-            # the wrong place (or not at all) changes the tokens.
+        if prefix in _SHIFTED_VECTORS:
+            # Biases start at 0 and norm weights at 1: shift them, so that loading one into the
+            # wrong place (or not at all) changes the tokens.
             for p in model.parameters():
                 if p.dim() == 1:
                     p.add_(torch.randn_like(p), alpha=0.1)

@@ -52,7 +52,7 @@ def load_weights(weights: Iterator[tuple[str, torch.Tensor]], locate: Locate,
 
     `parts` maps a fused attribute name (the last component of our parameter's name, `qkv`) to
     the sizes of its parts along dim 0, in part order; a fused parameter counts as filled once
-    each of its parts has been copied.
+    each of its parts has been copied, or the whole of it at once (a checkpoint that stores it fused).
     """
     filled: dict[str, int] = {}
     for name, tensor in weights:
@@ -60,17 +60,17 @@ def load_weights(weights: Iterator[tuple[str, torch.Tensor]], locate: Locate,
         if target is None:
             continue
         param_name, param, part = target
+        sizes = parts.get(_attr(param_name), [None])
         with torch.no_grad():
-            if part is None:
-                dest = param
+            if part is None:   # the whole parameter: a fused one counts each of its parts filled
+                dest, count = param, len(sizes)
             else:
-                sizes = parts[_attr(param_name)]
-                dest = param.narrow(0, sum(sizes[:part]), sizes[part])
+                dest, count = param.narrow(0, sum(sizes[:part]), sizes[part]), 1
             if dest.shape != tensor.shape:
                 raise ModelLoadError(f"Weight {name} has shape {tuple(tensor.shape)}, "
                                      f"the config expects {tuple(dest.shape)}.")
             dest.copy_(tensor)
-        filled[param_name] = filled.get(param_name, 0) + 1
+        filled[param_name] = filled.get(param_name, 0) + count
     return {n for n, count in filled.items() if count >= len(parts.get(_attr(n), [None]))}
 
 
