@@ -5,7 +5,8 @@
 The offline benchmark's workload (16 requests of 256 prompt and 64 generated tokens) is run by
 fastgen once to record its schedule: the tokens and the logits rows of every step. Then only the
 model's linear layers (qkv, o_proj, gate_up, down per layer, and the lm_head over the logits rows)
-are replayed on the real weights for that schedule, and for transformers' static `generate`
+are replayed on the real weights, through the model's own matmul path (the kernel backend's linear
+op: kernels.cpu's picks oneDNN for few rows, torch's GEMM for many), for that schedule, and for transformers' static `generate`
 schedule (the whole prompt batch in one pass, then one 16-row pass per generated token). Nothing
 else an engine does (attention, norms, rotary, sampling, host work) is counted, so the time is a
 floor: no engine that uses these matmuls on these cores can be faster. Generated tokens divided by
@@ -19,7 +20,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--token-budget", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernels", default="auto", help="kernel backend whose matmul path is replayed")
     p.add_argument("--repeat", type=int, default=3, help="replays per schedule; the fastest counts")
     return p.parse_args(argv)
 
@@ -54,6 +55,7 @@ def record_schedule(llm, prompts, gen_len: int) -> list[tuple[int, int]]:
 
 def replay(model, steps: list[tuple[int, int]], dtype: torch.dtype) -> float:
     """Seconds spent in the model's linear layers alone over `steps`."""
+    linear = model.linear
     first = model.layers[0]
     widths = {"hidden": model.embed.shape[1], "attn": first.o_proj.shape[1],
               "inter": first.down.shape[1]}
@@ -64,11 +66,11 @@ def replay(model, steps: list[tuple[int, int]], dtype: torch.dtype) -> float:
     for tokens, rows in steps:
         x = inputs[tokens]
         for layer in model.layers:
-            F.linear(x["hidden"], layer.qkv, layer.qkv_bias)
-            F.linear(x["attn"], layer.o_proj)
-            F.linear(x["hidden"], layer.gate_up)
-            F.linear(x["inter"], layer.down)
-        F.linear(x["hidden"][:rows], head)
+            linear(x["hidden"], layer.qkv, layer.qkv_bias)
+            linear(x["attn"], layer.o_proj)
+            linear(x["hidden"], layer.gate_up)
+            linear(x["inter"], layer.down)
+        linear(x["hidden"][:rows], head)
     return time.perf_counter() - start
 
 
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from fastgen import LLM
 
-    llm = LLM(model=args.model, dtype=args.dtype, token_budget=args.token_budget,
+    llm = LLM(model=args.model, dtype=args.dtype, kernels=args.kernels, token_budget=args.token_budget,
               max_num_seqs=max(64, args.requests))
     vocab = llm.engine.hf_config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     dtype = model.embed.dtype
     generated = n * args.gen_len
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {dtype}, "
+          f"matmuls of kernels.{llm.engine.backend.name}, "
           f"{n} requests x {args.prompt_len} prompt + {args.gen_len} generated", file=sys.stderr)
     print("| schedule | steps | tokens computed | matmul seconds | ceiling on generated tokens/s |")
     print("|---|---:|---:|---:|---:|")
