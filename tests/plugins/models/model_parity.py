@@ -13,6 +13,7 @@ import torch
 import fastgen
 from fastgen import SamplingParams
 from kernel_targets import kernel_targets, target_id
+from tiny_models import make_checkpoint
 
 NEW_TOKENS = 8
 # 1-token and block-edge prompts, chunks split over 2-5 steps; more prompts than max_num_seqs.
@@ -107,3 +108,21 @@ def assert_parity_with_preemption(folder, model, kernels: str, device: str) -> N
     assert llm.engine.totals.preemptions > 0
     assert [o.token_ids for o in outputs] == expected
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+
+
+def checkpoint_fixtures(*archs: str):
+    """A test module's fixtures over tiny checkpoints of `archs`, one at a time:
+    `checkpoint` (arch, folder, transformers model) and `reference` (arch, folder, prompts,
+    transformers' greedy continuations). Use: `checkpoint, reference = checkpoint_fixtures(...)`."""
+
+    @pytest.fixture(scope="module", params=archs, name="checkpoint")
+    def checkpoint(request, tmp_path_factory):
+        folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+        return request.param, folder, make_checkpoint(folder, request.param)
+
+    @pytest.fixture(scope="module", name="reference")
+    def reference(checkpoint):
+        arch, folder, model = checkpoint
+        return (arch, folder, *reference_continuations(model))
+
+    return checkpoint, reference

@@ -10,7 +10,7 @@ import fastgen
 from fastgen import cli
 from fastgen.errors import ModelLoadError
 from model_parity import (KERNELS, SETTINGS, assert_greedy_parity, assert_parity_with_preemption,
-                          reference_continuations, transformers_greedy)
+                          checkpoint_fixtures, reference_continuations, transformers_greedy)
 from tiny_models import make_checkpoint
 
 # Every switch of OPTConfig we serve, away from its default at once.
@@ -18,17 +18,7 @@ VARIANT = dict(activation_function="gelu", enable_bias=False, layer_norm_element
                tie_word_embeddings=False, _remove_final_layer_norm=True)
 
 
-@pytest.fixture(scope="module", params=("opt", "opt-post-ln"))
-def tiny_opt(request, tmp_path_factory):
-    """(arch, folder, transformers model) of each tiny OPT layout."""
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    return request.param, folder, make_checkpoint(folder, request.param)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_opt):
-    arch, folder, model = tiny_opt
-    return (arch, folder, *reference_continuations(model))
+checkpoint, reference = checkpoint_fixtures("opt", "opt-post-ln")
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
@@ -43,8 +33,8 @@ def test_greedy_matches_transformers(reference, kernels, device):
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
-def test_greedy_matches_transformers_with_preemption(tiny_opt, kernels, device):
-    _, folder, model = tiny_opt
+def test_greedy_matches_transformers_with_preemption(checkpoint, kernels, device):
+    _, folder, model = checkpoint
     assert_parity_with_preemption(folder, model, kernels, device)
 
 

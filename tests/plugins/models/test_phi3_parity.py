@@ -8,21 +8,11 @@ import pytest
 
 import fastgen
 from model_parity import (KERNELS, SETTINGS, assert_greedy_parity, assert_parity_with_preemption,
-                          generate, random_prompts, reference_continuations, transformers_greedy)
+                          checkpoint_fixtures, generate, random_prompts, transformers_greedy)
 from tiny_models import ARCHS, make_checkpoint
 
 
-@pytest.fixture(scope="module", params=("phi3", "phi3-longrope"))
-def tiny_phi3(request, tmp_path_factory):
-    """(arch, folder, transformers model) of each tiny Phi-3 layout."""
-    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    return request.param, folder, make_checkpoint(folder, request.param)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_phi3):
-    arch, folder, model = tiny_phi3
-    return (arch, folder, *reference_continuations(model))
+checkpoint, reference = checkpoint_fixtures("phi3", "phi3-longrope")
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
@@ -39,8 +29,8 @@ def test_greedy_matches_transformers(reference, kernels, device):
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
-def test_greedy_matches_transformers_with_preemption(tiny_phi3, kernels, device):
-    _, folder, model = tiny_phi3
+def test_greedy_matches_transformers_with_preemption(checkpoint, kernels, device):
+    _, folder, model = checkpoint
     assert_parity_with_preemption(folder, model, kernels, device)
 
 

@@ -9,26 +9,16 @@ import pytest
 import fastgen
 from fastgen.errors import ModelLoadError
 from model_parity import (KERNELS, SETTINGS, assert_greedy_parity, assert_parity_with_preemption,
-                          reference_continuations)
+                          checkpoint_fixtures, reference_continuations)
 from tiny_models import make_checkpoint
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory):
-    """(folder, transformers model) of the tiny Qwen3."""
-    folder = tmp_path_factory.mktemp("tiny-qwen3")
-    return folder, make_checkpoint(folder, "qwen3")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_qwen3):
-    folder, model = tiny_qwen3
-    return (folder, *reference_continuations(model))
+checkpoint, reference = checkpoint_fixtures("qwen3")
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
 def test_greedy_matches_transformers(reference, kernels, device):
-    folder, prompts, expected = reference
+    _, folder, prompts, expected = reference
     llm = fastgen.LLM(model=str(folder), kernels=kernels, device=device, **SETTINGS)
     model = llm.engine.model
     # What makes Qwen3 differ from Qwen2 must be in force, or parity says nothing about it.
@@ -39,8 +29,8 @@ def test_greedy_matches_transformers(reference, kernels, device):
 
 
 @pytest.mark.parametrize("kernels,device", KERNELS)
-def test_greedy_matches_transformers_with_preemption(tiny_qwen3, kernels, device):
-    folder, model = tiny_qwen3
+def test_greedy_matches_transformers_with_preemption(checkpoint, kernels, device):
+    _, folder, model = checkpoint
     assert_parity_with_preemption(folder, model, kernels, device)
 
 
