@@ -34,7 +34,6 @@ def test_greedy_matches_transformers_with_preemption(checkpoint, kernels, device
     assert_parity_with_preemption(folder, model, kernels, device)
 
 
-
 def test_a_short_prompt_keeps_the_short_factors_past_original_max_position_embeddings(tmp_path):
     # transformers' generate recomputes such a sequence with the long factors when it grows past
     # 28 tokens; fastgen keeps the short ones (models/rope.py): its tokens are those of transformers
