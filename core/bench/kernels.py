@@ -231,9 +231,11 @@ class KernelCase:
             return 3 * cache + scores + 2 * (2 * self.shape.num_tokens * m.num_heads * m.head_dim * e)
         return 3 * cache + 2 * self.cost.bytes
 
-    def build(self) -> Callable[[], object]:
+    def build(self, backend=None) -> Callable[[], object]:
+        """The timed call on fresh inputs; `backend` (default: a new one of the case's class on
+        its device) lets a caller drive an instance of its own, as the Triton compile check does."""
         torch.manual_seed(0)
-        backend = make_backend(self.backend.cls, self.device)
+        backend = backend if backend is not None else make_backend(self.backend.cls, self.device)
         dtype, dev, m = DTYPES[self.dtype], self.device, self.model
         t = self.shape.num_tokens
 

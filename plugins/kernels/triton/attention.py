@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiling import interpreted
+
 LOG2E = 1.4426950408889634
 
 
@@ -48,9 +50,9 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata."""
     query_lens = batch.query_lens
     if tile_tokens is None:
-        # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: numpy pays
-        # per program and per op, not per element, so fewer, larger tiles run faster.
-        tile_tokens = 16 if batch.seq_lens.device.type == "cuda" else 64
+        # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: fewer,
+        # larger tiles.
+        tile_tokens = 64 if interpreted(batch.seq_lens.device) else 16
     # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
     tokens = 1 if max(query_lens) == 1 else tile_tokens
     seq_ids, starts = [], []
@@ -208,8 +210,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(16, triton.next_power_of_2(plan.tile_tokens * group))
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = 64 if block_d <= 64 else 32
-    if q.device.type == "cpu":
-        block_n = 64   # interpreter: fewer, larger numpy steps are faster
+    if interpreted(q.device):
+        block_n = 64
     grid = (plan.tile_seq.shape[0], kv_heads, splits)
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_max, part_sum,

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from fastgen.kernels import SamplingMetadata
 
+from ._tiling import interpreted
 from .top_k_top_p import scaled_logit, thresholds
 
 
@@ -75,7 +76,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
              else _row_seeds(meta, rows, logits.device, generator))
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
-        block = min(triton.next_power_of_2(vocab), 4096 if logits.is_cuda else 1024)
+        block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 4096)
         _gumbel_argmax_kernel[(rows,)](logits, meta.temperatures, cuts, seeds, out,
                                        logits.stride(0), vocab, BLOCK_V=block)
     return out

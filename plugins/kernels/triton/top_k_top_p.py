@@ -27,6 +27,8 @@ import triton.language as tl
 
 from fastgen.kernels import SamplingMetadata
 
+from ._tiling import interpreted
+
 # Keys tested per pass: 16 settle 4 bits of the 32-bit key, so a search takes at most 8 passes
 # over the row (a plain bisection takes 32); the extra compares are cheap next to the reads.
 CUTS = 16
@@ -153,7 +155,7 @@ def thresholds(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         # A tile is [BLOCK_V, CUTS] comparisons: smaller tiles than the sampler's.
-        block = min(triton.next_power_of_2(vocab), 512 if logits.is_cuda else 1024)
+        block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 512)
         _threshold_kernel[(rows,)](logits, meta.temperatures, meta.top_k, meta.top_p, out,
                                    logits.stride(0), vocab, BLOCK_V=block, CUTS=CUTS)
     return out

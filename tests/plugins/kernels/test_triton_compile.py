@@ -1,0 +1,119 @@
+"""kernels.triton compiles for GPUs this machine does not have (compile_check).
+
+The interpreter runs in this process (tests/conftest.py sets TRITON_INTERPRET), so every check
+runs in a process of its own without it, compiling with the toolchain that ships in the triton
+wheel. The main suite compiles the bfloat16 launches of every benchmark case for Hopper (sm_90);
+the slow step adds float16 and float32, and Ampere (sm_80).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+import fastgen.plugins.kernels.triton as triton_plugin  # noqa: E402
+
+COMPILE_CHECK = "fastgen.plugins.kernels.triton.compile_check"
+
+
+def _compiling_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
+def _run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", COMPILE_CHECK, *args, "--json", str(report)],
+                          env=_compiling_env(), capture_output=True, text=True, timeout=600)
+    return done, json.loads(report.read_text()) if report.exists() else {}
+
+
+def launched_kernels() -> set[str]:
+    """The kernels the backend's modules launch (`kernel[grid](...)`), read from their source."""
+    names = set()
+    for path in Path(triton_plugin.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name)):
+                names.add(node.func.value.id)
+    return names
+
+
+def _assert_clean(done: subprocess.CompletedProcess, report: dict, arch: int) -> None:
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert report["arch"] == arch
+    compiled = {launch["kernel"] for launch in report["launches"]}
+    assert compiled == launched_kernels(), "the benchmark cases must reach every kernel"
+    for launch in report["launches"]:
+        assert launch["error"] is None and launch["registers"] > 0, launch
+        assert launch["spill_bytes"] == 0, launch
+
+
+def test_every_kernel_compiles_for_hopper_in_bfloat16(tmp_path):
+    done, report = _run_check(tmp_path, "--arch", "90", "--dtype", "bfloat16")
+    _assert_clean(done, report, 90)
+    # Both attention paths and the split-KV reduce are among the launches.
+    attention = [launch["constants"] for launch in report["launches"]
+                 if launch["kernel"] == "_attention_kernel"]
+    assert any("TILE_TOKENS=1," in c for c in attention) and any("TILE_TOKENS=16," in c for c in attention)
+    assert any("NUM_SPLITS=1," in c for c in attention) and any("SLIDING=True" in c for c in attention)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtypes", [(90, "float16,float32"), (80, "bfloat16")])
+def test_every_kernel_compiles_for_other_dtypes_and_ampere(tmp_path, arch, dtypes):
+    done, report = _run_check(tmp_path, "--arch", str(arch), "--dtype", dtypes)
+    _assert_clean(done, report, arch)
+
+
+def test_a_launch_over_the_shared_memory_limit_is_reported(tmp_path):
+    # A dot whose operands need more shared memory than an sm_90 block has: the interpreter runs
+    # it happily; the GPU would refuse the launch.
+    (tmp_path / "wide_dot.py").write_text(textwrap.dedent("""
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def wide_dot_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+            m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+            a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+            b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+            tl.store(c_ptr + m[:, None] * N + n[None, :], tl.dot(a, b))
+    """))
+    script = textwrap.dedent("""
+        import json, torch, wide_dot
+        from fastgen.plugins.kernels.triton.compile_check import Launch, compile_launches
+        launches = []
+        for k in (64, 2048):
+            a = torch.empty(16, k, dtype=torch.bfloat16, device="meta")
+            b = torch.empty(k, 64, dtype=torch.bfloat16, device="meta")
+            c = torch.empty(16, 64, device="meta")
+            launches.append(Launch(wide_dot.wide_dot_kernel, (a, b, c), dict(M=16, K=k, N=64), f"K={k}"))
+        print(json.dumps([[r.cases, r.shared_bytes, r.problems(90)] for r in compile_launches(launches, 90)]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=_compiling_env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    (small_cases, small_shared, small_problems), (wide_cases, wide_shared, wide_problems) = \
+        json.loads(done.stdout.strip().splitlines()[-1])
+    assert small_cases == ["K=64"] and small_problems == [] and 0 < small_shared < 232448
+    assert wide_cases == ["K=2048"] and wide_shared > 232448
+    assert len(wide_problems) == 1 and "shared memory, over sm_90's 232448" in wide_problems[0]
+
+
+def test_the_check_refuses_to_run_under_the_interpreter():
+    done = subprocess.run([sys.executable, "-m", COMPILE_CHECK, "--ops", "rms_norm"],
+                          env=_compiling_env(TRITON_INTERPRET="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "run it with TRITON_INTERPRET unset" in done.stderr
