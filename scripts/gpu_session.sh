@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh [tests] [kernels] [e2e]      no step named: all three, in order
 #
-#   tests    the GPU cases (-k cuda) of tests/plugins/kernels and of the Llama-family parity
+#   tests    the GPU cases (-k "cuda and not emulated") of tests/plugins/kernels and of the Llama-family parity
 #            tests: the conformance suite on cuda (kernels.torch, .triton and .cuda against
 #            kernels.torch), kernels.cuda's GPU tests, greedy parity with transformers for every
 #            backend on the GPU
@@ -75,7 +75,7 @@ else
     E2E_MODELS=(smollm2-135m llama-1b)
     E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
     # The CPU targets were tested where the CI runs; here only what needs the GPU.
-    PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-cuda}")
+    PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-cuda and not emulated}")
 fi
 
 say() { echo "[gpu_session $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG" >&2; }

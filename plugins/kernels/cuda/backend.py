@@ -10,28 +10,43 @@ engine start, not in the first request.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
+from fastgen.plugins.kernels.split_kv import num_kv_splits, target_programs
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
 
+@dataclass
 class StepMetadata(LazyReferencePlan):
-    """What prepare() derives once per step: nothing for the CUDA kernel, which reads the batch's
-    tensors directly, and the reference's plan only when some layer falls back to it."""
+    """What prepare() derives once per step: the split-KV count for the CUDA kernel, which reads
+    the batch's tensors directly, and the reference's plan only when some layer falls back to it."""
+
+    num_splits: int = 1
 
 
 class CudaBackend(ReferenceFallbackBackend):
     name = "cuda"
 
-    def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
-        from . import build
+    # Split-KV: None chooses per step from the batch shape and the device; a number forces it.
+    num_kv_splits: int | None = None
 
+    def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
         super().__init__(device)
-        build.load(cache_dir)
-        self.ops = torch.ops.fastgen_cuda
+        self.ops = self.load_ops(cache_dir)
         self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
         self._note("sample has no CUDA kernel here and runs the torch reference")
+
+    @classmethod
+    def load_ops(cls, cache_dir: str | None):
+        """The kernels' ops namespace (torch.ops.fastgen_cuda), built first where needed. The tests
+        swap in another build of the same csrc/ here (an emulated one, on the CPU)."""
+        from . import build
+
+        build.load(cache_dir)
+        return torch.ops.fastgen_cuda
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
@@ -54,7 +69,10 @@ class CudaBackend(ReferenceFallbackBackend):
         return None
 
     def prepare(self, batch) -> StepMetadata:
-        return StepMetadata(batch)
+        # One block per token and head: few tokens with a long context get their keys split.
+        longest = max((c + n for c, n in zip(batch.context_lens, batch.query_lens)), default=0)
+        splits = num_kv_splits(batch.num_tokens, longest, target_programs(self.device))
+        return StepMetadata(batch, num_splits=self.num_kv_splits or splits)
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
@@ -69,4 +87,5 @@ class CudaBackend(ReferenceFallbackBackend):
             return paged_attention(q, k_cache, v_cache, batch.attn_metadata.get(), scale,
                                    sliding_window)
         return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
-                                  batch.block_tables, scale, sliding_window or 0)
+                                  batch.block_tables, scale, sliding_window or 0,
+                                  batch.attn_metadata.num_splits)

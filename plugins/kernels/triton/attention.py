@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..split_kv import MIN_SPLIT_KEYS, num_kv_splits, target_programs
 from ._tiling import interpreted
 
 LOG2E = 1.4426950408889634
@@ -38,15 +39,8 @@ class AttentionPlan:
     block_size: int
 
 
-def _target_programs(device: torch.device) -> int:
-    """How many programs keep the device busy: a few waves of its multiprocessors."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8   # interpreter: small, so tests exercise split-KV with short contexts when forced
-
-
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
-                   split_min_keys: int = 512) -> AttentionPlan:
+                   split_min_keys: int = MIN_SPLIT_KEYS) -> AttentionPlan:
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata."""
     query_lens = batch.query_lens
     if tile_tokens is None:
@@ -61,13 +55,9 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
             seq_ids.append(seq)
             starts.append(start)
     if num_splits is None:
-        # The KV head count is the model's, unknown here: count tiles, and split only when a long
-        # context would otherwise leave most of the device idle.
         longest = max(c + n for c, n in zip(batch.context_lens, query_lens))
-        target = _target_programs(batch.seq_lens.device)
-        num_splits = 1
-        if len(seq_ids) < target and longest >= split_min_keys:
-            num_splits = min(triton.cdiv(target, len(seq_ids)), triton.cdiv(longest, 256), 16)
+        num_splits = num_kv_splits(len(seq_ids), longest, target_programs(batch.seq_lens.device),
+                                   split_min_keys)
     device = batch.seq_lens.device
     return AttentionPlan(
         tile_seq=torch.tensor(seq_ids, dtype=torch.int32).to(device),

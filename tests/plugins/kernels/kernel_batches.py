@@ -33,7 +33,15 @@ def device_fixture(name: str):
     return device
 
 
+# kernels.cuda on the CPU: its kernels run by the emulator (cuda_emulator.py), where that builds.
+EMULATED_CUDA = ("cuda", CPU)
+
+
 def make_backend(name: str, device: torch.device = CPU):
+    if (name, device) == EMULATED_CUDA:
+        from cuda_emulator import EmulatedCudaBackend
+
+        return EmulatedCudaBackend(device)
     return load_plugins().registry.get("kernels", name).cls(device)
 
 

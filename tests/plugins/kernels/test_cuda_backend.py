@@ -119,8 +119,8 @@ class FakeOps:
     def attention_head_sizes(self):
         return [64, 128]
 
-    def attention(self, q, k_cache, v_cache, qsl, seq_lens, block_tables, scale, window):
-        self.calls.append(("attention", window))
+    def attention(self, q, k_cache, v_cache, qsl, seq_lens, block_tables, scale, window, num_splits):
+        self.calls.append(("attention", window, num_splits))
         return torch.zeros_like(q)
 
     def rms_norm(self, x, weight, eps):
@@ -205,5 +205,22 @@ def test_attention_head_sizes_without_a_kernel_run_the_reference(backend):
     batch.attn_metadata = be.prepare(batch)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, 24)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, None)
-    assert ops.calls == [("attention", 24), ("attention", 0)]
+    assert ops.calls == [("attention", 24, 1), ("attention", 0, 1)]
     assert batch.attn_metadata.plan is None   # the kernel path plans nothing
+
+
+def test_few_tokens_with_a_long_context_split_their_keys(backend):
+    be, ops = backend
+    caches = [torch.randn(130, 16, 2, 64) for _ in range(2)]
+    long_decodes = ragged_batch([(1200, 1), (700, 1)], block_size=16, num_blocks=130)
+    short = ragged_batch([(100, 1), (0, 30)], block_size=16, num_blocks=130)
+    for batch in (long_decodes, short):
+        batch.attn_metadata = be.prepare(batch)
+        be.attention(torch.randn(batch.num_tokens, 4, 64), *caches, batch, 0.1, None)
+    # Off a GPU the target is 8 programs: 2 tokens get ceil(8 / 2) = 4 parts each (1201 keys
+    # would allow 5); 31 tokens over 100 keys are enough work whole.
+    assert ops.calls == [("attention", 0, 4), ("attention", 0, 1)]
+    be.num_kv_splits = 3
+    short.attn_metadata = be.prepare(short)
+    be.attention(torch.randn(short.num_tokens, 4, 64), *caches, short, 0.1, None)
+    assert ops.calls[-1] == ("attention", 0, 3)

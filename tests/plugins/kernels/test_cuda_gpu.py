@@ -10,6 +10,8 @@ import torch
 import fastgen
 from fastgen.plugins.kernels.cuda import build
 from fastgen.plugins.kernels.cuda.backend import CudaBackend
+from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+from kernel_batches import ragged_batch
 from tiny_models import make_checkpoint
 
 CUDA = torch.device("cuda")
@@ -42,6 +44,24 @@ def test_ops_name_the_argument_at_fault(cuda):
         ops.attention(torch.randn(3, 4, 72, device=CUDA), cache, cache, qsl, lens, table, 1.0, 0)
     with pytest.raises(RuntimeError, match="fastgen_cuda::attention: seq_lens must be int32"):
         ops.attention(torch.randn(3, 4, 72, device=CUDA), cache, cache, qsl, lens.long(), table, 1.0, 0)
+    cache = cache[..., :64].contiguous()
+    with pytest.raises(RuntimeError, match=r"fastgen_cuda::attention: num_splits must be in \[1, 32\], got 0"):
+        ops.attention(torch.randn(3, 4, 64, device=CUDA), cache, cache, qsl, lens, table, 1.0, 0, 0)
+
+
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 32])
+def test_split_kv_matches_the_reference(cuda, num_splits, window):
+    # Long decodes and a prompt chunk, so that parts cross blocks, hold one key or none.
+    batch = ragged_batch([(1500, 1), (37, 1), (600, 20)], block_size=16, num_blocks=160, device=CUDA)
+    caches = [torch.randn(160, 16, 2, 128, device=CUDA) for _ in range(2)]
+    q = torch.randn(batch.num_tokens, 8, 128, device=CUDA)
+    out = torch.ops.fastgen_cuda.attention(q, *caches, batch.query_start_loc, batch.seq_lens,
+                                           batch.block_tables, 0.08, window or 0, num_splits)
+    reference = TorchBackend(CUDA)
+    batch.attn_metadata = reference.prepare(batch)
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, 0.08, window),
+                               atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])   # mistral: sliding window 24

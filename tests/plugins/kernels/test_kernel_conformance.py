@@ -2,7 +2,9 @@
 
 Each case runs on every (backend, device) pair where the backend can run here (`triton-cuda`,
 `cpu-cpu`, ...), against kernels.torch on the same device from the same inputs; kernels.torch on
-a GPU is checked against itself on the CPU. The inputs are drawn on the CPU, so every device
+a GPU is checked against itself on the CPU; kernels.cuda's kernels, emulated on the CPU where g++
+builds them (`cuda-emulated`, tests/plugins/kernels/cuda_emulator.py), against kernels.torch on
+the CPU. The inputs are drawn on the CPU, so every device
 sees the same values.
 
 Shapes are small (the Triton interpreter runs each program in numpy) but awkward: ragged batches
@@ -16,7 +18,8 @@ import pytest
 import torch
 
 from fastgen.kernels import linear_of
-from kernel_batches import REFERENCE, make_backend, ragged_batch
+import cuda_emulator
+from kernel_batches import EMULATED_CUDA, REFERENCE, make_backend, ragged_batch
 from kernel_targets import CPU, kernel_targets, target_id
 
 # bfloat16 on GPUs only: the Triton interpreter has none, so the CPU cases stay as they were.
@@ -31,10 +34,17 @@ BLOCK_SIZE = 16
 NUM_BLOCKS = 48
 
 # kernels.torch is the reference on each device, so on the CPU it has nothing to be checked against.
+# kernels.cuda's kernels also run here without a GPU, emulated on the CPU (`cuda-emulated`).
 TARGETS = [t for t in kernel_targets() if t != (REFERENCE, CPU)]
+if cuda_emulator.available() is None:
+    TARGETS.append(EMULATED_CUDA)
 
 
-@pytest.fixture(params=TARGETS, ids=[target_id(*t) for t in TARGETS])
+def _target_id(target) -> str:
+    return "cuda-emulated" if target == EMULATED_CUDA else target_id(*target)
+
+
+@pytest.fixture(params=TARGETS, ids=[_target_id(t) for t in TARGETS])
 def backend(request):
     name, device = request.param
     if request.node.callspec.params.get("dtype") in GPU_DTYPES and device.type != "cuda":

@@ -1,10 +1,14 @@
 // Paged attention over a ragged batch: decodes and prompt chunks in one launch.
 //
-// One thread block per (query token, query head). Its warps stride over the keys the token may see
-// (causal within its sequence, optionally a sliding window), each warp keeping an online softmax
-// (running max, running sum, weighted value sum) for its share; the block merges the warps' states
-// at the end. Every query token finds its sequence from query_start_loc, so no per-step plan is
-// needed and decodes and chunks mix freely. Accumulation is fp32 whatever the cache dtype.
+// One thread block per (query token, query head, split). Its warps stride over the block's share
+// of the keys the token may see (causal within its sequence, optionally a sliding window), each
+// warp keeping an online softmax (running max, running sum, weighted value sum) for its share; the
+// block merges the warps' states at the end. Every query token finds its sequence from
+// query_start_loc, so decodes and chunks mix freely. Accumulation is fp32 whatever the cache dtype.
+//
+// Split-KV (flash-decoding): with num_splits > 1 the keys are cut into that many contiguous parts,
+// so a step of few long decodes still fills the GPU; each block writes its part's unnormalised
+// output, max and sum, and reduce_splits_kernel merges the parts of each (token, head).
 #include <cfloat>
 
 #include "cuda_utils.cuh"
@@ -43,6 +47,10 @@ __global__ void attention_kernel(const AttentionParams p) {
   const int q_len = p.query_start_loc[seq + 1] - q_start;
   const int position = p.seq_lens[seq] - q_len + (token - q_start);   // keys 0..position are visible
   const int first_key = p.sliding_window > 0 ? max(0, position - p.sliding_window + 1) : 0;
+  // This block's part of [first_key, position]; a part past the end is empty.
+  const int per_split = (position - first_key + p.num_splits) / p.num_splits;
+  const int begin = first_key + static_cast<int>(blockIdx.z) * per_split;
+  const int end = min(begin + per_split, position + 1);
   const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
 
   float q_reg[kPerLane];
@@ -57,7 +65,7 @@ __global__ void attention_kernel(const AttentionParams p) {
   float running_sum = 0.f;
   float acc[kPerLane] = {};
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  for (int key = first_key + warp; key <= position; key += kAttentionWarps) {
+  for (int key = begin + warp; key < end; key += kAttentionWarps) {
     const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
     const T* k_row = k_cache + slot * kv_row + kv_head * kHeadDim;
     const T* v_row = v_cache + slot * kv_row + kv_head * kHeadDim;
@@ -106,20 +114,69 @@ __global__ void attention_kernel(const AttentionParams p) {
     factors[w] = __expf(warp_max[w] - block_max);
     total += warp_sum_exp[w] * factors[w];
   }
-  const float inv_total = 1.f / total;   // the token's own key is always visible: total > 0
-  T* out_row = static_cast<T*>(p.out) + (static_cast<int64_t>(token) * p.num_heads + head) * kHeadDim;
+  const int64_t row = static_cast<int64_t>(token) * p.num_heads + head;
+  if (p.num_splits == 1) {
+    const float inv_total = 1.f / total;   // the token's own key is always visible: total > 0
+    T* out_row = static_cast<T*>(p.out) + row * kHeadDim;
+    for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < kAttentionWarps; ++w) o += warp_acc[w][d] * factors[w];
+      out_row[d] = from_float<T>(o * inv_total);
+    }
+    return;
+  }
+  // A part: its unnormalised output and its state. An empty part leaves sum 0 (and max -FLT_MAX),
+  // which gives it no weight in the merge.
+  const int64_t part = static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + row;
+  float* part_row = p.part_out + part * kHeadDim;
   for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
     float o = 0.f;
 #pragma unroll
     for (int w = 0; w < kAttentionWarps; ++w) o += warp_acc[w][d] * factors[w];
+    part_row[d] = o;
+  }
+  if (threadIdx.x == 0) {
+    p.part_max[part] = block_max;
+    p.part_sum[part] = total;
+  }
+}
+
+// One block per (query token, query head): the parts' outputs, each weighted by exp(its max - the
+// largest max), summed and divided by the equally weighted sum of their sums.
+template <typename T, int kHeadDim>
+__global__ void reduce_splits_kernel(const AttentionParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * p.num_heads + blockIdx.y;
+  const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+  __shared__ float weight[kMaxAttentionSplits];
+  __shared__ float inv_total;
+  if (threadIdx.x == 0) {
+    float top = -FLT_MAX;
+    for (int s = 0; s < p.num_splits; ++s) top = fmaxf(top, p.part_max[s * split_stride + row]);
+    float total = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      weight[s] = __expf(p.part_max[s * split_stride + row] - top);
+      total += weight[s] * p.part_sum[s * split_stride + row];
+    }
+    inv_total = 1.f / total;   // the part holding the token's own key has sum > 0
+  }
+  __syncthreads();
+  T* out_row = static_cast<T*>(p.out) + row * kHeadDim;
+  for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) o += weight[s] * p.part_out[(s * split_stride + row) * kHeadDim + d];
     out_row[d] = from_float<T>(o * inv_total);
   }
 }
 
 template <typename T, int kHeadDim>
 void launch(const AttentionParams& p, cudaStream_t stream) {
-  const dim3 grid(p.num_tokens, p.num_heads);
+  const dim3 grid(p.num_tokens, p.num_heads, p.num_splits);
   attention_kernel<T, kHeadDim><<<grid, kAttentionWarps * kWarpSize, 0, stream>>>(p);
+  if (p.num_splits > 1) {
+    const dim3 rows(p.num_tokens, p.num_heads);
+    reduce_splits_kernel<T, kHeadDim><<<rows, block_threads(kHeadDim, 128), 0, stream>>>(p);
+  }
 }
 
 }  // namespace

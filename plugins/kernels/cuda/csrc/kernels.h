@@ -10,6 +10,8 @@ namespace fastgen_cuda {
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 constexpr int kAttentionHeadSizes[] = {64, 80, 96, 112, 128, 256};
+// Split-KV: at most this many parts per key range.
+constexpr int kMaxAttentionSplits = 32;
 
 struct AttentionParams {
   void* out;                    // [T, H, D], contiguous
@@ -23,6 +25,13 @@ struct AttentionParams {
   int64_t q_token_stride, q_head_stride;
   float scale;
   int sliding_window;           // <= 0: none
+  // Split-KV: each (token, head)'s keys are cut into num_splits parts. With more than one, each
+  // part's unnormalised output and softmax state land in these fp32 buffers and a second kernel
+  // merges them into out; with one, they are unused.
+  int num_splits;
+  float* part_out;              // [num_splits, T, H, D]
+  float* part_max;              // [num_splits, T, H]
+  float* part_sum;              // [num_splits, T, H]
 };
 
 struct WriteKVParams {

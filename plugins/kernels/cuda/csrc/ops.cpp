@@ -99,7 +99,8 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                     const at::Tensor& block_tables, double scale, int64_t sliding_window) {
+                     const at::Tensor& block_tables, double scale, int64_t sliding_window,
+                     int64_t num_splits) {
   constexpr const char* op = "fastgen_cuda::attention";
   check_cuda_on_one_device(op, {&q, &k_cache, &v_cache, &query_start_loc, &seq_lens, &block_tables});
   check_dim(op, "q", q, 3);
@@ -130,7 +131,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
               ": head size ", head_dim, " has no kernel; supported: ",
               c10::ArrayRef<int>(kAttentionHeadSizes));
 
+  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxAttentionSplits, op, ": num_splits must be in [1, ",
+              kMaxAttentionSplits, "], got ", num_splits);
+
   auto out = at::empty({q.size(0), num_heads, head_dim}, q.options());
+  // Split-KV partials, fp32; unused (and not allocated) without a split.
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_out, part_max, part_sum;
+  if (num_splits > 1) {
+    part_out = at::empty({num_splits, q.size(0), num_heads, head_dim}, f32);
+    part_max = at::empty({num_splits, q.size(0), num_heads}, f32);
+    part_sum = at::empty({num_splits, q.size(0), num_heads}, f32);
+  }
   const auto qsl = query_start_loc.contiguous();
   const auto lens = seq_lens.contiguous();
   const auto tables = block_tables.contiguous();
@@ -141,7 +153,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                           static_cast<int>(tables.size(1)), static_cast<int>(k_cache.size(1)),
                           static_cast<int>(num_heads), static_cast<int>(num_kv_heads),
                           static_cast<int>(head_dim), q.stride(0), q.stride(1), static_cast<float>(scale),
-                          static_cast<int>(std::max<int64_t>(sliding_window, 0))};
+                          static_cast<int>(std::max<int64_t>(sliding_window, 0)),
+                          static_cast<int>(num_splits),
+                          num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
+                          num_splits > 1 ? part_max.data_ptr<float>() : nullptr,
+                          num_splits > 1 ? part_sum.data_ptr<float>() : nullptr};
   check_launch(launch_attention(p, dtype_of(op, q), current_stream(q)));
   return out;
 }
@@ -255,9 +271,10 @@ TORCH_LIBRARY(fastgen_cuda, m) {
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
   // q: [T, H, D] -> [T, H, D] over the ragged batch (query_start_loc [B+1], seq_lens [B],
-  // block_tables [B, max_blocks], all int32). sliding_window <= 0: no window.
+  // block_tables [B, max_blocks], all int32). sliding_window <= 0: no window. num_splits: split-KV
+  // parts per key range, 1 to kMaxAttentionSplits.
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, "
-        "Tensor seq_lens, Tensor block_tables, float scale, int sliding_window) -> Tensor");
+        "Tensor seq_lens, Tensor block_tables, float scale, int sliding_window, int num_splits=1) -> Tensor");
   // No tensor arguments, so no dispatch key: a catch-all kernel.
   m.def("attention_head_sizes() -> int[]", &attention_head_sizes);
   // x: [T, E], weight: [E] -> [T, E]

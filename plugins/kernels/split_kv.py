@@ -1,0 +1,37 @@
+"""Split-KV (flash-decoding): how many parts a step's key ranges are cut into, for every GPU
+attention kernel (kernels.triton, kernels.cuda).
+
+A decode step of few sequences gives an attention kernel few programs, one per sequence and head,
+each walking its whole context: most of the GPU idles while they do. Cutting each key range into
+parts run by separate programs, then merging their softmax states, fills it. The split is planned
+once per step from host-side metadata (no device sync): the model's head counts are not known
+there, so the work is counted in query tiles (or tokens), which every head multiplies alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A split shorter than this many keys costs more in merging than it gains.
+KEYS_PER_SPLIT = 256
+# No split below this context: short ranges finish fast anyway.
+MIN_SPLIT_KEYS = 512
+MAX_SPLITS = 16
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs keep the device busy: a few waves of its multiprocessors; a small number
+    elsewhere (the interpreter, meta tensors), so tests exercise split-KV with short contexts when
+    they force it."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def num_kv_splits(work_items: int, longest: int, target: int,
+                  min_keys: int = MIN_SPLIT_KEYS) -> int:
+    """Parts per key range: 1 unless `work_items` (tiles or tokens) fall short of `target` programs
+    and the longest context (`longest` keys) is long enough to be worth cutting."""
+    if work_items <= 0 or work_items >= target or longest < min_keys:
+        return 1
+    return max(1, min(-(-target // work_items), -(-longest // KEYS_PER_SPLIT), MAX_SPLITS))

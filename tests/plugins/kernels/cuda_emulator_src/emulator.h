@@ -1,0 +1,248 @@
+// Runs kernels.cuda's device code on the CPU, for tests on machines without a GPU.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on the calling thread; the blocks of the grid
+// run one after another, so `__shared__` arrays (function statics here) hold one block's data at
+// a time. __syncthreads is a barrier over the block's fibers and the warp shuffles exchange values
+// through a barrier over the warp's 32: a fiber runs until it reaches one, then the next runs. A
+// sweep over the fibers in which none arrives anywhere or finishes is a deadlock (threads that
+// disagree on their barriers), reported and aborted rather than hung. What this checks is the
+// kernels' arithmetic, indexing and synchronisation logic; not what only a GPU shows (memory
+// coalescing, races between warps that the fibers' order happens to hide, __expf's approximation).
+//
+// tests/plugins/kernels/cuda_emulator.py builds csrc/ against this header (through the stand-in
+// cuda_*.h headers in include/) after rewriting each `kernel<<<config>>>(args)` launch as
+// `emu::Launch(config)(kernel, args)`.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+using cudaStream_t = void*;
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+namespace emu {
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  dim3 thread;
+  int linear = 0;
+  long shuffles = 0;
+  bool done = false;
+};
+
+inline ucontext_t scheduler;
+inline Fiber* current = nullptr;
+inline long progress = 0;               // arrivals at barriers and finished fibers, ever
+inline const std::function<void()>* body = nullptr;
+inline dim3 block_index, block_dim, grid_dim;
+inline std::vector<unsigned char> dynamic_shared_memory;
+
+inline void yield() { swapcontext(&current->context, &scheduler); }
+
+// A barrier over `count` fibers, reusable: the last to arrive runs `on_release`, if any, and
+// releases the others.
+class Barrier {
+ public:
+  explicit Barrier(int count = 0, void (*on_release)() = nullptr) : count_(count), on_release_(on_release) {}
+  void wait() {
+    ++progress;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      if (on_release_) on_release_();
+      ++generation_;
+      return;
+    }
+    const long generation = generation_;
+    while (generation_ == generation) yield();
+  }
+
+ private:
+  int count_, arrived_ = 0;
+  long generation_ = 0;
+  void (*on_release_)();
+};
+
+inline Barrier block_barrier;            // __syncthreads
+inline Barrier block_end;                // every thread done with a block: the next one starts
+inline std::vector<Barrier> warp_barriers;
+inline std::vector<uint64_t> warp_slots;
+inline bool launch_finished = false;
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(dynamic_shared_memory.data());
+}
+
+// The last thread to finish a block moves the whole block on to the next, x fastest.
+inline void next_block() {
+  if (++block_index.x < grid_dim.x) return;
+  block_index.x = 0;
+  if (++block_index.y < grid_dim.y) return;
+  block_index.y = 0;
+  if (++block_index.z < grid_dim.z) return;
+  launch_finished = true;
+}
+
+// A thread's life: its part of every block in turn.
+inline void fiber_main() {
+  for (;;) {
+    (*body)();
+    block_end.wait();
+    if (launch_finished) break;
+  }
+  current->done = true;
+  ++progress;
+}   // uc_link returns to the scheduler
+
+class Launch {
+ public:
+  Launch(dim3 grid, dim3 block, size_t shared_bytes = 0, cudaStream_t = nullptr)
+      : grid_(grid), block_(block), shared_bytes_(shared_bytes) {}
+
+  template <typename... KernelArgs, typename... Args>
+  void operator()(void (*kernel)(KernelArgs...), Args&&... args) {
+    const std::function<void()> call = [&] { kernel(args...); };
+    if (grid_.x * grid_.y * grid_.z == 0) return;
+    body = &call;
+    const int threads = static_cast<int>(block_.x * block_.y * block_.z);
+    block_dim = block_;
+    grid_dim = grid_;
+    block_index = dim3(0, 0, 0);
+    launch_finished = false;
+    dynamic_shared_memory.assign(shared_bytes_ + 16, 0);
+    block_barrier = Barrier(threads);
+    block_end = Barrier(threads, next_block);
+    warp_barriers.clear();
+    for (int first = 0; first < threads; first += 32) warp_barriers.emplace_back(std::min(32, threads - first));
+    warp_slots.assign(warp_barriers.size() * 2 * 32, 0);
+    std::vector<Fiber> fibers(threads);
+    for (int t = 0; t < threads; ++t) {
+      Fiber& fiber = fibers[t];
+      fiber.stack.resize(kStackBytes);
+      fiber.linear = t;
+      fiber.thread = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = fiber.stack.data();
+      fiber.context.uc_stack.ss_size = fiber.stack.size();
+      fiber.context.uc_link = &scheduler;
+      makecontext(&fiber.context, fiber_main, 0);
+    }
+    for (;;) {
+      const long before = progress;
+      bool alive = false;
+      for (auto& fiber : fibers) {
+        if (fiber.done) continue;
+        alive = true;
+        current = &fiber;
+        swapcontext(&scheduler, &fiber.context);
+      }
+      if (!alive) break;
+      if (progress == before) {
+        std::fprintf(stderr, "cuda emulator: deadlock in block (%u, %u, %u): the live threads wait at "
+                     "barriers that not all of them reach\n", block_index.x, block_index.y, block_index.z);
+        std::abort();
+      }
+    }
+    current = nullptr;
+    body = nullptr;
+  }
+
+ private:
+  static constexpr size_t kStackBytes = 256 * 1024;
+
+  dim3 grid_, block_;
+  size_t shared_bytes_;
+};
+
+}  // namespace emu
+
+#define threadIdx (emu::current->thread)
+#define blockIdx (emu::block_index)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::block_barrier.wait(); }
+
+// Each lane posts its value, waits for the warp, reads its partner's. The slots alternate between
+// two sets from one shuffle to the next, so a lane that moves on cannot overwrite a value a slower
+// lane has still to read: it would have to pass the next shuffle's barrier first, which waits for
+// that lane.
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
+  emu::Fiber& self = *emu::current;
+  const int warp = self.linear / 32, lane = self.linear % 32;
+  uint64_t* slots = emu::warp_slots.data() + (2 * warp + self.shuffles++ % 2) * 32;
+  std::memcpy(&slots[lane], &value, sizeof(T));
+  emu::warp_barriers[warp].wait();
+  T result;
+  std::memcpy(&result, &slots[lane ^ lane_mask], sizeof(T));
+  return result;
+}
+
+// CUDA's device min and max overloads.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+
+// Half and bfloat16 as their bits, converted with round-to-nearest-even as CUDA and torch do.
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = static_cast<_Float16>(x);
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40)};   // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}

@@ -1,0 +1,147 @@
+"""kernels.cuda's kernels without a GPU: csrc/ run by the CPU emulator (cuda_emulator.py).
+
+The shared conformance suite runs every op on the emulated kernels (its `cuda-emulated` cases);
+here is what it does not reach: split-KV (long contexts with few tokens, parts that hold one key
+or none, every dtype), the backend's choice of splits, and whole models token for token.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+
+import pytest
+import torch
+
+import cuda_emulator
+import fastgen
+from fastgen.config import make_config
+from fastgen.engine import Engine
+from kernel_batches import ragged_batch
+from kernel_targets import CPU
+from tiny_models import make_checkpoint
+
+REASON = cuda_emulator.available()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator cannot run here: {REASON}")
+
+TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# A long decode, a short one and a prompt chunk after a cached prefix.
+SHAPES = [(400, 1), (37, 1), (100, 12)]
+NUM_BLOCKS = 64
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return cuda_emulator.emulated_ops()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+
+    return TorchBackend(CPU)
+
+
+def _inputs(dtype, dim=64, heads=8, kv_heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = ragged_batch(SHAPES, 16, NUM_BLOCKS, seed=seed)
+    caches = [torch.randn(NUM_BLOCKS, 16, kv_heads, dim, generator=g).to(dtype) for _ in range(2)]
+    q = torch.randn(batch.num_tokens, heads, dim, generator=g).to(dtype)
+    return batch, caches, q
+
+
+SPLIT_CASES = ([(torch.float32, w, n) for w in (None, 100) for n in (1, 2, 7, 32)]
+               + [(torch.float16, None, 7), (torch.bfloat16, None, 7), (torch.bfloat16, 100, 32)])
+
+
+@pytest.mark.parametrize("dtype, window, num_splits", SPLIT_CASES,
+                         ids=[f"{str(d)[6:]}-{'window' if w else 'full'}-{n}" for d, w, n in SPLIT_CASES])
+def test_split_kv_matches_the_reference(ops, reference, dtype, window, num_splits):
+    # 32 parts of a 38-key context hold one or two keys each; of the window's 100, some hold none.
+    batch, caches, q = _inputs(dtype)
+    out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, 0.125,
+                        window or 0, num_splits)
+    batch.attn_metadata = reference.prepare(batch)
+    expected = reference.attention(q, *caches, batch, 0.125, window)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+
+
+def test_the_backend_splits_few_long_decodes_and_matches_the_reference(reference):
+    backend = cuda_emulator.EmulatedCudaBackend(CPU)
+    batch, caches, q = _inputs(torch.float32, dim=128, heads=4, kv_heads=4, seed=1)
+    decodes = ragged_batch([(600, 1), (300, 1)], 16, 64, seed=1)
+    q = q[:2]
+    decodes.attn_metadata = backend.prepare(decodes)
+    # Off a GPU the target is 8 programs: two tokens could take 4 parts each, 601 keys make 3 of
+    # at least 256.
+    assert decodes.attn_metadata.num_splits == 3
+    out = backend.attention(q, *caches, decodes, 0.1, None)
+    decodes.attn_metadata = reference.prepare(decodes)
+    torch.testing.assert_close(out, reference.attention(q, *caches, decodes, 0.1, None),
+                               atol=2e-5, rtol=1e-5)
+
+
+class _EmulatedCudaForEngines(cuda_emulator.EmulatedCudaBackend):
+    """Registered under a name of its own, and splitting every step's keys into 3 parts."""
+
+    name = "cuda_emulated"
+    num_kv_splits = 3
+
+    @classmethod
+    def unavailable_reason(cls, device):
+        return cuda_emulator.available()
+
+
+def test_a_whole_model_gives_the_reference_tokens(tmp_path, plugin_manager):
+    class Plugin:
+        @fastgen.hookimpl
+        def register_kernels(self, register):
+            register(_EmulatedCudaForEngines)
+
+    plugin_manager.register(Plugin(), name="kernels.cuda_emulated")
+    # Head size 64, which has a kernel (the shared tiny models' 16 falls back to the reference).
+    make_checkpoint(tmp_path, "mistral", hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                    num_key_value_heads=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 30, 45)]
+    params = fastgen.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tokens = {}
+    for kernels in ("cuda_emulated", "torch"):
+        engine = Engine(make_config(model=str(tmp_path), kernels=kernels, device="cpu", token_budget=32,
+                                    max_num_seqs=4, num_blocks=16), plugins=plugin_manager)
+        ids = [engine.add_request(prompt, params) for prompt in prompts]
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        tokens[kernels] = [done[i] for i in ids]
+    assert tokens["cuda_emulated"] == tokens["torch"]
+
+
+def test_the_emulator_reports_threads_that_disagree_on_a_barrier(tmp_path):
+    # Half the block skips a __syncthreads: a hang on a GPU, and here an abort that names it, not a
+    # test run that never ends.
+    program = tmp_path / "barriers.cpp"
+    program.write_text(textwrap.dedent("""
+        #include <cstdio>
+        #include <cstring>
+        __global__ void agree(int* out) { __syncthreads(); out[blockIdx.x * 64 + threadIdx.x] = 1; }
+        __global__ void disagree(int* out) { if (threadIdx.x < 32) __syncthreads(); out[threadIdx.x] = 1; }
+        int main(int argc, char** argv) {
+          int out[128] = {};
+          emu::Launch(dim3(2), dim3(64))(std::strcmp(argv[1], "agree") ? disagree : agree, out);
+          int sum = 0;
+          for (int v : out) sum += v;
+          std::printf("%d threads wrote\\n", sum);
+        }
+    """))
+    binary = tmp_path / "barriers"
+    subprocess.run(["g++", "-std=c++20", "-O1", "-include", str(cuda_emulator.SRC / "emulator.h"),
+                    str(program), "-o", str(binary)], check=True, capture_output=True)
+    agree = subprocess.run([str(binary), "agree"], capture_output=True, text=True, timeout=60)
+    assert agree.returncode == 0 and agree.stdout.strip() == "128 threads wrote"
+    disagree = subprocess.run([str(binary), "disagree"], capture_output=True, text=True, timeout=60)
+    assert disagree.returncode != 0
+    assert "deadlock in block (0, 0, 0)" in disagree.stderr
