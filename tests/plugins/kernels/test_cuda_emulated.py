@@ -67,6 +67,19 @@ def test_split_kv_matches_the_reference(ops, reference, dtype, window, num_split
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (8, 1), (6, 2), (5, 5)],
+                         ids=["group3", "group8", "group3-of-2", "mha"])
+def test_every_query_group_size_matches_the_reference(ops, reference, heads, kv_heads):
+    # A block takes up to 4 query heads of a group: groups of 3 leave one idle, groups of 8 take two
+    # blocks per key/value head, and without grouping a block takes one head.
+    batch, caches, q = _inputs(torch.float32, heads=heads, kv_heads=kv_heads, seed=2)
+    out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, 0.125,
+                        0, 2)
+    batch.attn_metadata = reference.prepare(batch)
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, 0.125, None),
+                               atol=2e-5, rtol=1e-5)
+
+
 def test_the_backend_splits_few_long_decodes_and_matches_the_reference(reference):
     backend = cuda_emulator.EmulatedCudaBackend(CPU)
     batch, caches, q = _inputs(torch.float32, dim=128, heads=4, kv_heads=4, seed=1)
