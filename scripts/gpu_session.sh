@@ -2,28 +2,31 @@
 # A GPU session's checks and measurements (issue 5) in one command, run by the device tool in the
 # repository root, with the wheels that scripts/gpu_wheels.sh put in .whl/ (carry [".whl"]):
 #
-#   bash scripts/gpu_session.sh [tests] [kernels] [e2e]      no step named: all three, in order
+#   bash scripts/gpu_session.sh [tests] [kernels] [e2e] [sweep]    no step named: all four, in order
 #
-#   tests    the GPU cases (-k "cuda and not emulated") of tests/plugins/kernels and of the Llama-family parity
-#            tests: the conformance suite on cuda (kernels.torch, .triton and .cuda against
-#            kernels.torch), kernels.cuda's GPU tests, greedy parity with transformers for every
-#            backend on the GPU
+#   tests    the GPU cases (-k "cuda and not emulated") of tests/plugins/kernels and of the
+#            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
+#            .cuda against kernels.torch), kernels.cuda's GPU tests, greedy parity with
+#            transformers for every backend on the GPU
 #   kernels  fastgen bench kernels, full shapes, over the backends that run on the device; one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m, then llama-1b, in
 #            bf16: every backend beside transformers generate, prefill and decode tokens/s
+#   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
+#            beside torch's SDPA on the same work (llama3-8b shapes), to choose its defaults
 #
 # A session has 15 minutes of device time in all, the machine's start (1-2 minutes) and its idle
-# time counted, so the three steps share ONE call: the whole command ends within
-# GPU_SESSION_BUDGET_S seconds (default 570), in the order above, what matters most first. Each
-# part runs under its own `timeout` and a failing one does not stop the next; each gets at most
-# its cap and what the floors of the later steps leave it; a part that gets no time is reported
-# as skipped. Give the machine back right after (the device tool's give_back). What comes back under $OUT (7 files, all rewritten after
-# every part, so what was done survives a kill):
-#   summary.md   versions, each part's result and time, the test summary, both tables
+# time counted, so the steps share ONE call: the whole command ends within GPU_SESSION_BUDGET_S
+# seconds (default 570), in the order above, what matters most first. Each part runs under its
+# own `timeout` and a failing one does not stop the next; each gets at most its cap and what the
+# floors of the later steps leave it; a part that gets no time is reported as skipped. Give the
+# machine back right after (the device tool's give_back). What comes back under $OUT (8 files,
+# the device tool's most, all rewritten after every part, so what was done survives a kill):
+#   summary.md   versions, each part's result and time, the test summary, the tables
 #   session.log  everything printed        tests.xml  pytest's junit report
 #   kernels.json pytest-benchmark JSON of all model shapes      kernels.md  its tables
 #   e2e.json     offline_throughput's JSON per model             e2e.md      its tables
+#   sweep.md     the attention settings' table
 #
 # Dry run on a CPU machine, to check this script: FASTGEN_DEVICE=cpu bash scripts/gpu_session.sh
 # runs the same steps with tiny shapes and quick modes over the backends that run on the CPU,
@@ -54,14 +57,14 @@ else PY=python3
 fi
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e sweep)
 for s in "${STEPS[@]}"; do
-    case $s in tests|kernels|e2e) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e" >&2; exit 2 ;; esac
+    case $s in tests|kernels|e2e|sweep) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e, sweep" >&2; exit 2 ;; esac
 done
 
 # Seconds: each step's cap (all its parts together), and the floor that the parts before it leave
 # it; the setup's parts have caps of their own.
-declare -A CAP=([tests]=180 [kernels]=220 [e2e]=180) FLOOR=([tests]=90 [kernels]=100 [e2e]=70)
+declare -A CAP=([tests]=170 [kernels]=200 [e2e]=150 [sweep]=100) FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=50)
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
 PYTEST_ARGS=()
 if [ "$DRY" = 1 ]; then
@@ -153,7 +156,7 @@ write_summary() {
             fi
             echo '```'
         fi
-        for f in kernels e2e; do
+        for f in kernels e2e sweep; do
             [ -s "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }
         done
     } > "$OUT/summary.md"
@@ -289,6 +292,17 @@ step_e2e() {
         merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
         write_summary
     done
+}
+
+step_sweep() {
+    local args=(--device "$DEVICE" --markdown "$OUT/sweep.md")
+    [ "$DRY" = 1 ] && args+=(--quick)
+    # The dry run sweeps under Triton's interpreter, which the script sets on a CPU.
+    if [ "$DRY" = 0 ] && [[ ",$BACKENDS," != *",triton,"* ]]; then
+        say "sweep: skipped, kernels.triton does not run on $DEVICE"
+        return 0
+    fi
+    bounded sweep "$(limit_for sweep "${CAP[sweep]}" 1)" - "$PY" benchmarks/attention_sweep.py "${args[@]}"
 }
 
 say "steps ${STEPS[*]} on $DEVICE with $PY; results in $OUT"

@@ -37,11 +37,17 @@ class AttentionPlan:
     seq_lens: torch.Tensor          # [B] int32
     block_tables: torch.Tensor      # [B, max_blocks] int32
     block_size: int
+    # Launch settings; None: chosen by paged_attention from the head size and the device.
+    block_n: int | None = None      # keys per step of a program's loop
+    num_warps: int | None = None
+    num_stages: int | None = None   # software pipelining depth of that loop (Triton's default: 3)
 
 
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
-                   split_min_keys: int = MIN_SPLIT_KEYS) -> AttentionPlan:
-    """Tiles for every sequence's new tokens and the split count, from the host-side metadata."""
+                   split_min_keys: int = MIN_SPLIT_KEYS, block_n: int | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None) -> AttentionPlan:
+    """Tiles for every sequence's new tokens and the split count, from the host-side metadata;
+    the launch settings given, if any, are kept for paged_attention."""
     query_lens = batch.query_lens
     if tile_tokens is None:
         # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: fewer,
@@ -64,7 +70,8 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         tile_start=torch.tensor(starts, dtype=torch.int32).to(device),
         tile_tokens=tokens, num_splits=max(1, num_splits),
         query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
-        block_tables=batch.block_tables, block_size=batch.block_size)
+        block_tables=batch.block_tables, block_size=batch.block_size,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
@@ -199,9 +206,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     # tl.dot needs at least 16 rows; a decode tile is just the group's heads.
     block_m = max(16, triton.next_power_of_2(plan.tile_tokens * group))
     block_d = max(16, triton.next_power_of_2(dim))
-    block_n = 64 if block_d <= 64 else 32
-    if interpreted(q.device):
-        block_n = 64
+    block_n = plan.block_n or (64 if block_d <= 64 or interpreted(q.device) else 32)
+    num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
+    stages = {} if plan.num_stages is None else {"num_stages": plan.num_stages}
     grid = (plan.tile_seq.shape[0], kv_heads, splits)
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_max, part_sum,
@@ -213,7 +220,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
         SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_m * block_d <= 64 * 128 else 8)
+        num_warps=num_warps, **stages)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](
             part_out, part_max, part_sum, out, tokens, heads, out.stride(0), out.stride(1),

@@ -25,6 +25,11 @@ class TritonBackend:
     num_kv_splits: int | None = None
     # New tokens per attention tile in steps with prompt chunks; None chooses by device.
     tile_tokens: int | None = None
+    # The attention kernel's keys per loop step, warps and pipelining depth; None chooses by head
+    # size and device. benchmarks/attention_sweep.py times the alternatives.
+    attention_block_n: int | None = None
+    attention_num_warps: int | None = None
+    attention_num_stages: int | None = None
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -48,7 +53,9 @@ class TritonBackend:
                 f"CPU run (tests).")
 
     def prepare(self, batch):
-        return self._attention.plan_attention(batch, self.tile_tokens, self.num_kv_splits)
+        return self._attention.plan_attention(
+            batch, self.tile_tokens, self.num_kv_splits, block_n=self.attention_block_n,
+            num_warps=self.attention_num_warps, num_stages=self.attention_num_stages)
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; slot_mapping: [T]

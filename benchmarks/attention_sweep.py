@@ -1,0 +1,208 @@
+"""Time kernels.triton's attention over its launch settings, beside torch's SDPA on the same work.
+
+    python benchmarks/attention_sweep.py [--device cuda] [--dtype bfloat16] [--model llama3-8b]
+        [--shapes decode_b1_ctx8192,prefill_2048_cached0,...] [--quick] [--repeats N]
+        [--markdown FILE] [--json FILE]
+
+For each batch shape, each launch setting (tile tokens for prompt tiles, keys per loop step, warps,
+pipelining stages; `auto` is what the backend chooses by itself) runs on the same inputs. Its
+output is checked against kernels.torch first: a setting that computes wrong is marked and never
+counted as the best. Then it is timed (CUDA events on a GPU, best of --repeats). The bar is the
+issue's target, torch's scaled_dot_product_attention on the same work: the same queries over each
+sequence's keys and values laid out contiguously (no block table), causal, grouped-query.
+
+On a CPU it runs under Triton's interpreter (set here) with --quick shapes: a check of the script,
+not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+from fastgen.bench.kernels import (MODELS, BatchShape, best_time, build_batch, decode,  # noqa: E402
+                                   mixed, prefill)
+from fastgen.checkpoint import DTYPES  # noqa: E402
+from fastgen.kernels import make_backend  # noqa: E402
+from fastgen.plugin_manager import load_plugins  # noqa: E402
+
+SHAPES = {s.name: s for s in (decode(1, 8192), decode(64, 1024), prefill(2048), mixed(512, 16, 1024))}
+QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
+# (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
+DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64, 128) for st in (2, 3)] + [
+    (None, 64, 2, 3), (None, 64, 8, 3)]
+PROMPT_SETTINGS = [(t, n, w, 3) for t in (16, 32) for n in (32, 64) for w in (4, 8)]
+QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass
+class Result:
+    shape: str
+    setting: str
+    seconds: float | None = None
+    correct: bool = True
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def setting_name(setting) -> str:
+    if setting is None:
+        return "auto"
+    tile, block_n, warps, stages = setting
+    parts = ([f"tile={tile}"] if tile else []) + [f"block_n={block_n}", f"warps={warps}"]
+    return " ".join(parts + ([f"stages={stages}"] if stages else []))
+
+
+def apply(backend, setting) -> None:
+    tile, block_n, warps, stages = setting or (None, None, None, None)
+    backend.tile_tokens, backend.attention_block_n = tile, block_n
+    backend.attention_num_warps, backend.attention_num_stages = warps, stages
+
+
+def sdpa_call(shape: BatchShape, q: torch.Tensor, heads: int, kv_heads: int, dim: int, dtype, device):
+    """SDPA over the same work: the shape's sequences grouped by (cached, new), each group one call
+    on contiguous [n, heads, tokens, dim] tensors."""
+    groups: dict[tuple[int, int], int] = {}
+    for pair in shape.sequences:
+        groups[pair] = groups.get(pair, 0) + 1
+    calls = []
+    for (cached, new), n in groups.items():
+        total = cached + new
+        qg = torch.randn(n, heads, new, dim, dtype=dtype, device=device)
+        k = torch.randn(n, kv_heads, total, dim, dtype=dtype, device=device)
+        v = torch.randn_like(k)
+        mask, causal = None, False
+        if new > 1 and cached == 0:
+            causal = True
+        elif new > 1:
+            keys = torch.arange(total, device=device)
+            mask = keys[None, :] <= cached + torch.arange(new, device=device)[:, None]
+        calls.append((qg, k, v, mask, causal))
+
+    def run():
+        for qg, k, v, mask, causal in calls:
+            F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    return run
+
+
+def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> list[Result]:
+    registry = load_plugins().registry
+    triton = make_backend(registry.get("kernels", "triton").cls, device)
+    reference = make_backend(registry.get("kernels", "torch").cls, device)
+    g = torch.Generator().manual_seed(0)
+    cache_shape = (shape.num_blocks, 16, model.num_kv_heads, model.head_dim)
+    k_cache = torch.randn(*cache_shape, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(*cache_shape, generator=g).to(dtype).to(device)
+    q = torch.randn(shape.num_tokens, model.num_heads, model.head_dim, generator=g).to(dtype).to(device)
+    scale = model.head_dim ** -0.5
+    batch = build_batch(shape, device)
+    batch.attn_metadata = reference.prepare(batch)
+    expected = reference.attention(q, k_cache, v_cache, batch, scale, model.sliding_window).float()
+    results = []
+    for setting in [None, *settings]:
+        result = Result(shape.name, setting_name(setting))
+        try:
+            apply(triton, setting)
+            batch.attn_metadata = triton.prepare(batch)
+            result.extra = {"num_splits": batch.attn_metadata.num_splits,
+                            "tile_tokens": batch.attn_metadata.tile_tokens}
+            out = triton.attention(q, k_cache, v_cache, batch, scale, model.sliding_window)
+            error = (out.float() - expected).abs().max().item()
+            result.correct = error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
+            if not result.correct:
+                result.error = f"max error {error:.3g}"
+            result.seconds = best_time(
+                lambda: triton.attention(q, k_cache, v_cache, batch, scale, model.sliding_window),
+                device, repeats)
+        except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
+            result.correct, result.error = False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+        results.append(result)
+    sdpa = Result(shape.name, "torch SDPA (contiguous K/V)")
+    try:
+        sdpa.seconds = best_time(sdpa_call(shape, q, model.num_heads, model.num_kv_heads,
+                                           model.head_dim, dtype, device), device, repeats)
+    except Exception as e:   # noqa: BLE001
+        sdpa.correct, sdpa.error = False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+    results.append(sdpa)
+    return results
+
+
+def format_results(results: list[Result], header: str) -> str:
+    lines = [header, ""]
+    for shape in dict.fromkeys(r.shape for r in results):
+        rows = [r for r in results if r.shape == shape]
+        auto = next((r.seconds for r in rows if r.setting == "auto" and r.correct), None)
+        sdpa = next((r.seconds for r in rows if r.setting.startswith("torch SDPA")), None)
+        timed = [r for r in rows if r.correct and r.seconds and not r.setting.startswith("torch")]
+        best = min(timed, key=lambda r: r.seconds) if timed else None
+        lines += [f"### {shape}", "", "| setting | us | vs auto | vs SDPA | splits | note |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            us = f"{r.seconds * 1e6:.1f}" if r.seconds else "-"
+            vs_auto = f"{auto / r.seconds:.2f}x" if auto and r.seconds else "-"
+            vs_sdpa = f"{sdpa / r.seconds:.2f}x" if sdpa and r.seconds else "-"
+            note = r.error or ("best" if r is best else "")
+            lines.append(f"| {r.setting} | {us} | {vs_auto} | {vs_sdpa} | "
+                         f"{r.extra.get('num_splits', '-')} | {note} |")
+        lines.append("")
+    lines.append("vs auto / vs SDPA: that time divided by this one (above 1: this setting is faster).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    parser.add_argument("--shapes", help=f"comma-separated, from {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="two small shapes and two settings")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--markdown", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    table = QUICK_SHAPES if args.quick else SHAPES
+    names = args.shapes.split(",") if args.shapes else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown shapes {', '.join(unknown)}; choose from {', '.join(table)}")
+    model = MODELS["smollm2-135m" if args.quick else args.model]
+    header = (f"## kernels.triton attention settings, {model.name}, {str(dtype)[6:]} on "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter)'}, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    results: list[Result] = []
+    for name in names:
+        shape = table[name]
+        settings = QUICK_SETTINGS if args.quick else (
+            DECODE_SETTINGS if shape.kind == "decode" else PROMPT_SETTINGS)
+        start = time.perf_counter()
+        results += sweep_shape(shape, model, dtype, device, settings, 3 if args.quick else args.repeats)
+        print(f"{name}: {len(settings) + 2} runs in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        text = format_results(results, header)   # rewritten after every shape: a timeout keeps them
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([asdict(r) for r in results], f, indent=1,
+                          default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    print(text)
+    return 0 if all(r.correct for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
