@@ -34,6 +34,19 @@ __device__ __forceinline__ int find_sequence(const int* __restrict__ query_start
   return lo;
 }
 
+// Each lane's share (dims lane, lane + 32, ...) of kKeysPerStep rows of a cache, in fp32.
+template <typename T, int kHeadDim, int kPerLane>
+__device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int64_t (&row)[kKeysPerStep],
+                                          int lane, float (&values)[kKeysPerStep][kPerLane]) {
+#pragma unroll
+  for (int j = 0; j < kKeysPerStep; ++j)
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int d = lane + i * kWarpSize;
+      values[j][i] = d < kHeadDim ? to_float(cache[row[j] + d]) : 0.f;
+    }
+}
+
 // kHeadDim and kHeads are template arguments so each lane's share of a row (kPerLane values) and of
 // each head's state lives in registers; for head sizes that are not a multiple of 32 some lanes
 // idle on the last element, and a block whose group has fewer than kHeads heads left idles the rest.
@@ -92,13 +105,7 @@ __global__ void attention_kernel(const AttentionParams p) {
       row[j] = slot * kv_row + kv_head * kHeadDim;
     }
     float k_val[kKeysPerStep][kPerLane];
-#pragma unroll
-    for (int j = 0; j < kKeysPerStep; ++j)
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int d = lane + i * kWarpSize;
-        k_val[j][i] = d < kHeadDim ? to_float(k_cache[row[j] + d]) : 0.f;
-      }
+    load_rows<T, kHeadDim>(k_cache, row, lane, k_val);
     float score[kKeysPerStep][kHeads];
 #pragma unroll
     for (int j = 0; j < kKeysPerStep; ++j)
@@ -110,13 +117,7 @@ __global__ void attention_kernel(const AttentionParams p) {
         score[j][h] = first + j < end ? warp_sum(partial) : -INFINITY;
       }
     float v_val[kKeysPerStep][kPerLane];
-#pragma unroll
-    for (int j = 0; j < kKeysPerStep; ++j)
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int d = lane + i * kWarpSize;
-        v_val[j][i] = d < kHeadDim ? to_float(v_cache[row[j] + d]) : 0.f;
-      }
+    load_rows<T, kHeadDim>(v_cache, row, lane, v_val);
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
       float new_max = running_max[h];
