@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 EXTRA_CFLAGS = ["-O3"]
 EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo"]
-# Enough to type-check device code (bf16 arithmetic needs sm_80) without running ptxas.
-CHECK_ARCH_FLAGS = ["-gencode=arch=compute_80,code=compute_80"]
+# The check type-checks device code for sm_80 (bf16 arithmetic needs it) and builds it for Hopper
+# (sm_90) through ptxas, whose report (-v) gives each kernel's registers and spills.
+CHECK_ARCH_FLAGS = ["-gencode=arch=compute_80,code=compute_80", "-gencode=arch=compute_90,code=sm_90",
+                    "-Xptxas", "-v"]
 
 _lock = threading.Lock()
 _loaded: Path | None = None
@@ -118,6 +121,17 @@ class CompileResult:
     returncode: int
     output: str
 
+    @property
+    def registers(self) -> list[int]:
+        """Registers per thread of each kernel ptxas built (sm_90), from its -v report."""
+        return [int(n) for n in re.findall(r"Used (\d+) registers", self.output)]
+
+    @property
+    def spill_bytes(self) -> int:
+        """Bytes spilled to local memory (stores + loads) by the worst kernel; 0 is none."""
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", self.output)
+        return max((int(a) + int(b) for a, b in spills), default=0)
+
 
 def _cxx_standard() -> str:
     # torch's extension tools hard-code the standard they build with (C++17 up to some 2.x, C++20
@@ -188,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results = compile_objects(args.check, nvcc)
         for r in results:
-            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name}")
+            usage = ""
+            if r.returncode == 0 and r.registers:
+                usage = (f" (sm_90: {min(r.registers)}-{max(r.registers)} registers, "
+                         f"{f'{r.spill_bytes} bytes spilled' if r.spill_bytes else 'no spills'})")
+            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name}{usage}")
             if r.returncode or args.verbose:
                 print(r.output, file=sys.stderr)
         return 0 if all(r.returncode == 0 for r in results) else 1

@@ -1,6 +1,6 @@
 """Every csrc/ source of kernels.cuda compiles to an object with nvcc (no GPU needed, no link), with
 the flags torch's extension tools would use, so a syntax or type error fails CI on any machine
-with the CUDA toolkit."""
+with the CUDA toolkit; the kernels are built for sm_90 too, and none may spill registers."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def test_every_source_compiles_to_an_object(tmp_path):
     for r in results:
         assert r.returncode == 0, f"{r.source.name} does not compile:\n{' '.join(r.command)}\n{r.output}"
         assert (tmp_path / f"{r.source.name}.o").stat().st_size > 0
+        if r.source.suffix == ".cu":
+            # Built for sm_90 by ptxas too: every kernel within the register file, none spilling.
+            assert r.registers and max(r.registers) <= 255, r.output
+            assert r.spill_bytes == 0, f"{r.source.name} spills to local memory:\n{r.output}"
 
 
 def test_a_broken_source_fails_the_check(tmp_path):
