@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #define __global__
@@ -45,7 +46,7 @@ namespace emu {
 
 struct Fiber {
   ucontext_t context;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;   // uninitialised: a block of 1024 threads needs 64 MiB
   dim3 thread;
   int linear = 0;
   long shuffles = 0;
@@ -140,12 +141,12 @@ class Launch {
     std::vector<Fiber> fibers(threads);
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = fibers[t];
-      fiber.stack.resize(kStackBytes);
+      fiber.stack.reset(new char[kStackBytes]);
       fiber.linear = t;
       fiber.thread = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
       getcontext(&fiber.context);
-      fiber.context.uc_stack.ss_sp = fiber.stack.data();
-      fiber.context.uc_stack.ss_size = fiber.stack.size();
+      fiber.context.uc_stack.ss_sp = fiber.stack.get();
+      fiber.context.uc_stack.ss_size = kStackBytes;
       fiber.context.uc_link = &scheduler;
       makecontext(&fiber.context, fiber_main, 0);
     }
@@ -170,7 +171,7 @@ class Launch {
   }
 
  private:
-  static constexpr size_t kStackBytes = 256 * 1024;
+  static constexpr size_t kStackBytes = 64 * 1024;   // the kernels' frames take a few KiB
 
   dim3 grid_, block_;
   size_t shared_bytes_;
