@@ -69,7 +69,7 @@ class CudaBackend(ReferenceFallbackBackend):
         return None
 
     def prepare(self, batch) -> StepMetadata:
-        # One block per token and head: few tokens with a long context get their keys split.
+        # Blocks per token and query-head group: few tokens with a long context get their keys split.
         longest = max((c + n for c, n in zip(batch.context_lens, batch.query_lens)), default=0)
         splits = num_kv_splits(batch.num_tokens, longest, target_programs(self.device))
         return StepMetadata(batch, num_splits=self.num_kv_splits or splits)
