@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -72,7 +71,7 @@ def apply(backend, setting) -> None:
     backend.attention_num_warps, backend.attention_num_stages = warps, stages
 
 
-def sdpa_call(shape: BatchShape, q: torch.Tensor, heads: int, kv_heads: int, dim: int, dtype, device):
+def sdpa_call(shape: BatchShape, heads: int, kv_heads: int, dim: int, dtype, device):
     """SDPA over the same work: the shape's sequences grouped by (cached, new), each group one call
     on contiguous [n, heads, tokens, dim] tensors."""
     groups: dict[tuple[int, int], int] = {}
@@ -96,6 +95,10 @@ def sdpa_call(shape: BatchShape, q: torch.Tensor, heads: int, kv_heads: int, dim
         for qg, k, v, mask, causal in calls:
             F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     return run
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> list[Result]:
@@ -128,14 +131,14 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> l
                 lambda: triton.attention(q, k_cache, v_cache, batch, scale, model.sliding_window),
                 device, repeats)
         except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
-            result.correct, result.error = False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+            result.correct, result.error = False, _failure(e)
         results.append(result)
     sdpa = Result(shape.name, "torch SDPA (contiguous K/V)")
     try:
-        sdpa.seconds = best_time(sdpa_call(shape, q, model.num_heads, model.num_kv_heads,
-                                           model.head_dim, dtype, device), device, repeats)
+        sdpa.seconds = best_time(sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim,
+                                           dtype, device), device, repeats)
     except Exception as e:   # noqa: BLE001
-        sdpa.correct, sdpa.error = False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+        sdpa.correct, sdpa.error = False, _failure(e)
     results.append(sdpa)
     return results
 
@@ -198,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(text + "\n")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump([asdict(r) for r in results], f, indent=1,
-                          default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+                json.dump([asdict(r) for r in results], f, indent=1)
     print(text)
     return 0 if all(r.correct for r in results) else 1
 

@@ -101,3 +101,14 @@ def make_checkpoint(folder: Path, arch: str = "llama", seed: int = 0, **override
                     p.add_(torch.randn_like(p), alpha=0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return model
+
+
+def run_to_completion(engine, prompts, params) -> list[list[int]]:
+    """Each prompt's generated token ids, from stepping `engine` until every request is done."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return [done[i] for i in ids]

@@ -35,3 +35,10 @@ def num_kv_splits(work_items: int, longest: int, target: int,
     if work_items <= 0 or work_items >= target or longest < min_keys:
         return 1
     return max(1, min(-(-target // work_items), -(-longest // KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def plan_splits(batch, work_items: int, min_keys: int = MIN_SPLIT_KEYS) -> int:
+    """num_kv_splits for a step: its longest context from the batch's host-side lengths, its
+    device's target."""
+    longest = max((c + n for c, n in zip(batch.context_lens, batch.query_lens)), default=0)
+    return num_kv_splits(work_items, longest, target_programs(batch.seq_lens.device), min_keys)

@@ -16,6 +16,7 @@ from fastgen.engine import Engine
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
 from fastgen.plugins.models.llama import LlamaForCausalLM
 from fastgen.scheduler import StepPlan
+from tiny_models import run_to_completion
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = fastgen.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -26,20 +27,10 @@ def hook_names(manager) -> list[str]:
     return sorted(name for name in vars(manager.hook) if not name.startswith("_"))
 
 
-def run_to_completion(engine: Engine, prompts, params=GREEDY) -> list[list[int]]:
-    ids = [engine.add_request(p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return [done[i] for i in ids]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     folder, _ = tiny_llama
-    return run_to_completion(Engine(make_config(model=str(folder), token_budget=16)), PROMPTS)
+    return run_to_completion(Engine(make_config(model=str(folder), token_budget=16)), PROMPTS, GREEDY)
 
 
 def test_every_hook_is_documented_and_tested(plugin_manager):
@@ -76,7 +67,7 @@ def test_hook_register_models(tiny_llama, tmp_path, empty_plugin_manager, refere
     engine = Engine(make_config(model=str(variant), token_budget=16), plugins=pm)
     assert type(engine.model) is Variant
     assert pm.registry.get("models", "tiny_variant").plugin == "models.tiny_variant"
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
 
 
 def test_hook_register_kernels(tiny_llama, plugin_manager, reference):
@@ -98,7 +89,7 @@ def test_hook_register_kernels(tiny_llama, plugin_manager, reference):
     folder, _ = tiny_llama
     engine = Engine(make_config(model=str(folder), kernels="counting", token_budget=16),
                     plugins=plugin_manager)
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
     layers = engine.model.kv_cache_spec[0]
     assert calls["rms_norm"] == engine.totals.steps * (2 * layers + 1)
 
@@ -125,7 +116,7 @@ def test_hook_register_schedulers(tiny_llama, plugin_manager, reference):
     plugin_manager.register(Plugin(), name="schedulers.one_at_a_time")
     folder, _ = tiny_llama
     engine = Engine(make_config(model=str(folder), scheduler="one_at_a_time"), plugins=plugin_manager)
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
     # Whole prompts in one step each, then one-token decodes: the plugin really made the plans.
     assert plans[0] == len(PROMPTS[0]) and plans.count(1) >= len(PROMPTS) * (GREEDY.max_tokens - 1)
 
@@ -176,7 +167,7 @@ def test_hook_on_step_finished(tiny_llama, plugin_manager, reference):
     plugin_manager.register(Plugin(), name="observer.steps")
     folder, _ = tiny_llama
     engine = Engine(make_config(model=str(folder), token_budget=16), plugins=plugin_manager)
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
     assert len(seen) == engine.totals.steps
     # Each prompt token once, each generated token but the last fed back once.
     expected = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (GREEDY.max_tokens - 1)
@@ -196,7 +187,7 @@ def test_hook_on_request_finished(tiny_llama, plugin_manager, reference):
     plugin_manager.register(Plugin(), name="observer.requests")
     folder, _ = tiny_llama
     engine = Engine(make_config(model=str(folder), token_budget=16), plugins=plugin_manager)
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
     assert sorted(o.token_ids for o in finished) == sorted(reference)
     assert {o.finish_reason for o in finished} == {"length"}
     aborted = engine.add_request([1, 2, 3], GREEDY)
@@ -234,7 +225,7 @@ def test_a_step_that_only_preempts_is_observed(tiny_llama, plugin_manager, refer
     plugin_manager.register(Plugin(), name="schedulers.preempt_once")
     folder, _ = tiny_llama
     engine = Engine(make_config(model=str(folder), scheduler="preempt_once"), plugins=plugin_manager)
-    assert run_to_completion(engine, PROMPTS) == reference
+    assert run_to_completion(engine, PROMPTS, GREEDY) == reference
     only_preempted = [s for s in seen if s.num_preempted]
     assert len(only_preempted) == 1 and only_preempted[0].num_tokens == 0
     assert only_preempted[0].num_waiting == len(PROMPTS)   # the victim is back in the queue

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
-from fastgen.plugins.kernels.split_kv import num_kv_splits, target_programs
+from fastgen.plugins.kernels.split_kv import plan_splits
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
 
@@ -70,9 +70,7 @@ class CudaBackend(ReferenceFallbackBackend):
 
     def prepare(self, batch) -> StepMetadata:
         # Blocks per token and query-head group: few tokens with a long context get their keys split.
-        longest = max((c + n for c, n in zip(batch.context_lens, batch.query_lens)), default=0)
-        splits = num_kv_splits(batch.num_tokens, longest, target_programs(self.device))
-        return StepMetadata(batch, num_splits=self.num_kv_splits or splits)
+        return StepMetadata(batch, num_splits=self.num_kv_splits or plan_splits(batch, batch.num_tokens))
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..split_kv import MIN_SPLIT_KEYS, num_kv_splits, target_programs
+from ..split_kv import MIN_SPLIT_KEYS, plan_splits
 from ._tiling import interpreted
 
 LOG2E = 1.4426950408889634
@@ -61,9 +61,7 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
             seq_ids.append(seq)
             starts.append(start)
     if num_splits is None:
-        longest = max(c + n for c, n in zip(batch.context_lens, query_lens))
-        num_splits = num_kv_splits(len(seq_ids), longest, target_programs(batch.seq_lens.device),
-                                   split_min_keys)
+        num_splits = plan_splits(batch, len(seq_ids), split_min_keys)
     device = batch.seq_lens.device
     return AttentionPlan(
         tile_seq=torch.tensor(seq_ids, dtype=torch.int32).to(device),

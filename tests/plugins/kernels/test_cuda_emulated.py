@@ -19,7 +19,7 @@ from fastgen.config import make_config
 from fastgen.engine import Engine
 from kernel_batches import ragged_batch
 from kernel_targets import CPU
-from tiny_models import make_checkpoint
+from tiny_models import make_checkpoint, run_to_completion
 
 REASON = cuda_emulator.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator cannot run here: {REASON}")
@@ -123,13 +123,7 @@ def test_a_whole_model_gives_the_reference_tokens(tmp_path, plugin_manager):
     for kernels in ("cuda_emulated", "torch"):
         engine = Engine(make_config(model=str(tmp_path), kernels=kernels, device="cpu", token_budget=32,
                                     max_num_seqs=4, num_blocks=16), plugins=plugin_manager)
-        ids = [engine.add_request(prompt, params) for prompt in prompts]
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
-        tokens[kernels] = [done[i] for i in ids]
+        tokens[kernels] = run_to_completion(engine, prompts, params)
     assert tokens["cuda_emulated"] == tokens["torch"]
 
 

@@ -171,29 +171,24 @@ __global__ void attention_kernel(const AttentionParams p) {
       factors[w] = __expf(warp_max[w][h] - block_max);
       total += warp_sum_exp[w][h] * factors[w];
     }
+    // Without a split, the output: normalised (the token's own key is always visible, so
+    // total > 0). With one, this part's unnormalised output and its state; an empty part leaves
+    // sum 0 (and max -FLT_MAX), which gives it no weight in the merge.
+    const bool whole = p.num_splits == 1;
     const int64_t out_row = static_cast<int64_t>(token) * p.num_heads + first_head + h;
-    if (p.num_splits == 1) {
-      const float inv_total = 1.f / total;   // the token's own key is always visible: total > 0
-      T* out = static_cast<T*>(p.out) + out_row * kHeadDim;
-      for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
-        float o = 0.f;
-#pragma unroll
-        for (int w = 0; w < kAttentionWarps; ++w) o += warp_acc[w][h][d] * factors[w];
-        out[d] = from_float<T>(o * inv_total);
-      }
-      continue;
-    }
-    // A part: its unnormalised output and its state. An empty part leaves sum 0 (and max
-    // -FLT_MAX), which gives it no weight in the merge.
     const int64_t part = static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + out_row;
-    float* part_row = p.part_out + part * kHeadDim;
+    const float inv_total = whole ? 1.f / total : 1.f;
     for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
       float o = 0.f;
 #pragma unroll
       for (int w = 0; w < kAttentionWarps; ++w) o += warp_acc[w][h][d] * factors[w];
-      part_row[d] = o;
+      if (whole) {
+        static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o * inv_total);
+      } else {
+        p.part_out[part * kHeadDim + d] = o;
+      }
     }
-    if (threadIdx.x == 0) {
+    if (!whole && threadIdx.x == 0) {
       p.part_max[part] = block_max;
       p.part_sum[part] = total;
     }
