@@ -15,16 +15,19 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
+from fastgen.plugins.kernels.query_tiles import query_tiles
 from fastgen.plugins.kernels.split_kv import plan_splits
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
 
 @dataclass
 class StepMetadata(LazyReferencePlan):
-    """What prepare() derives once per step: the split-KV count for the CUDA kernel, which reads
-    the batch's tensors directly, and the reference's plan only when some layer falls back to it."""
+    """What prepare() derives once per step for the CUDA kernels, which read the batch's tensors
+    directly: the split-KV count and the prompt chunks' tiles; and the reference's plan only when
+    some layer falls back to it."""
 
     num_splits: int = 1
+    prompt_tiles: torch.Tensor | None = None   # [W, 2] int32 (sequence, first new token); None: no chunk
 
 
 class CudaBackend(ReferenceFallbackBackend):
@@ -37,6 +40,7 @@ class CudaBackend(ReferenceFallbackBackend):
         super().__init__(device)
         self.ops = self.load_ops(cache_dir)
         self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
+        self.prompt_tile_tokens = self.ops.attention_prompt_tile_tokens()
         self._note("sample has no CUDA kernel here and runs the torch reference")
 
     @classmethod
@@ -70,7 +74,14 @@ class CudaBackend(ReferenceFallbackBackend):
 
     def prepare(self, batch) -> StepMetadata:
         # Blocks per token and query-head group: few tokens with a long context get their keys split.
-        return StepMetadata(batch, num_splits=self.num_kv_splits or plan_splits(batch, batch.num_tokens))
+        num_splits = self.num_kv_splits or plan_splits(batch, batch.num_tokens)
+        # Sequences with more than one new token (prompt chunks) go to the tiled kernel, in tiles.
+        seq_ids, starts = query_tiles(batch.query_lens, self.prompt_tile_tokens, min_tokens=2)
+        tiles = None
+        if seq_ids:
+            tiles = torch.tensor([seq_ids, starts], dtype=torch.int32).t().contiguous()
+            tiles = tiles.to(batch.seq_lens.device, non_blocking=True)
+        return StepMetadata(batch, num_splits=num_splits, prompt_tiles=tiles)
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
@@ -86,4 +97,4 @@ class CudaBackend(ReferenceFallbackBackend):
                                    sliding_window)
         return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                   batch.block_tables, scale, sliding_window or 0,
-                                  batch.attn_metadata.num_splits)
+                                  batch.attn_metadata.num_splits, batch.attn_metadata.prompt_tiles)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..query_tiles import query_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
 from ._tiling import interpreted
 
@@ -55,11 +56,7 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         tile_tokens = 64 if interpreted(batch.seq_lens.device) else 16
     # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
     tokens = 1 if max(query_lens) == 1 else tile_tokens
-    seq_ids, starts = [], []
-    for seq, n in enumerate(query_lens):
-        for start in range(0, n, tokens):
-            seq_ids.append(seq)
-            starts.append(start)
+    seq_ids, starts = query_tiles(query_lens, tokens)
     if num_splits is None:
         num_splits = plan_splits(batch, len(seq_ids), split_min_keys)
     device = batch.seq_lens.device

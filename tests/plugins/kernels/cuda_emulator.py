@@ -43,8 +43,12 @@ def build_library(work_dir: Path) -> Path:
     """Compile every .cu of csrc/ and the C entry points into one shared library."""
     source_dir = work_dir / "src"
     source_dir.mkdir(parents=True, exist_ok=True)
+    # A header with a stand-in of the same name (mma.cuh) is left out: `#include "..."` would find
+    # the copy beside the sources before the stand-in.
+    stand_ins = {h.name for h in (SRC / "include").iterdir()}
     for header in build.CSRC.glob("*.*h"):
-        shutil.copy(header, source_dir)
+        if header.name not in stand_ins:
+            shutil.copy(header, source_dir)
     sources = []
     for cu in sorted(build.CSRC.glob("*.cu")):
         target = source_dir / f"{cu.stem}.cpp"
@@ -70,7 +74,8 @@ class AttentionParams(ctypes.Structure):
                 ("head_dim", ctypes.c_int), ("q_token_stride", ctypes.c_int64),
                 ("q_head_stride", ctypes.c_int64), ("scale", ctypes.c_float),
                 ("sliding_window", ctypes.c_int), ("num_splits", ctypes.c_int),
-                ("part_out", ctypes.c_void_p), ("part_max", ctypes.c_void_p), ("part_sum", ctypes.c_void_p)]
+                ("part_out", ctypes.c_void_p), ("part_max", ctypes.c_void_p), ("part_sum", ctypes.c_void_p),
+                ("prompt_tiles", ctypes.c_void_p), ("num_prompt_tiles", ctypes.c_int)]
 
 
 class WriteKVParams(ctypes.Structure):
@@ -128,8 +133,11 @@ class EmulatedOps:
     def attention_head_sizes(self):
         return list(HEAD_SIZES)
 
+    def attention_prompt_tile_tokens(self):
+        return self.lib.emu_prompt_tile_tokens()
+
     def attention(self, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                  sliding_window, num_splits=1):
+                  sliding_window, num_splits=1, prompt_tiles=None):
         tokens, heads, dim = q.shape
         out = torch.empty(tokens, heads, dim, dtype=q.dtype)
         parts = [None] * 3
@@ -138,10 +146,13 @@ class EmulatedOps:
                      torch.empty(num_splits, tokens, heads)]
         tables = block_tables.contiguous()
         keep = (query_start_loc.contiguous(), seq_lens.contiguous(), tables)
+        # The emulated GPU has tensor cores, so the tiles run as given.
+        tiles = None if prompt_tiles is None or prompt_tiles.shape[0] == 0 else prompt_tiles.contiguous()
         p = AttentionParams(_ptr(out), _ptr(q), _ptr(k_cache), _ptr(v_cache), *map(_ptr, keep),
                             tokens, seq_lens.shape[0], tables.shape[1], k_cache.shape[1], heads,
                             k_cache.shape[2], dim, q.stride(0), q.stride(1), scale,
-                            max(sliding_window, 0), num_splits, *map(_ptr, parts))
+                            max(sliding_window, 0), num_splits, *map(_ptr, parts), _ptr(tiles),
+                            0 if tiles is None else tiles.shape[0])
         self._launch("attention", p, q.dtype)
         return out
 

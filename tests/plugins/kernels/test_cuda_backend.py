@@ -119,8 +119,12 @@ class FakeOps:
     def attention_head_sizes(self):
         return [64, 128]
 
-    def attention(self, q, k_cache, v_cache, qsl, seq_lens, block_tables, scale, window, num_splits):
-        self.calls.append(("attention", window, num_splits))
+    def attention_prompt_tile_tokens(self):
+        return 4
+
+    def attention(self, q, k_cache, v_cache, qsl, seq_lens, block_tables, scale, window, num_splits,
+                  prompt_tiles):
+        self.calls.append(("attention", window, num_splits, None if prompt_tiles is None else prompt_tiles.tolist()))
         return torch.zeros_like(q)
 
     def rms_norm(self, x, weight, eps):
@@ -205,7 +209,9 @@ def test_attention_head_sizes_without_a_kernel_run_the_reference(backend):
     batch.attn_metadata = be.prepare(batch)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, 24)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, None)
-    assert ops.calls == [("attention", 24, 1), ("attention", 0, 1)]
+    # The 7-token chunk (sequence 1, after the decode) in tiles of 4 new tokens.
+    tiles = [[1, 0], [1, 4]]
+    assert ops.calls == [("attention", 24, 1, tiles), ("attention", 0, 1, tiles)]
     assert batch.attn_metadata.plan is None   # the kernel path plans nothing
 
 
@@ -219,8 +225,8 @@ def test_few_tokens_with_a_long_context_split_their_keys(backend):
         be.attention(torch.randn(batch.num_tokens, 4, 64), *caches, batch, 0.1, None)
     # Off a GPU the target is 8 programs: 2 tokens get ceil(8 / 2) = 4 parts each (1201 keys
     # would allow 5); 31 tokens over 100 keys are enough work whole.
-    assert ops.calls == [("attention", 0, 4), ("attention", 0, 1)]
+    assert [call[:3] for call in ops.calls] == [("attention", 0, 4), ("attention", 0, 1)]
     be.num_kv_splits = 3
     short.attn_metadata = be.prepare(short)
     be.attention(torch.randn(short.num_tokens, 4, 64), *caches, short, 0.1, None)
-    assert ops.calls[-1] == ("attention", 0, 3)
+    assert ops.calls[-1][:3] == ("attention", 0, 3)

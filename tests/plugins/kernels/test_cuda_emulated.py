@@ -2,7 +2,9 @@
 
 The shared conformance suite runs every op on the emulated kernels (its `cuda-emulated` cases);
 here is what it does not reach: split-KV (long contexts with few tokens, parts that hold one key
-or none, every dtype), the backend's choice of splits, and whole models token for token.
+or none, every dtype), the backend's choice of splits, the tensor-core kernel of prompt chunks over
+every head size it takes (the emulator computes its mma.sync products from mma.cuh's operand
+layouts), and whole models token for token.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def reference():
     return TorchBackend(CPU)
 
 
-def _inputs(dtype, dim=64, heads=8, kv_heads=2, seed=0):
+def _inputs(dtype, dim=64, heads=8, kv_heads=2, seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    batch = ragged_batch(SHAPES, 16, NUM_BLOCKS, seed=seed)
+    batch = ragged_batch(shapes, 16, NUM_BLOCKS, seed=seed)
     caches = [torch.randn(NUM_BLOCKS, 16, kv_heads, dim, generator=g).to(dtype) for _ in range(2)]
     q = torch.randn(batch.num_tokens, heads, dim, generator=g).to(dtype)
     return batch, caches, q
@@ -93,6 +95,53 @@ def test_the_backend_splits_few_long_decodes_and_matches_the_reference(reference
     decodes.attn_metadata = reference.prepare(decodes)
     torch.testing.assert_close(out, reference.attention(q, *caches, decodes, 0.1, None),
                                atol=2e-5, rtol=1e-5)
+
+
+# Prompt chunks for the tiled kernel: tiles cut short by the chunk's end (130 = 64 + 64 + 2 new
+# tokens; 2, the least that is tiled; 17, a warp's 16 rows and one more), chunks after a cached
+# prefix, and decodes beside them, which the per-token kernel takes.
+PROMPT_SHAPES = [(0, 130), (7, 1), (50, 2), (200, 17), (37, 1)]
+TILE_CASES = ([(d, dim, None, 2) for d in (torch.float16, torch.bfloat16) for dim in (64, 80, 96, 112, 128)]
+              + [(torch.bfloat16, 64, w, g) for w in (5, 40, 100) for g in (1, 4)])
+
+
+def test_the_backend_tiles_every_prompt_chunk_and_no_decode():
+    backend = cuda_emulator.EmulatedCudaBackend(CPU)
+    assert backend.prompt_tile_tokens == 64
+    plan = backend.prepare(ragged_batch(PROMPT_SHAPES, 16, NUM_BLOCKS))
+    # The batch puts its decodes first: sequences 0 and 1.
+    assert plan.prompt_tiles.tolist() == [[2, 0], [2, 64], [2, 128], [3, 0], [4, 0]]
+    assert backend.prepare(ragged_batch([(7, 1), (37, 1)], 16, NUM_BLOCKS)).prompt_tiles is None
+
+
+@pytest.mark.parametrize("dtype, dim, window, group", TILE_CASES,
+                         ids=[f"{str(d)[6:]}-d{dim}-{f'window{w}' if w else 'full'}-group{g}"
+                              for d, dim, w, g in TILE_CASES])
+def test_prompt_tiles_match_the_reference(reference, dtype, dim, window, group):
+    # Windows shorter than a warp's rows (5), than a step's keys (40), and across the cached prefix.
+    backend = cuda_emulator.EmulatedCudaBackend(CPU)
+    batch, caches, q = _inputs(dtype, dim=dim, heads=2 * group, kv_heads=2, seed=dim, shapes=PROMPT_SHAPES)
+    batch.attn_metadata = backend.prepare(batch)
+    out = backend.attention(q, *caches, batch, dim ** -0.5, window)
+    batch.attn_metadata = reference.prepare(batch)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, window),
+                               atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 256)],
+                         ids=["tiled", "float32-untiled", "d256-untiled"])
+def test_prompt_tiles_beside_split_decodes_match_the_reference(ops, reference, dtype, dim):
+    # With the keys split, the merge must leave the tiled tokens' outputs alone; where the tiled
+    # kernel does not run (fp32, head size 256), every token takes the per-token kernel.
+    batch, caches, q = _inputs(dtype, dim=dim, heads=4, kv_heads=2, seed=3,
+                               shapes=[(0, 70), (7, 1), (50, 2), (37, 1)])
+    tiles = cuda_emulator.EmulatedCudaBackend(CPU).prepare(batch).prompt_tiles
+    out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, 0.125,
+                        0, 3, tiles)
+    batch.attn_metadata = reference.prepare(batch)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, 0.125, None), atol=atol, rtol=rtol)
 
 
 class _EmulatedCudaForEngines(cuda_emulator.EmulatedCudaBackend):

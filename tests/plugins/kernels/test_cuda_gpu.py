@@ -47,6 +47,9 @@ def test_ops_name_the_argument_at_fault(cuda):
     cache = cache[..., :64].contiguous()
     with pytest.raises(RuntimeError, match=r"fastgen_cuda::attention: num_splits must be in \[1, 32\], got 0"):
         ops.attention(torch.randn(3, 4, 64, device=CUDA), cache, cache, qsl, lens, table, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="fastgen_cuda::attention: prompt_tiles must be int32"):
+        ops.attention(torch.randn(3, 4, 64, device=CUDA), cache, cache, qsl, lens, table, 1.0, 0, 1,
+                      torch.zeros(1, 2, dtype=torch.long, device=CUDA))
 
 
 @pytest.mark.parametrize("window", [None, 300])
@@ -62,6 +65,27 @@ def test_split_kv_matches_the_reference(cuda, num_splits, window):
     batch.attn_metadata = reference.prepare(batch)
     torch.testing.assert_close(out, reference.attention(q, *caches, batch, 0.08, window),
                                atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("window", [None, 40])
+def test_prompt_tiles_match_the_reference(cuda, dtype, dim, window):
+    # The tensor-core kernel of prompt chunks on the GPU's own mma.sync (sm_80 or newer; older GPUs
+    # run the per-token kernel, which this checks as well): tiles cut short, cached prefixes,
+    # decodes beside them.
+    batch = ragged_batch([(0, 300), (7, 1), (50, 2), (900, 77), (37, 1)], block_size=16, num_blocks=160,
+                         device=CUDA)
+    caches = [torch.randn(160, 16, 2, dim, device=CUDA).to(dtype) for _ in range(2)]
+    q = torch.randn(batch.num_tokens, 8, dim, device=CUDA).to(dtype)
+    batch.attn_metadata = cuda.prepare(batch)
+    assert batch.attn_metadata.prompt_tiles is not None
+    out = cuda.attention(q, *caches, batch, dim ** -0.5, window)
+    reference = TorchBackend(CUDA)
+    batch.attn_metadata = reference.prepare(batch)
+    tolerance = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, window),
+                               atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])   # mistral: sliding window 24

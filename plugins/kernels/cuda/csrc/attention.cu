@@ -12,16 +12,27 @@
 // Split-KV (flash-decoding): with num_splits > 1 the keys are cut into that many contiguous parts,
 // so a step of few long decodes still fills the GPU; each block writes its part's unnormalised
 // output, max and sum, and reduce_splits_kernel merges the parts of each (token, head).
+//
+// Prompt chunks, where tensor cores run them (see kernels.h), take prompt_attention_kernel instead:
+// tiles of kPromptTileTokens new tokens of one sequence that read each key once for the whole tile.
+// The per-token kernel then leaves their tokens alone.
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "mma.cuh"
 
 namespace fastgen_cuda {
 namespace {
 
 constexpr int kAttentionWarps = 4;
 constexpr int kKeysPerStep = 4;
+// prompt_attention_kernel: 16 query rows per warp (the mma's M), keys per step of its loop.
+constexpr int kPromptWarps = kPromptTileTokens / 16;
+constexpr int kTileKeys = 64;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // The sequence a flat token belongs to: the last s with query_start_loc[s] <= token.
 __device__ __forceinline__ int find_sequence(const int* __restrict__ query_start_loc, int num_seqs,
@@ -32,6 +43,12 @@ __device__ __forceinline__ int find_sequence(const int* __restrict__ query_start
     if (query_start_loc[mid] <= token) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// Whether a sequence's tokens are left to prompt_attention_kernel: those of a prompt chunk (more
+// than one new token) when the step has prompt tiles at all.
+__device__ __forceinline__ bool tiled(const AttentionParams& p, int q_len) {
+  return p.num_prompt_tiles > 0 && q_len > 1;
 }
 
 // Each lane's share (dims lane, lane + 32, ...) of kKeysPerStep rows of a cache, in fp32.
@@ -67,6 +84,7 @@ __global__ void attention_kernel(const AttentionParams p) {
   const int seq = find_sequence(p.query_start_loc, p.num_seqs, token);
   const int q_start = p.query_start_loc[seq];
   const int q_len = p.query_start_loc[seq + 1] - q_start;
+  if (tiled(p, q_len)) return;
   const int position = p.seq_lens[seq] - q_len + (token - q_start);   // keys 0..position are visible
   const int first_key = p.sliding_window > 0 ? max(0, position - p.sliding_window + 1) : 0;
   // This block's part of [first_key, position]; a part past the end is empty.
@@ -199,6 +217,10 @@ __global__ void attention_kernel(const AttentionParams p) {
 // largest max), summed and divided by the equally weighted sum of their sums.
 template <typename T, int kHeadDim>
 __global__ void reduce_splits_kernel(const AttentionParams p) {
+  if (p.num_prompt_tiles > 0) {
+    const int seq = find_sequence(p.query_start_loc, p.num_seqs, blockIdx.x);
+    if (tiled(p, p.query_start_loc[seq + 1] - p.query_start_loc[seq])) return;
+  }
   const int64_t row = static_cast<int64_t>(blockIdx.x) * p.num_heads + blockIdx.y;
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_heads;
   __shared__ float weight[kMaxAttentionSplits];
@@ -222,6 +244,174 @@ __global__ void reduce_splits_kernel(const AttentionParams p) {
   }
 }
 
+// Prompt chunks on tensor cores: one block per (prompt tile, query head). Each of its warps holds 16
+// of the tile's queries as mma operands (mma.cuh's layouts: a thread has rows g and g + 8, columns
+// c and c + 1 of each 8) and keeps their online softmax in registers. The block walks the keys the
+// tile may see, kTileKeys at a time: the keys' K and V rows are copied from the blocked cache into
+// shared memory once for all warps; each warp computes its scores (Q K^T), masks them (causal, the
+// window), rescales its running state and adds P V, P rounded to T as the product's operand.
+// Accumulation is fp32. T is __half or __nv_bfloat16; kHeadDim a multiple of 16.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_kernel(const AttentionParams p) {
+  constexpr int kDimSteps = kHeadDim / 16;   // k steps of Q K^T
+  constexpr int kOutTiles = kHeadDim / 8;    // n tiles of the output
+  constexpr int kKeyTiles = kTileKeys / 8;   // n tiles of the scores
+  constexpr int kChunks = kHeadDim / 8;      // 16-byte pieces of a row
+  // Rows padded by 16 bytes, so the fragment loads of a warp fall in distinct banks.
+  constexpr int kRow = kHeadDim + 8;
+  alignas(16) __shared__ uint16_t k_tile[kTileKeys * kRow];
+  alignas(16) __shared__ uint16_t v_tile[kTileKeys * kRow];
+
+  const int seq = p.prompt_tiles[2 * blockIdx.x];
+  const int tile_start = p.prompt_tiles[2 * blockIdx.x + 1];
+  const int head = blockIdx.y;
+  const int kv_head = head / (p.num_heads / p.num_kv_heads);
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, c = 2 * (lane % 4);
+
+  const int q_start = p.query_start_loc[seq];
+  const int q_len = p.query_start_loc[seq + 1] - q_start;
+  const int cached = p.seq_lens[seq] - q_len;              // keys before the new tokens
+  const int tile_end = min(tile_start + kPromptTileTokens, q_len);
+  const bool warp_has_rows = tile_start + warp * 16 < tile_end;
+  // This thread's two rows (new-token offsets; a row past the tile's end computes the last's, and
+  // is not written) and the positions of their queries, which see keys up to their own.
+  int row[2], position[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row[r] = tile_start + warp * 16 + g + 8 * r;
+    position[r] = cached + min(row[r], tile_end - 1);
+  }
+  const int key_end = cached + tile_end;   // the tile's last query's position + 1
+  const int key_begin = p.sliding_window > 0 ? max(0, cached + tile_start - p.sliding_window + 1) : 0;
+
+  uint32_t q_frag[kDimSteps][4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint16_t* q_row = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.q)) +
+                            (q_start + position[r] - cached) * p.q_token_stride + head * p.q_head_stride;
+#pragma unroll
+    for (int s = 0; s < kDimSteps; ++s)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int d = s * 16 + half * 8 + c;
+        q_frag[s][r + 2 * half] = pack_bits(q_row[d], q_row[d + 1]);
+      }
+  }
+
+  float out[kOutTiles][4];
+#pragma unroll
+  for (int t = 0; t < kOutTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[t][e] = 0.f;
+  float running_max[2] = {-INFINITY, -INFINITY}, running_sum[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp2f
+  const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+  const uint16_t* k_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.k_cache));
+  const uint16_t* v_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.v_cache));
+
+  for (int first = key_begin; first < key_end; first += kTileKeys) {
+    __syncthreads();   // every warp is done with the previous keys
+    for (int i = threadIdx.x; i < kTileKeys * kChunks; i += blockDim.x) {
+      const int j = i / kChunks, d = (i % kChunks) * 8, key = first + j;
+      uint4 k_piece = {0, 0, 0, 0}, v_piece = {0, 0, 0, 0};   // keys past the end: zeros, weighed 0
+      if (key < key_end) {
+        const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
+        const int64_t at = slot * kv_row + kv_head * kHeadDim + d;
+        k_piece = *reinterpret_cast<const uint4*>(k_cache + at);
+        v_piece = *reinterpret_cast<const uint4*>(v_cache + at);
+      }
+      *reinterpret_cast<uint4*>(&k_tile[j * kRow + d]) = k_piece;
+      *reinterpret_cast<uint4*>(&v_tile[j * kRow + d]) = v_piece;
+    }
+    __syncthreads();
+    if (!warp_has_rows) continue;
+
+    float score[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) score[n][e] = 0.f;
+      const uint16_t* k_row = &k_tile[(n * 8 + g) * kRow + c];
+#pragma unroll
+      for (int s = 0; s < kDimSteps; ++s) {
+        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k_row + s * 16),
+                               *reinterpret_cast<const uint32_t*>(k_row + s * 16 + 8)};
+        mma_16816<T>(score[n], q_frag[s], b);
+      }
+    }
+    // Mask and scale; each row's max over this step's keys, across the 4 threads that share it.
+    float step_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, key = first + n * 8 + c + e % 2;
+        const bool visible = key <= position[r] &&
+                             (p.sliding_window <= 0 || key > position[r] - p.sliding_window);
+        score[n][e] = visible ? score[n][e] * scale_log2 : -INFINITY;
+        step_max[r] = fmaxf(step_max[r], score[n][e]);
+      }
+    float correction[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      step_max[r] = fmaxf(step_max[r], __shfl_xor_sync(0xffffffff, step_max[r], 1));
+      step_max[r] = fmaxf(step_max[r], __shfl_xor_sync(0xffffffff, step_max[r], 2));
+      const float new_max = fmaxf(running_max[r], step_max[r]);
+      // A row that has seen no visible key yet keeps max -inf; 0 stands in, so exp2f gives 0s.
+      base[r] = new_max == -INFINITY ? 0.f : new_max;
+      correction[r] = exp2f(running_max[r] - base[r]);
+      running_max[r] = new_max;
+      running_sum[r] *= correction[r];
+    }
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        score[n][e] = exp2f(score[n][e] - base[e / 2]);
+        running_sum[e / 2] += score[n][e];   // this thread's columns; summed across the 4 at the end
+      }
+#pragma unroll
+    for (int t = 0; t < kOutTiles; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[t][e] *= correction[e / 2];
+
+#pragma unroll
+    for (int k = 0; k < kTileKeys / 16; ++k) {
+      const float* lo = score[2 * k];
+      const float* hi = score[2 * k + 1];
+      const uint32_t a[4] = {pack_bits(bits_of(from_float<T>(lo[0])), bits_of(from_float<T>(lo[1]))),
+                             pack_bits(bits_of(from_float<T>(lo[2])), bits_of(from_float<T>(lo[3]))),
+                             pack_bits(bits_of(from_float<T>(hi[0])), bits_of(from_float<T>(hi[1]))),
+                             pack_bits(bits_of(from_float<T>(hi[2])), bits_of(from_float<T>(hi[3])))};
+#pragma unroll
+      for (int t = 0; t < kOutTiles; ++t) {
+        const uint16_t* v = &v_tile[(k * 16 + c) * kRow + t * 8 + g];
+        const uint32_t b[2] = {pack_bits(v[0], v[kRow]), pack_bits(v[8 * kRow], v[9 * kRow])};
+        mma_16816<T>(out[t], a, b);
+      }
+    }
+  }
+  if (!warp_has_rows) return;
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = running_sum[r];
+    total += __shfl_xor_sync(0xffffffff, total, 1);
+    total += __shfl_xor_sync(0xffffffff, total, 2);
+    if (row[r] >= tile_end) continue;
+    const float inv_total = 1.f / total;   // the query's own key is visible: total >= 1
+    T* out_row = static_cast<T*>(p.out) + (static_cast<int64_t>(q_start + row[r]) * p.num_heads + head) * kHeadDim;
+#pragma unroll
+    for (int t = 0; t < kOutTiles; ++t) {
+      out_row[t * 8 + c] = from_float<T>(out[t][2 * r] * inv_total);
+      out_row[t * 8 + c + 1] = from_float<T>(out[t][2 * r + 1] * inv_total);
+    }
+  }
+}
+
 // Query heads per block: the whole group of a key/value head, up to 4 (more take more blocks); 1
 // without grouped-query attention, where a larger block would idle.
 template <typename T, int kHeadDim, int kHeads>
@@ -232,7 +422,16 @@ void launch_heads(const AttentionParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int kHeadDim>
-void launch(const AttentionParams& p, cudaStream_t stream) {
+void launch(const AttentionParams& params, cudaStream_t stream) {
+  AttentionParams p = params;
+  if constexpr (!std::is_same_v<T, float> && kHeadDim <= kMaxTiledHeadSize) {
+    if (p.num_prompt_tiles > 0) {
+      const dim3 grid(p.num_prompt_tiles, p.num_heads);
+      prompt_attention_kernel<T, kHeadDim><<<grid, kPromptWarps * kWarpSize, 0, stream>>>(p);
+    }
+  } else {
+    p.num_prompt_tiles = 0;   // no tensor-core kernel for these: every token takes the per-token one
+  }
   if (p.num_heads == p.num_kv_heads) {
     launch_heads<T, kHeadDim, 1>(p, stream);
   } else {

@@ -25,6 +25,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+// A 16-bit value's bits, and two of them packed into one register, the first in the low half.
+__device__ __forceinline__ uint16_t bits_of(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint32_t pack_bits(uint16_t low, uint16_t high) {
+  return static_cast<uint32_t>(low) | static_cast<uint32_t>(high) << 16;
+}
+
 // x as the reference holds it: rounded to T, where the reference keeps an intermediate in T.
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {

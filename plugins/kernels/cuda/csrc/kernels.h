@@ -12,6 +12,10 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 constexpr int kAttentionHeadSizes[] = {64, 80, 96, 112, 128, 256};
 // Split-KV: at most this many parts per key range.
 constexpr int kMaxAttentionSplits = 32;
+// Prompt chunks (sequences with more than one new token) run on tensor cores where they can (sm_80
+// or newer, fp16/bf16, head sizes up to kMaxTiledHeadSize), in tiles of this many new tokens.
+constexpr int kPromptTileTokens = 64;
+constexpr int kMaxTiledHeadSize = 128;
 
 struct AttentionParams {
   void* out;                    // [T, H, D], contiguous
@@ -32,6 +36,12 @@ struct AttentionParams {
   float* part_out;              // [num_splits, T, H, D]
   float* part_max;              // [num_splits, T, H]
   float* part_sum;              // [num_splits, T, H]
+  // The prompt chunks' tiles, [num_prompt_tiles, 2] int32: (sequence, first new token of the tile,
+  // counted within the sequence's new tokens, a multiple of kPromptTileTokens), covering every
+  // sequence with more than one new token. With num_prompt_tiles 0 (or where the tiled kernel does
+  // not run: launch_attention decides), every token takes the per-token kernel.
+  const int* prompt_tiles;
+  int num_prompt_tiles;
 };
 
 struct WriteKVParams {

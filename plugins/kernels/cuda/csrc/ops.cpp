@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <optional>
 #include <iterator>
 #include <tuple>
 #include <vector>
@@ -61,6 +62,13 @@ void check_rows(const char* op, const char* name, const at::Tensor& t) {
 
 void check_launch(int error) { C10_CUDA_CHECK(static_cast<cudaError_t>(error)); }
 
+// Whether t's GPU has the tensor-core instruction the prompt kernel uses (sm_80 or newer).
+bool tensor_cores(const at::Tensor& t) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.device().index()));
+  return major >= 8;
+}
+
 void* current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
@@ -100,7 +108,7 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                      const at::Tensor& block_tables, double scale, int64_t sliding_window,
-                     int64_t num_splits) {
+                     int64_t num_splits, const std::optional<at::Tensor>& prompt_tiles) {
   constexpr const char* op = "fastgen_cuda::attention";
   check_cuda_on_one_device(op, {&q, &k_cache, &v_cache, &query_start_loc, &seq_lens, &block_tables});
   check_dim(op, "q", q, 3);
@@ -134,6 +142,18 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxAttentionSplits, op, ": num_splits must be in [1, ",
               kMaxAttentionSplits, "], got ", num_splits);
 
+  // Prompt tiles run on tensor cores, which the kernel's instruction needs from sm_80 on; older
+  // GPUs run every token through the per-token kernel.
+  at::Tensor tiles;
+  if (prompt_tiles.has_value()) {
+    check_cuda_on_one_device(op, {&q, &*prompt_tiles});
+    check_dim(op, "prompt_tiles", *prompt_tiles, 2);
+    check_int32(op, "prompt_tiles", *prompt_tiles);
+    TORCH_CHECK(prompt_tiles->size(1) == 2, op, ": prompt_tiles must hold (sequence, first token) pairs, got shape ",
+                prompt_tiles->sizes());
+    if (prompt_tiles->size(0) > 0 && tensor_cores(q)) tiles = prompt_tiles->contiguous();
+  }
+
   auto out = at::empty({q.size(0), num_heads, head_dim}, q.options());
   // Split-KV partials, fp32; unused (and not allocated) without a split.
   const auto f32 = q.options().dtype(at::kFloat);
@@ -157,7 +177,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                           static_cast<int>(num_splits),
                           num_splits > 1 ? part_out.data_ptr<float>() : nullptr,
                           num_splits > 1 ? part_max.data_ptr<float>() : nullptr,
-                          num_splits > 1 ? part_sum.data_ptr<float>() : nullptr};
+                          num_splits > 1 ? part_sum.data_ptr<float>() : nullptr,
+                          tiles.defined() ? tiles.data_ptr<int>() : nullptr,
+                          tiles.defined() ? static_cast<int>(tiles.size(0)) : 0};
   check_launch(launch_attention(p, dtype_of(op, q), current_stream(q)));
   return out;
 }
@@ -166,6 +188,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 std::vector<int64_t> attention_head_sizes() {
   return {std::begin(kAttentionHeadSizes), std::end(kAttentionHeadSizes)};
 }
+
+// The backend cuts prompt chunks into tiles of this many new tokens.
+int64_t attention_prompt_tile_tokens() { return kPromptTileTokens; }
 
 void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   check_cuda_on_one_device(op, {&x, &weight});
@@ -272,11 +297,15 @@ TORCH_LIBRARY(fastgen_cuda, m) {
         "Tensor slot_mapping) -> ()");
   // q: [T, H, D] -> [T, H, D] over the ragged batch (query_start_loc [B+1], seq_lens [B],
   // block_tables [B, max_blocks], all int32). sliding_window <= 0: no window. num_splits: split-KV
-  // parts per key range, 1 to kMaxAttentionSplits.
+  // parts per key range, 1 to kMaxAttentionSplits. prompt_tiles: [W, 2] int32 (sequence, first new
+  // token) tiles of attention_prompt_tile_tokens() new tokens covering every sequence with more
+  // than one; None: every token takes the per-token kernel.
   m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, "
-        "Tensor seq_lens, Tensor block_tables, float scale, int sliding_window, int num_splits=1) -> Tensor");
-  // No tensor arguments, so no dispatch key: a catch-all kernel.
+        "Tensor seq_lens, Tensor block_tables, float scale, int sliding_window, int num_splits=1, "
+        "Tensor? prompt_tiles=None) -> Tensor");
+  // No tensor arguments, so no dispatch key: catch-all kernels.
   m.def("attention_head_sizes() -> int[]", &attention_head_sizes);
+  m.def("attention_prompt_tile_tokens() -> int", &attention_prompt_tile_tokens);
   // x: [T, E], weight: [E] -> [T, E]
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // x, residual: [T, E], weight: [E] -> (rms_norm(x + residual) [T, E], x + residual [T, E])

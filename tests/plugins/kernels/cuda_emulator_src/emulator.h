@@ -24,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -31,10 +32,15 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct uint4 {
+  unsigned x, y, z, w;
 };
 
 using cudaStream_t = void*;
@@ -50,6 +56,7 @@ struct Fiber {
   dim3 thread;
   int linear = 0;
   long shuffles = 0;
+  long products = 0;   // warp_mma calls
   bool done = false;
 };
 
@@ -89,6 +96,7 @@ inline Barrier block_barrier;            // __syncthreads
 inline Barrier block_end;                // every thread done with a block: the next one starts
 inline std::vector<Barrier> warp_barriers;
 inline std::vector<uint64_t> warp_slots;
+inline std::vector<uint32_t> warp_operands;   // warp_mma's: per warp, 2 sets of 32 lanes' a and b
 inline bool launch_finished = false;
 
 template <typename T>
@@ -138,6 +146,7 @@ class Launch {
     warp_barriers.clear();
     for (int first = 0; first < threads; first += 32) warp_barriers.emplace_back(std::min(32, threads - first));
     warp_slots.assign(warp_barriers.size() * 2 * 32, 0);
+    warp_operands.assign(warp_barriers.size() * 2 * 32 * 6, 0);
     std::vector<Fiber> fibers(threads);
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = fibers[t];
@@ -247,3 +256,40 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return {static_cast<uint16_t>(u >> 16)};
 }
+
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+
+namespace emu {
+
+// mma.sync m16n8k16 (csrc/mma.cuh's layouts): each lane posts its a and b registers, the warp
+// meets, and each lane computes its 4 elements of D from the whole A and B in fp32. The operand
+// sets alternate as the shuffles' slots do, for the same reason.
+template <typename T>
+void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Fiber& self = *current;
+  const int warp = self.linear / 32, lane = self.linear % 32;
+  uint32_t* set = warp_operands.data() + (2 * warp + self.products++ % 2) * 32 * 6;
+  std::copy(a, a + 4, set + lane * 6);
+  std::copy(b, b + 2, set + lane * 6 + 4);
+  warp_barriers[warp].wait();
+  auto value = [](uint32_t reg, int high) {
+    T x;
+    x.bits = static_cast<uint16_t>(high ? reg >> 16 : reg & 0xffffu);
+    if constexpr (sizeof(T) == 2 && std::is_same_v<T, __half>) return __half2float(x);
+    else return __bfloat162float(x);
+  };
+  // A[row][k] lives with lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 * (k / 8);
+  // B[k][col] with lane col * 4 + (k % 8) / 2, register k / 8; the low half holds the even k.
+  auto a_at = [&](int row, int k) { return value(set[((row % 8) * 4 + (k % 8) / 2) * 6 + row / 8 + 2 * (k / 8)], k % 2); };
+  auto b_at = [&](int k, int col) { return value(set[(col * 4 + (k % 8) / 2) * 6 + 4 + k / 8], k % 2); };
+  const int g = lane / 4, c = 2 * (lane % 4);
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = c + e % 2;
+    float sum = d[e];
+    for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+    d[e] = sum;
+  }
+}
+
+}  // namespace emu

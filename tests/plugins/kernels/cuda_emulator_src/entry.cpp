@@ -12,6 +12,7 @@ int emu_rotary(const RotaryParams* p, int dtype) { return launch_rotary(*p, DTyp
 int emu_silu_and_mul(const SiluAndMulParams* p, int dtype) {
   return launch_silu_and_mul(*p, DType(dtype), nullptr);
 }
+int emu_prompt_tile_tokens() { return kPromptTileTokens; }
 // The structs' sizes, so the Python side can check its copy of their layouts.
 size_t emu_sizeof(int which) {
   switch (which) {

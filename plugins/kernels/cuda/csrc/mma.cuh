@@ -1,0 +1,54 @@
+// One warp's tensor-core multiply-accumulate: mma.sync m16n8k16 with fp32 accumulators (sm_80 and
+// newer), D[16x8] += A[16x16] * B[16x8], A and B in fp16 or bf16. Each of the warp's 32 threads
+// holds a fixed part of each matrix, as the PTX ISA lays it out; with g = lane / 4 and
+// c = 2 * (lane % 4):
+//   a[0]: A[g][c, c+1]      a[1]: A[g+8][c, c+1]      a[2]: A[g][c+8, c+9]      a[3]: A[g+8][c+8, c+9]
+//   b[0]: B[c, c+1][g]      b[1]: B[c+8, c+9][g]
+//   d[0], d[1]: D[g][c, c+1]                          d[2], d[3]: D[g+8][c, c+1]
+// two 16-bit values to a register, the first in the low half. So the scores of two neighbouring
+// 8-key tiles are, element for element, the A operand of the next product over those 16 keys.
+//
+// The CUDA emulator of the tests has its own version of this header (the same function, computed
+// across the warp's fibers).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+
+namespace fastgen_cuda {
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+               "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#else
+// Older GPUs have no such instruction; the host does not launch the kernels that use it there.
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&)[4], const uint32_t (&)[4],
+                                                         const uint32_t (&)[2]) {
+  __trap();
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&)[4], const uint32_t (&)[4], const uint32_t (&)[2]) {
+  __trap();
+}
+#endif
+
+}  // namespace fastgen_cuda

@@ -1,0 +1,16 @@
+// Stand-in for csrc/mma.cuh in the CUDA emulator: the same function, run across the warp's fibers
+// (emu::warp_mma in ../emulator.h).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+
+namespace fastgen_cuda {
+
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  emu::warp_mma<T>(d, a, b);
+}
+
+}  // namespace fastgen_cuda
