@@ -1,4 +1,5 @@
-"""Time kernels.triton's attention over its launch settings, beside torch's SDPA on the same work.
+"""Time kernels.triton's attention over its launch settings, beside kernels.cuda's (where it runs)
+and torch's SDPA on the same work.
 
     python benchmarks/attention_sweep.py [--device cuda] [--dtype bfloat16] [--model llama3-8b]
         [--shapes decode_b1_ctx8192,prefill_2048_cached0,...] [--quick] [--repeats N]
@@ -101,6 +102,26 @@ def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
+def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scale, window, expected,
+                       dtype, device, repeats) -> Result:
+    """The backend's attention on the batch, checked against `expected` and then timed, into result;
+    a failure to compile or launch is the result's error."""
+    try:
+        batch.attn_metadata = backend.prepare(batch)
+        result.extra = {"num_splits": batch.attn_metadata.num_splits,
+                        "tile_tokens": getattr(batch.attn_metadata, "tile_tokens", None)}
+        out = backend.attention(q, k_cache, v_cache, batch, scale, window)
+        error = (out.float() - expected).abs().max().item()
+        result.correct = error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
+        if not result.correct:
+            result.error = f"max error {error:.3g}"
+        result.seconds = best_time(lambda: backend.attention(q, k_cache, v_cache, batch, scale, window),
+                                   device, repeats)
+    except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
+        result.correct, result.error = False, _failure(e)
+    return result
+
+
 def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> list[Result]:
     registry = load_plugins().registry
     triton = make_backend(registry.get("kernels", "triton").cls, device)
@@ -114,25 +135,16 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> l
     batch = build_batch(shape, device)
     batch.attn_metadata = reference.prepare(batch)
     expected = reference.attention(q, k_cache, v_cache, batch, scale, model.sliding_window).float()
+    inputs = (batch, q, k_cache, v_cache, scale, model.sliding_window, expected, dtype, device, repeats)
     results = []
     for setting in [None, *settings]:
-        result = Result(shape.name, setting_name(setting))
-        try:
-            apply(triton, setting)
-            batch.attn_metadata = triton.prepare(batch)
-            result.extra = {"num_splits": batch.attn_metadata.num_splits,
-                            "tile_tokens": batch.attn_metadata.tile_tokens}
-            out = triton.attention(q, k_cache, v_cache, batch, scale, model.sliding_window)
-            error = (out.float() - expected).abs().max().item()
-            result.correct = error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
-            if not result.correct:
-                result.error = f"max error {error:.3g}"
-            result.seconds = best_time(
-                lambda: triton.attention(q, k_cache, v_cache, batch, scale, model.sliding_window),
-                device, repeats)
-        except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
-            result.correct, result.error = False, _failure(e)
-        results.append(result)
+        apply(triton, setting)
+        results.append(_checked_and_timed(Result(shape.name, setting_name(setting)), triton, *inputs))
+    # kernels.cuda's attention on the same work, where it runs: the other kernel authors' bar.
+    cuda = registry.get("kernels", "cuda").cls
+    if cuda.unavailable_reason(device) is None:
+        results.append(_checked_and_timed(Result(shape.name, "kernels.cuda"), make_backend(cuda, device),
+                                          *inputs))
     sdpa = Result(shape.name, "torch SDPA (contiguous K/V)")
     try:
         sdpa.seconds = best_time(sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim,
@@ -149,7 +161,7 @@ def format_results(results: list[Result], header: str) -> str:
         rows = [r for r in results if r.shape == shape]
         auto = next((r.seconds for r in rows if r.setting == "auto" and r.correct), None)
         sdpa = next((r.seconds for r in rows if r.setting.startswith("torch SDPA")), None)
-        timed = [r for r in rows if r.correct and r.seconds and not r.setting.startswith("torch")]
+        timed = [r for r in rows if r.correct and r.seconds and not r.setting.startswith(("torch", "kernels."))]
         best = min(timed, key=lambda r: r.seconds) if timed else None
         lines += [f"### {shape}", "", "| setting | us | vs auto | vs SDPA | splits | note |",
                   "|---|---:|---:|---:|---:|---|"]

@@ -146,8 +146,12 @@ class EmulatedOps:
                      torch.empty(num_splits, tokens, heads)]
         tables = block_tables.contiguous()
         keep = (query_start_loc.contiguous(), seq_lens.contiguous(), tables)
-        # The emulated GPU has tensor cores, so the tiles run as given.
-        tiles = None if prompt_tiles is None or prompt_tiles.shape[0] == 0 else prompt_tiles.contiguous()
+        # As ops.cpp: the tiles run where the caches start on 16 bytes (the emulated GPU has
+        # tensor cores).
+        aligned = k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0
+        tiles = None
+        if prompt_tiles is not None and prompt_tiles.shape[0] > 0 and aligned:
+            tiles = prompt_tiles.contiguous()
         p = AttentionParams(_ptr(out), _ptr(q), _ptr(k_cache), _ptr(v_cache), *map(_ptr, keep),
                             tokens, seq_lens.shape[0], tables.shape[1], k_cache.shape[1], heads,
                             k_cache.shape[2], dim, q.stride(0), q.stride(1), scale,

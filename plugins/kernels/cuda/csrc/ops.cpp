@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <iterator>
@@ -142,8 +143,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxAttentionSplits, op, ": num_splits must be in [1, ",
               kMaxAttentionSplits, "], got ", num_splits);
 
-  // Prompt tiles run on tensor cores, which the kernel's instruction needs from sm_80 on; older
-  // GPUs run every token through the per-token kernel.
+  // Prompt tiles run on tensor cores, which the kernel's instruction needs from sm_80 on, and copy
+  // cache rows 16 bytes at a time; older GPUs, and caches that do not start on 16 bytes (views at
+  // odd offsets), run every token through the per-token kernel.
   at::Tensor tiles;
   if (prompt_tiles.has_value()) {
     check_cuda_on_one_device(op, {&q, &*prompt_tiles});
@@ -151,7 +153,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     check_int32(op, "prompt_tiles", *prompt_tiles);
     TORCH_CHECK(prompt_tiles->size(1) == 2, op, ": prompt_tiles must hold (sequence, first token) pairs, got shape ",
                 prompt_tiles->sizes());
-    if (prompt_tiles->size(0) > 0 && tensor_cores(q)) tiles = prompt_tiles->contiguous();
+    const bool aligned = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0;
+    if (prompt_tiles->size(0) > 0 && aligned && tensor_cores(q)) tiles = prompt_tiles->contiguous();
   }
 
   auto out = at::empty({q.size(0), num_heads, head_dim}, q.options());
