@@ -69,6 +69,23 @@ def test_split_kv_matches_the_reference(ops, reference, dtype, window, num_split
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
+HEAD_SIZE_CASES = [(d, dim) for d in (torch.float32, torch.bfloat16) for dim in cuda_emulator.HEAD_SIZES]
+
+
+@pytest.mark.parametrize("dtype, dim", HEAD_SIZE_CASES,
+                         ids=[f"{str(d)[6:]}-d{dim}" for d, dim in HEAD_SIZE_CASES])
+def test_the_per_token_kernel_matches_the_reference_at_every_head_size(ops, reference, dtype, dim):
+    # Each lane holds a run of the head's dimensions, loaded 4, 8 or 16 bytes at a time where the
+    # runs tile the head, cut short where they do not (80).
+    batch, caches, q = _inputs(dtype, dim=dim, heads=4, kv_heads=2, seed=dim)
+    out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, dim ** -0.5,
+                        0, 2)
+    batch.attn_metadata = reference.prepare(batch)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, None),
+                               atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (8, 1), (6, 2), (5, 5)],
                          ids=["group3", "group8", "group3-of-2", "mha"])
 def test_every_query_group_size_matches_the_reference(ops, reference, heads, kv_heads):

@@ -51,22 +51,66 @@ __device__ __forceinline__ bool tiled(const AttentionParams& p, int q_len) {
   return p.num_prompt_tiles > 0 && q_len > 1;
 }
 
-// Each lane's share (dims lane, lane + 32, ...) of kKeysPerStep rows of a cache, in fp32.
+// The head dimension a lane holds as its i-th value: each lane a run of kPerLane consecutive
+// dimensions, so a warp reads a row as one contiguous span and a lane its run in few wide loads.
+template <int kPerLane>
+__device__ __forceinline__ int lane_dim(int lane, int i) {
+  return lane * kPerLane + i;
+}
+
+// kCount consecutive elements from src, in the widest loads (up to 16 bytes) that their size and
+// src's alignment to it allow.
+template <typename T, int kCount>
+__device__ __forceinline__ void load_run(const T* __restrict__ src, float (&dst)[kCount]) {
+  constexpr int kBytes = kCount * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    uint4 words[kBytes / 16];
+#pragma unroll
+    for (int w = 0; w < kBytes / 16; ++w) words[w] = reinterpret_cast<const uint4*>(src)[w];
+    const T* elements = reinterpret_cast<const T*>(words);
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
+  } else if constexpr (kBytes % 8 == 0) {
+    uint2 words[kBytes / 8];
+#pragma unroll
+    for (int w = 0; w < kBytes / 8; ++w) words[w] = reinterpret_cast<const uint2*>(src)[w];
+    const T* elements = reinterpret_cast<const T*>(words);
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) dst[i] = to_float(src[i]);
+  }
+}
+
+// Each lane's run of kKeysPerStep rows of a cache, in fp32. Where the runs tile the head (every
+// size but 80) each lane loads its run whole or, past the head's end, holds zeros; else the last
+// lane's run is cut short.
 template <typename T, int kHeadDim, int kPerLane>
 __device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int64_t (&row)[kKeysPerStep],
                                           int lane, float (&values)[kKeysPerStep][kPerLane]) {
 #pragma unroll
-  for (int j = 0; j < kKeysPerStep; ++j)
+  for (int j = 0; j < kKeysPerStep; ++j) {
+    if constexpr (kHeadDim % kPerLane == 0) {
+      if (lane_dim<kPerLane>(lane, 0) < kHeadDim) {
+        load_run<T, kPerLane>(cache + row[j] + lane_dim<kPerLane>(lane, 0), values[j]);
+      } else {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + i * kWarpSize;
-      values[j][i] = d < kHeadDim ? to_float(cache[row[j] + d]) : 0.f;
+        for (int i = 0; i < kPerLane; ++i) values[j][i] = 0.f;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int d = lane_dim<kPerLane>(lane, i);
+        values[j][i] = d < kHeadDim ? to_float(cache[row[j] + d]) : 0.f;
+      }
     }
+  }
 }
 
 // kHeadDim and kHeads are template arguments so each lane's share of a row (kPerLane values) and of
-// each head's state lives in registers; for head sizes that are not a multiple of 32 some lanes
-// idle on the last element, and a block whose group has fewer than kHeads heads left idles the rest.
+// each head's state lives in registers; for head sizes that are not a multiple of 32 the last lanes
+// hold fewer values or none, and a block whose group has fewer than kHeads heads left idles the rest.
 template <typename T, int kHeadDim, int kHeads>
 __global__ void attention_kernel(const AttentionParams p) {
   constexpr int kPerLane = (kHeadDim + kWarpSize - 1) / kWarpSize;
@@ -99,7 +143,7 @@ __global__ void attention_kernel(const AttentionParams p) {
     const T* q_row = static_cast<const T*>(p.q) + token * p.q_token_stride + (first_head + h) * p.q_head_stride;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + i * kWarpSize;
+      const int d = lane_dim<kPerLane>(lane, i);
       q_reg[h][i] = h < num_heads_here && d < kHeadDim ? to_float(q_row[d]) * p.scale : 0.f;
     }
   }
@@ -172,7 +216,7 @@ __global__ void attention_kernel(const AttentionParams p) {
     }
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + i * kWarpSize;
+      const int d = lane_dim<kPerLane>(lane, i);
       if (d < kHeadDim) warp_acc[warp][h][d] = acc[h][i];
     }
   }
