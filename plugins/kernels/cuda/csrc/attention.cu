@@ -373,17 +373,25 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
     __syncthreads();
     if (!warp_has_rows) continue;
 
+    // Q K^T: K's rows are B's columns, so the untransposed matrices of 8 keys by 8 dims are B's
+    // registers; one load takes 4 of them, two dim steps' worth (an odd last step, 2).
     float score[kKeyTiles][4];
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) score[n][e] = 0.f;
-      const uint16_t* k_row = &k_tile[(n * 8 + g) * kRow + c];
+      const uint16_t* k_rows = &k_tile[(n * 8 + lane % 8) * kRow + (lane / 8) * 8];
 #pragma unroll
-      for (int s = 0; s < kDimSteps; ++s) {
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(k_row + s * 16),
-                               *reinterpret_cast<const uint32_t*>(k_row + s * 16 + 8)};
-        mma_16816<T>(score[n], q_frag[s], b);
+      for (int s = 0; s + 1 < kDimSteps; s += 2) {
+        uint32_t b[4];
+        ldmatrix<4, false>(b, k_rows + s * 16);
+        mma_16816<T>(score[n], q_frag[s], {b[0], b[1]});
+        mma_16816<T>(score[n], q_frag[s + 1], {b[2], b[3]});
+      }
+      if constexpr (kDimSteps % 2 == 1) {
+        uint32_t b[2];
+        ldmatrix<2, false>(b, k_rows - (lane / 16) * 16 + (kDimSteps - 1) * 16);
+        mma_16816<T>(score[n], q_frag[kDimSteps - 1], b);
       }
     }
     // Mask and scale; each row's max over this step's keys, across the 4 threads that share it.
@@ -430,11 +438,15 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
                              pack_bits(bits_of(from_float<T>(lo[2])), bits_of(from_float<T>(lo[3]))),
                              pack_bits(bits_of(from_float<T>(hi[0])), bits_of(from_float<T>(hi[1]))),
                              pack_bits(bits_of(from_float<T>(hi[2])), bits_of(from_float<T>(hi[3])))};
+      // P V: V's rows are B's rows, so the transposed matrices of 8 keys by 8 dims are B's
+      // registers; one load takes 4, two output tiles' worth.
+      const uint16_t* v_rows = &v_tile[(k * 16 + (lane / 8) % 2 * 8 + lane % 8) * kRow + (lane / 16) * 8];
 #pragma unroll
-      for (int t = 0; t < kOutTiles; ++t) {
-        const uint16_t* v = &v_tile[(k * 16 + c) * kRow + t * 8 + g];
-        const uint32_t b[2] = {pack_bits(v[0], v[kRow]), pack_bits(v[8 * kRow], v[9 * kRow])};
-        mma_16816<T>(out[t], a, b);
+      for (int t = 0; t < kOutTiles; t += 2) {
+        uint32_t b[4];
+        ldmatrix<4, true>(b, v_rows + t * 8);
+        mma_16816<T>(out[t], a, {b[0], b[1]});
+        mma_16816<T>(out[t + 1], a, {b[2], b[3]});
       }
     }
   }

@@ -1,5 +1,5 @@
-// One warp's tensor-core multiply-accumulate: mma.sync m16n8k16 with fp32 accumulators (sm_80 and
-// newer), D[16x8] += A[16x16] * B[16x8], A and B in fp16 or bf16. Each of the warp's 32 threads
+// One warp's tensor-core multiply-accumulate, mma.sync m16n8k16 with fp32 accumulators, and the
+// shared-memory loads that feed it, ldmatrix (both sm_80 and newer). mma_16816: D[16x8] += A[16x16] * B[16x8], A and B in fp16 or bf16. Each of the warp's 32 threads
 // holds a fixed part of each matrix, as the PTX ISA lays it out; with g = lane / 4 and
 // c = 2 * (lane % 4):
 //   a[0]: A[g][c, c+1]      a[1]: A[g+8][c, c+1]      a[2]: A[g][c+8, c+9]      a[3]: A[g+8][c+8, c+9]
@@ -7,6 +7,11 @@
 //   d[0], d[1]: D[g][c, c+1]                          d[2], d[3]: D[g+8][c, c+1]
 // two 16-bit values to a register, the first in the low half. So the scores of two neighbouring
 // 8-key tiles are, element for element, the A operand of the next product over those 16 keys.
+//
+// ldmatrix<N, kTranspose>: N (1, 2 or 4) 8x8 matrices of 16-bit values from shared memory, row j of
+// matrix m at the address lane 8m + j gives. Lane L receives in r[m] row g, columns c and c + 1 of
+// matrix m; transposed, column g, rows c and c + 1: a B operand's register from a matrix whose rows
+// are B's columns, or, transposed, B's rows.
 //
 // The CUDA emulator of the tests has its own version of this header (the same function, computed
 // across the warp's fibers).
@@ -21,7 +26,29 @@ namespace fastgen_cuda {
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 
+template <int kMatrices, bool kTranspose>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row);
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+__device__ __forceinline__ void ldmatrix<4, false>(uint32_t (&r)[4], const uint16_t* row) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+}
+template <>
+__device__ __forceinline__ void ldmatrix<2, false>(uint32_t (&r)[2], const uint16_t* row) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(address) : "memory");
+}
+template <>
+__device__ __forceinline__ void ldmatrix<4, true>(uint32_t (&r)[4], const uint16_t* row) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address) : "memory");
+}
+
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
@@ -39,7 +66,19 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #else
-// Older GPUs have no such instruction; the host does not launch the kernels that use it there.
+// Older GPUs have no such instructions; the host does not launch the kernels that use them there.
+template <>
+__device__ __forceinline__ void ldmatrix<4, false>(uint32_t (&)[4], const uint16_t*) {
+  __trap();
+}
+template <>
+__device__ __forceinline__ void ldmatrix<2, false>(uint32_t (&)[2], const uint16_t*) {
+  __trap();
+}
+template <>
+__device__ __forceinline__ void ldmatrix<4, true>(uint32_t (&)[4], const uint16_t*) {
+  __trap();
+}
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&)[4], const uint32_t (&)[4],
                                                          const uint32_t (&)[2]) {

@@ -62,6 +62,7 @@ struct Fiber {
   int linear = 0;
   long shuffles = 0;
   long products = 0;   // warp_mma calls
+  long matrix_loads = 0;   // warp_ldmatrix calls
   bool done = false;
 };
 
@@ -135,6 +136,7 @@ inline Barrier block_end;                // every thread done with a block: the 
 inline std::vector<Barrier> warp_barriers;
 inline std::vector<uint64_t> warp_slots;
 inline std::vector<uint32_t> warp_operands;   // warp_mma's: per warp, 2 sets of 32 lanes' a and b
+inline std::vector<const uint16_t*> warp_rows;   // warp_ldmatrix's: per warp, 2 sets of 32 addresses
 inline bool launch_finished = false;
 
 template <typename T>
@@ -220,6 +222,7 @@ class Launch {
     for (int first = 0; first < threads; first += 32) warp_barriers.emplace_back(std::min(32, threads - first));
     warp_slots.assign(warp_barriers.size() * 2 * 32, 0);
     warp_operands.assign(warp_barriers.size() * 2 * 32 * 6, 0);
+    warp_rows.assign(warp_barriers.size() * 2 * 32, nullptr);
     std::vector<Fiber> fibers(threads);
     for (int t = 0; t < threads; ++t) {
       Fiber& fiber = fibers[t];
@@ -358,6 +361,24 @@ void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     float sum = d[e];
     for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
     d[e] = sum;
+  }
+}
+
+// ldmatrix (csrc/mma.cuh): each lane posts its row address, the warp meets, and each lane reads
+// its two values of each matrix from the rows the others gave.
+template <int kMatrices, bool kTranspose>
+void warp_ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row) {
+  Fiber& self = *current;
+  const int warp = self.linear / 32, lane = self.linear % 32;
+  const uint16_t** rows = warp_rows.data() + (2 * warp + self.matrix_loads++ % 2) * 32;
+  rows[lane] = row;
+  warp_barriers[warp].wait();
+  const int g = lane / 4, c = 2 * (lane % 4);
+  for (int m = 0; m < kMatrices; ++m) {
+    const uint16_t* const* matrix = rows + 8 * m;
+    const uint16_t low = kTranspose ? matrix[c][g] : matrix[g][c];
+    const uint16_t high = kTranspose ? matrix[c + 1][g] : matrix[g][c + 1];
+    r[m] = static_cast<uint32_t>(low) | static_cast<uint32_t>(high) << 16;
   }
 }
 
