@@ -43,7 +43,7 @@ def build_library(work_dir: Path) -> Path:
     """Compile every .cu of csrc/ and the C entry points into one shared library."""
     source_dir = work_dir / "src"
     source_dir.mkdir(parents=True, exist_ok=True)
-    # A header with a stand-in of the same name (mma.cuh) is left out: `#include "..."` would find
+    # A header with a stand-in of the same name (sm80.cuh) is left out: `#include "..."` would find
     # the copy beside the sources before the stand-in.
     stand_ins = {h.name for h in (SRC / "include").iterdir()}
     for header in build.CSRC.glob("*.*h"):

@@ -3,7 +3,7 @@
 The shared conformance suite runs every op on the emulated kernels (its `cuda-emulated` cases);
 here is what it does not reach: split-KV (long contexts with few tokens, parts that hold one key
 or none, every dtype), the backend's choice of splits, the tensor-core kernel of prompt chunks over
-every head size it takes (the emulator computes its mma.sync products from mma.cuh's operand
+every head size it takes (the emulator computes its mma.sync products from sm80.cuh's operand
 layouts), and whole models token for token.
 """
 

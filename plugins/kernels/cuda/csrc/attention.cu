@@ -22,7 +22,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
-#include "mma.cuh"
+#include "sm80.cuh"
 
 namespace fastgen_cuda {
 namespace {
@@ -289,7 +289,7 @@ __global__ void reduce_splits_kernel(const AttentionParams p) {
 }
 
 // Prompt chunks on tensor cores: one block per (prompt tile, query head). Each of its warps holds 16
-// of the tile's queries as mma operands (mma.cuh's layouts: a thread has rows g and g + 8, columns
+// of the tile's queries as mma operands (sm80.cuh's layouts: a thread has rows g and g + 8, columns
 // c and c + 1 of each 8) and keeps their online softmax in registers. The block walks the keys the
 // tile may see, kTileKeys at a time: the keys' K and V rows are copied from the blocked cache into
 // shared memory once for all warps; each warp computes its scores (Q K^T), masks them (causal, the
@@ -356,44 +356,57 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   const uint16_t* k_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.k_cache));
   const uint16_t* v_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.v_cache));
 
-  for (int first = key_begin; first < key_end; first += kTileKeys) {
-    __syncthreads();   // every warp is done with the previous keys
+  // Keys [first, first + kTileKeys) of a cache into a tile, as one group of asynchronous copies
+  // of 16 bytes; keys past the end are zeros, weighed 0.
+  auto copy_keys = [&](uint16_t* tile, const uint16_t* cache, int first) {
     for (int i = threadIdx.x; i < kTileKeys * kChunks; i += blockDim.x) {
       const int j = i / kChunks, d = (i % kChunks) * 8, key = first + j;
-      uint4 k_piece = {0, 0, 0, 0}, v_piece = {0, 0, 0, 0};   // keys past the end: zeros, weighed 0
+      int64_t at = 0;
       if (key < key_end) {
         const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
-        const int64_t at = slot * kv_row + kv_head * kHeadDim + d;
-        k_piece = *reinterpret_cast<const uint4*>(k_cache + at);
-        v_piece = *reinterpret_cast<const uint4*>(v_cache + at);
+        at = slot * kv_row + kv_head * kHeadDim + d;
       }
-      *reinterpret_cast<uint4*>(&k_tile[j * kRow + d]) = k_piece;
-      *reinterpret_cast<uint4*>(&v_tile[j * kRow + d]) = v_piece;
+      copy_async_16(&tile[j * kRow + d], cache + at, key < key_end);
     }
-    __syncthreads();
-    if (!warp_has_rows) continue;
+    commit_async();
+  };
+
+  // Each step's V lands while its Q K^T runs, and the next step's K while its P V runs.
+  if (key_begin < key_end) copy_keys(k_tile, k_cache, key_begin);
+  for (int first = key_begin; first < key_end; first += kTileKeys) {
+    __syncthreads();   // every warp is done with the previous step's V
+    copy_keys(v_tile, v_cache, first);
+    wait_async<1>();   // this thread's copies of K are in (V's may not be)
+    __syncthreads();   // and every thread's
 
     // Q K^T: K's rows are B's columns, so the untransposed matrices of 8 keys by 8 dims are B's
     // registers; one load takes 4 of them, two dim steps' worth (an odd last step, 2).
     float score[kKeyTiles][4];
+    if (warp_has_rows) {
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
+      for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) score[n][e] = 0.f;
-      const uint16_t* k_rows = &k_tile[(n * 8 + lane % 8) * kRow + (lane / 8) * 8];
+        for (int e = 0; e < 4; ++e) score[n][e] = 0.f;
+        const uint16_t* k_rows = &k_tile[(n * 8 + lane % 8) * kRow + (lane / 8) * 8];
 #pragma unroll
-      for (int s = 0; s + 1 < kDimSteps; s += 2) {
-        uint32_t b[4];
-        ldmatrix<4, false>(b, k_rows + s * 16);
-        mma_16816<T>(score[n], q_frag[s], {b[0], b[1]});
-        mma_16816<T>(score[n], q_frag[s + 1], {b[2], b[3]});
-      }
-      if constexpr (kDimSteps % 2 == 1) {
-        uint32_t b[2];
-        ldmatrix<2, false>(b, k_rows - (lane / 16) * 16 + (kDimSteps - 1) * 16);
-        mma_16816<T>(score[n], q_frag[kDimSteps - 1], b);
+        for (int s = 0; s + 1 < kDimSteps; s += 2) {
+          uint32_t b[4];
+          ldmatrix<4, false>(b, k_rows + s * 16);
+          mma_16816<T>(score[n], q_frag[s], {b[0], b[1]});
+          mma_16816<T>(score[n], q_frag[s + 1], {b[2], b[3]});
+        }
+        if constexpr (kDimSteps % 2 == 1) {
+          uint32_t b[2];
+          ldmatrix<2, false>(b, k_rows - (lane / 16) * 16 + (kDimSteps - 1) * 16);
+          mma_16816<T>(score[n], q_frag[kDimSteps - 1], b);
+        }
       }
     }
+    wait_async<0>();   // V is in
+    __syncthreads();   // everyone's, and every warp is done with K
+    if (first + kTileKeys < key_end) copy_keys(k_tile, k_cache, first + kTileKeys);
+    if (!warp_has_rows) continue;
+
     // Mask and scale; each row's max over this step's keys, across the 4 threads that share it.
     float step_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll

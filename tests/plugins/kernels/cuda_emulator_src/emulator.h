@@ -54,6 +54,12 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 namespace emu {
 
+struct AsyncCopy {
+  void* shared;
+  const void* global;
+  int bytes;   // read from global; the rest of 16 zero-filled
+};
+
 struct Fiber {
   ucontext_t context;   // without the x86-64 switch
   void* stack_top = nullptr;   // with it: the saved stack pointer
@@ -63,6 +69,8 @@ struct Fiber {
   long shuffles = 0;
   long products = 0;   // warp_mma calls
   long matrix_loads = 0;   // warp_ldmatrix calls
+  std::vector<AsyncCopy> open_group;               // cp.async copies not yet committed
+  std::vector<std::vector<AsyncCopy>> in_flight;   // committed groups, oldest first
   bool done = false;
 };
 
@@ -334,7 +342,7 @@ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 namespace emu {
 
-// mma.sync m16n8k16 (csrc/mma.cuh's layouts): each lane posts its a and b registers, the warp
+// mma.sync m16n8k16 (csrc/sm80.cuh's layouts): each lane posts its a and b registers, the warp
 // meets, and each lane computes its 4 elements of D from the whole A and B in fp32. The operand
 // sets alternate as the shuffles' slots do, for the same reason.
 template <typename T>
@@ -364,7 +372,7 @@ void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   }
 }
 
-// ldmatrix (csrc/mma.cuh): each lane posts its row address, the warp meets, and each lane reads
+// ldmatrix (csrc/sm80.cuh): each lane posts its row address, the warp meets, and each lane reads
 // its two values of each matrix from the rows the others gave.
 template <int kMatrices, bool kTranspose>
 void warp_ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row) {
@@ -379,6 +387,25 @@ void warp_ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row) {
     const uint16_t low = kTranspose ? matrix[c][g] : matrix[g][c];
     const uint16_t high = kTranspose ? matrix[c + 1][g] : matrix[g][c + 1];
     r[m] = static_cast<uint32_t>(low) | static_cast<uint32_t>(high) << 16;
+  }
+}
+
+// cp.async (csrc/sm80.cuh): a copy lands when a wait lets its group go, not when it is issued.
+inline void copy_async(void* shared, const void* global, int bytes) {
+  current->open_group.push_back({shared, global, bytes});
+}
+inline void commit_async() {
+  current->in_flight.push_back(std::move(current->open_group));
+  current->open_group.clear();
+}
+inline void wait_async(int keep) {
+  auto& groups = current->in_flight;
+  while (static_cast<int>(groups.size()) > keep) {
+    for (const AsyncCopy& copy : groups.front()) {
+      std::memcpy(copy.shared, copy.global, copy.bytes);
+      std::memset(static_cast<char*>(copy.shared) + copy.bytes, 0, 16 - copy.bytes);
+    }
+    groups.erase(groups.begin());
   }
 }
 

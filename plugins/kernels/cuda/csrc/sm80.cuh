@@ -1,5 +1,8 @@
-// One warp's tensor-core multiply-accumulate, mma.sync m16n8k16 with fp32 accumulators, and the
-// shared-memory loads that feed it, ldmatrix (both sm_80 and newer). mma_16816: D[16x8] += A[16x16] * B[16x8], A and B in fp16 or bf16. Each of the warp's 32 threads
+// The sm_80 (and newer) instructions of the tensor-core attention kernel: one warp's
+// multiply-accumulate, mma.sync m16n8k16 with fp32 accumulators; the shared-memory loads that feed
+// it, ldmatrix; and the asynchronous copies that fill shared memory, cp.async.
+//
+// mma_16816: D[16x8] += A[16x16] * B[16x8], A and B in fp16 or bf16. Each of the warp's 32 threads
 // holds a fixed part of each matrix, as the PTX ISA lays it out; with g = lane / 4 and
 // c = 2 * (lane % 4):
 //   a[0]: A[g][c, c+1]      a[1]: A[g+8][c, c+1]      a[2]: A[g][c+8, c+9]      a[3]: A[g+8][c+8, c+9]
@@ -12,6 +15,11 @@
 // matrix m at the address lane 8m + j gives. Lane L receives in r[m] row g, columns c and c + 1 of
 // matrix m; transposed, column g, rows c and c + 1: a B operand's register from a matrix whose rows
 // are B's columns, or, transposed, B's rows.
+//
+// copy_async_16: 16 bytes from global to shared memory, copied while the thread goes on (zeros
+// where `valid` is false); commit_async closes the thread's group of copies so far, and
+// wait_async<N> waits until at most N of its groups are still in flight (groups finish in order).
+// Other threads' copies are seen after a __syncthreads that follows their wait.
 //
 // The CUDA emulator of the tests has its own version of this header (the same function, computed
 // across the warp's fibers).
@@ -28,6 +36,24 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 template <int kMatrices, bool kTranspose>
 __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row);
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global, bool valid) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               :: "r"(address), "l"(global), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kInFlight>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(kInFlight) : "memory");
+}
+#else
+__device__ __forceinline__ void copy_async_16(void*, const void*, bool) { __trap(); }
+__device__ __forceinline__ void commit_async() {}
+template <int kInFlight>
+__device__ __forceinline__ void wait_async() {}
+#endif
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 template <>
