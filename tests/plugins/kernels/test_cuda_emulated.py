@@ -172,7 +172,10 @@ class _EmulatedCudaForEngines(cuda_emulator.EmulatedCudaBackend):
         return cuda_emulator.available()
 
 
-def test_a_whole_model_gives_the_reference_tokens(tmp_path, plugin_manager):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_whole_model_gives_the_reference_tokens(tmp_path, plugin_manager, dtype):
+    # float16: prompt chunks of up to 96 tokens (two tiles) take the tensor-core kernel, beside
+    # decodes split 3 ways.
     class Plugin:
         @fastgen.hookimpl
         def register_kernels(self, register):
@@ -183,12 +186,12 @@ def test_a_whole_model_gives_the_reference_tokens(tmp_path, plugin_manager):
     make_checkpoint(tmp_path, "mistral", hidden_size=128, intermediate_size=256, num_attention_heads=2,
                     num_key_value_heads=1)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 30, 45)]
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 30, 45, 150)]
     params = fastgen.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     tokens = {}
     for kernels in ("cuda_emulated", "torch"):
-        engine = Engine(make_config(model=str(tmp_path), kernels=kernels, device="cpu", token_budget=32,
-                                    max_num_seqs=4, num_blocks=16), plugins=plugin_manager)
+        engine = Engine(make_config(model=str(tmp_path), kernels=kernels, device="cpu", token_budget=96,
+                                    max_num_seqs=4, num_blocks=32, dtype=dtype), plugins=plugin_manager)
         tokens[kernels] = run_to_completion(engine, prompts, params)
     assert tokens["cuda_emulated"] == tokens["torch"]
 
