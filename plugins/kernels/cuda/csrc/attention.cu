@@ -3,8 +3,8 @@
 // One thread block per (query token, group of up to kHeads query heads that share one key/value
 // head, split). The block reads each key and value row once for all its heads (grouped-query
 // attention); its warps stride over the block's share of the keys the token may see (causal within
-// its sequence, optionally a sliding window), kKeysPerStep keys at a time so that each warp has
-// several rows in flight, each warp keeping an online softmax (running max, running sum, weighted
+// its sequence, optionally a sliding window), kKeysPerStep keys at a time, their K and V rows
+// loaded together so that each warp has many bytes in flight, each warp keeping an online softmax (running max, running sum, weighted
 // value sum) per head; the block merges the warps' states at the end. Every query token finds its
 // sequence from query_start_loc, so decodes and chunks mix freely. Accumulation is fp32 whatever
 // the cache dtype.
@@ -28,7 +28,11 @@ namespace fastgen_cuda {
 namespace {
 
 constexpr int kAttentionWarps = 4;
-constexpr int kKeysPerStep = 4;
+// Keys each warp takes per step of its loop, their K and V rows loaded together: enough bytes in
+// flight to cover memory latency with few blocks per SM (a long decode split over the GPU), as
+// many as the registers allow (half for head size 256).
+template <int kHeadDim>
+constexpr int kKeysPerStep = kHeadDim <= 128 ? 8 : 4;
 // prompt_attention_kernel: 16 query rows per warp (the mma's M), keys per step of its loop.
 constexpr int kPromptWarps = kPromptTileTokens / 16;
 constexpr int kTileKeys = 64;
@@ -83,14 +87,14 @@ __device__ __forceinline__ void load_run(const T* __restrict__ src, float (&dst)
   }
 }
 
-// Each lane's run of kKeysPerStep rows of a cache, in fp32. Where the runs tile the head (every
+// Each lane's run of kKeys rows of a cache, in fp32. Where the runs tile the head (every
 // size but 80) each lane loads its run whole or, past the head's end, holds zeros; else the last
 // lane's run is cut short.
-template <typename T, int kHeadDim, int kPerLane>
-__device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int64_t (&row)[kKeysPerStep],
-                                          int lane, float (&values)[kKeysPerStep][kPerLane]) {
+template <typename T, int kHeadDim, int kPerLane, int kKeys>
+__device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int64_t (&row)[kKeys],
+                                          int lane, float (&values)[kKeys][kPerLane]) {
 #pragma unroll
-  for (int j = 0; j < kKeysPerStep; ++j) {
+  for (int j = 0; j < kKeys; ++j) {
     if constexpr (kHeadDim % kPerLane == 0) {
       if (lane_dim<kPerLane>(lane, 0) < kHeadDim) {
         load_run<T, kPerLane>(cache + row[j] + lane_dim<kPerLane>(lane, 0), values[j]);
@@ -114,6 +118,7 @@ __device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int
 template <typename T, int kHeadDim, int kHeads>
 __global__ void attention_kernel(const AttentionParams p) {
   constexpr int kPerLane = (kHeadDim + kWarpSize - 1) / kWarpSize;
+  constexpr int kKeys = kKeysPerStep<kHeadDim>;
   const T* __restrict__ k_cache = static_cast<const T*>(p.k_cache);
   const T* __restrict__ v_cache = static_cast<const T*>(p.v_cache);
   const int token = blockIdx.x;
@@ -157,20 +162,21 @@ __global__ void attention_kernel(const AttentionParams p) {
     for (int i = 0; i < kPerLane; ++i) acc[h][i] = 0.f;
   }
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  for (int first = begin + warp * kKeysPerStep; first < end; first += kAttentionWarps * kKeysPerStep) {
-    // Rows of up to kKeysPerStep keys; a key past the end reads the first's row and weighs nothing.
-    int64_t row[kKeysPerStep];
+  for (int first = begin + warp * kKeys; first < end; first += kAttentionWarps * kKeys) {
+    // Rows of up to kKeys keys; a key past the end reads the first's row and weighs nothing.
+    int64_t row[kKeys];
 #pragma unroll
-    for (int j = 0; j < kKeysPerStep; ++j) {
+    for (int j = 0; j < kKeys; ++j) {
       const int key = first + j < end ? first + j : first;
       const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
       row[j] = slot * kv_row + kv_head * kHeadDim;
     }
-    float k_val[kKeysPerStep][kPerLane];
+    float k_val[kKeys][kPerLane], v_val[kKeys][kPerLane];
     load_rows<T, kHeadDim>(k_cache, row, lane, k_val);
-    float score[kKeysPerStep][kHeads];
+    load_rows<T, kHeadDim>(v_cache, row, lane, v_val);
+    float score[kKeys][kHeads];
 #pragma unroll
-    for (int j = 0; j < kKeysPerStep; ++j)
+    for (int j = 0; j < kKeys; ++j)
 #pragma unroll
       for (int h = 0; h < kHeads; ++h) {
         float partial = 0.f;
@@ -178,18 +184,16 @@ __global__ void attention_kernel(const AttentionParams p) {
         for (int i = 0; i < kPerLane; ++i) partial += q_reg[h][i] * k_val[j][i];
         score[j][h] = first + j < end ? warp_sum(partial) : -INFINITY;
       }
-    float v_val[kKeysPerStep][kPerLane];
-    load_rows<T, kHeadDim>(v_cache, row, lane, v_val);
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
       float new_max = running_max[h];
 #pragma unroll
-      for (int j = 0; j < kKeysPerStep; ++j) new_max = fmaxf(new_max, score[j][h]);
+      for (int j = 0; j < kKeys; ++j) new_max = fmaxf(new_max, score[j][h]);
       const float correction = __expf(running_max[h] - new_max);
-      float weight[kKeysPerStep];
+      float weight[kKeys];
       running_sum[h] *= correction;
 #pragma unroll
-      for (int j = 0; j < kKeysPerStep; ++j) {
+      for (int j = 0; j < kKeys; ++j) {
         weight[j] = __expf(score[j][h] - new_max);   // 0 for a key past the end
         running_sum[h] += weight[j];
       }
@@ -197,7 +201,7 @@ __global__ void attention_kernel(const AttentionParams p) {
       for (int i = 0; i < kPerLane; ++i) {
         float sum = acc[h][i] * correction;
 #pragma unroll
-        for (int j = 0; j < kKeysPerStep; ++j) sum += weight[j] * v_val[j][i];
+        for (int j = 0; j < kKeys; ++j) sum += weight[j] * v_val[j][i];
         acc[h][i] = sum;
       }
       running_max[h] = new_max;
