@@ -4,8 +4,9 @@
 // head, split). The block reads each key and value row once for all its heads (grouped-query
 // attention); its warps stride over the block's share of the keys the token may see (causal within
 // its sequence, optionally a sliding window), kKeysPerStep keys at a time, their K and V rows
-// loaded together so that each warp has many bytes in flight, each warp keeping an online softmax (running max, running sum, weighted
-// value sum) per head; the block merges the warps' states at the end. Every query token finds its
+// loaded together so that each warp has many bytes in flight, each warp keeping an online softmax
+// (running max, running sum, weighted value sum) per head; the block merges the warps' states at
+// the end. Every query token finds its
 // sequence from query_start_loc, so decodes and chunks mix freely. Accumulation is fp32 whatever
 // the cache dtype.
 //
