@@ -6,7 +6,9 @@ and torch's SDPA on the same work.
         [--markdown FILE] [--json FILE]
 
 For each batch shape, each launch setting (tile tokens for prompt tiles, keys per loop step, warps,
-pipelining stages; `auto` is what the backend chooses by itself) runs on the same inputs. Its
+pipelining stages; `auto` is what the backend chooses by itself) runs on the same inputs, and on
+decode shapes each forced split-KV count (`splits=N`, for kernels.cuda too), beside the count the
+shared rule picks (the `splits` column of `auto`). Its
 output is checked against kernels.torch first: a setting that computes wrong is marked and never
 counted as the best. Then it is timed (CUDA events on a GPU, best of --repeats). The bar is the
 issue's target, torch's scaled_dot_product_attention on the same work: the same queries over each
@@ -45,6 +47,10 @@ DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64, 128) for st in (2, 3)] + [
     (None, 64, 2, 3), (None, 64, 8, 3)]
 PROMPT_SETTINGS = [(t, n, w, 3) for t in (16, 32) for n in (32, 64) for w in (4, 8)]
 QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
+# Split-KV counts forced on decode shapes (each backend's own launch settings), beside the count the
+# shared rule (plugins/kernels/split_kv.py) picks: the data to tune that rule with.
+SPLIT_COUNTS = [1, 4, 8, 16, 32]
+QUICK_SPLIT_COUNTS = [3]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -122,7 +128,8 @@ def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scal
     return result
 
 
-def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> list[Result]:
+def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
+                repeats) -> list[Result]:
     registry = load_plugins().registry
     triton = make_backend(registry.get("kernels", "triton").cls, device)
     reference = make_backend(registry.get("kernels", "torch").cls, device)
@@ -140,11 +147,19 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, repeats) -> l
     for setting in [None, *settings]:
         apply(triton, setting)
         results.append(_checked_and_timed(Result(shape.name, setting_name(setting)), triton, *inputs))
+    apply(triton, None)
     # kernels.cuda's attention on the same work, where it runs: the other kernel authors' bar.
+    backends = [("auto", triton)]
     cuda = registry.get("kernels", "cuda").cls
     if cuda.unavailable_reason(device) is None:
-        results.append(_checked_and_timed(Result(shape.name, "kernels.cuda"), make_backend(cuda, device),
-                                          *inputs))
+        backends.append(("kernels.cuda", make_backend(cuda, device)))
+        results.append(_checked_and_timed(Result(shape.name, "kernels.cuda"), backends[-1][1], *inputs))
+    for label, backend in backends:
+        for splits in split_counts:
+            backend.num_kv_splits = splits
+            results.append(_checked_and_timed(Result(shape.name, f"{label} splits={splits}"), backend,
+                                              *inputs))
+        backend.num_kv_splits = None
     sdpa = Result(shape.name, "torch SDPA (contiguous K/V)")
     try:
         sdpa.seconds = best_time(sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim,
@@ -205,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = QUICK_SETTINGS if args.quick else (
             DECODE_SETTINGS if shape.kind == "decode" else PROMPT_SETTINGS)
         start = time.perf_counter()
-        results += sweep_shape(shape, model, dtype, device, settings, 3 if args.quick else args.repeats)
-        print(f"{name}: {len(settings) + 2} runs in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        split_counts = [] if shape.kind != "decode" else QUICK_SPLIT_COUNTS if args.quick else SPLIT_COUNTS
+        shape_results = sweep_shape(shape, model, dtype, device, settings, split_counts,
+                                    3 if args.quick else args.repeats)
+        results += shape_results
+        print(f"{name}: {len(shape_results)} runs in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         text = format_results(results, header)   # rewritten after every shape: a timeout keeps them
         if args.markdown:
             with open(args.markdown, "w") as f:
