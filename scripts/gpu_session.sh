@@ -13,7 +13,8 @@
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m, then llama-1b, in
 #            bf16: every backend beside transformers generate, prefill and decode tokens/s
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
-#            beside torch's SDPA on the same work (llama3-8b shapes), to choose its defaults
+#            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
+#            (llama3-8b shapes), to choose its defaults and tune the split rule
 #
 # A session has 15 minutes of device time in all, the machine's start (1-2 minutes) and its idle
 # time counted, so the steps share ONE call: the whole command ends within GPU_SESSION_BUDGET_S
