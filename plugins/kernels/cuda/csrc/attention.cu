@@ -63,25 +63,27 @@ __device__ __forceinline__ int lane_dim(int lane, int i) {
   return lane * kPerLane + i;
 }
 
+// kCount consecutive elements from src, read as Words (src aligned to a Word), in fp32.
+template <typename Word, typename T, int kCount>
+__device__ __forceinline__ void load_as(const T* __restrict__ src, float (&dst)[kCount]) {
+  constexpr int kWords = kCount * static_cast<int>(sizeof(T)) / static_cast<int>(sizeof(Word));
+  Word words[kWords];
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) words[w] = reinterpret_cast<const Word*>(src)[w];
+  const T* elements = reinterpret_cast<const T*>(words);
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
+}
+
 // kCount consecutive elements from src, in the widest loads (up to 16 bytes) that their size and
 // src's alignment to it allow.
 template <typename T, int kCount>
 __device__ __forceinline__ void load_run(const T* __restrict__ src, float (&dst)[kCount]) {
   constexpr int kBytes = kCount * static_cast<int>(sizeof(T));
   if constexpr (kBytes % 16 == 0) {
-    uint4 words[kBytes / 16];
-#pragma unroll
-    for (int w = 0; w < kBytes / 16; ++w) words[w] = reinterpret_cast<const uint4*>(src)[w];
-    const T* elements = reinterpret_cast<const T*>(words);
-#pragma unroll
-    for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
+    load_as<uint4>(src, dst);
   } else if constexpr (kBytes % 8 == 0) {
-    uint2 words[kBytes / 8];
-#pragma unroll
-    for (int w = 0; w < kBytes / 8; ++w) words[w] = reinterpret_cast<const uint2*>(src)[w];
-    const T* elements = reinterpret_cast<const T*>(words);
-#pragma unroll
-    for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
+    load_as<uint2>(src, dst);
   } else {
 #pragma unroll
     for (int i = 0; i < kCount; ++i) dst[i] = to_float(src[i]);
