@@ -1,10 +1,9 @@
-"""The CUDA extension backend: attention, KV cache write, RMSNorm, rotary and SiLU-and-mul as
-CUDA kernels (csrc/).
+"""The CUDA extension backend: attention, KV cache write, RMSNorm, rotary, SiLU-and-mul and
+sampling as CUDA kernels (csrc/).
 
-Sampling, which has no CUDA kernel here, and the cases a kernel does not cover (an unsupported
-head size, another dtype, a weight in another dtype than its input), run the torch reference's
-code on the same GPU, each noted once in the log, so the backend always runs whole models. The
-library is built by `build.load()` when the backend is made, so a broken toolchain fails at
+The cases a kernel does not cover (an unsupported head size, another dtype, a weight in another
+dtype than its input) run the torch reference's code on the same GPU, each noted once in the log,
+so the backend always runs whole models. The library is built by `build.load()` when the backend is made, so a broken toolchain fails at
 engine start, not in the first request.
 """
 
@@ -16,6 +15,7 @@ import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.query_tiles import query_tiles
+from fastgen.plugins.kernels.sampling_seeds import row_seeds
 from fastgen.plugins.kernels.split_kv import plan_splits
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
@@ -41,7 +41,6 @@ class CudaBackend(ReferenceFallbackBackend):
         self.ops = self.load_ops(cache_dir)
         self.attention_head_sizes = frozenset(self.ops.attention_head_sizes())
         self.prompt_tile_tokens = self.ops.attention_prompt_tile_tokens()
-        self._note("sample has no CUDA kernel here and runs the torch reference")
 
     @classmethod
     def load_ops(cls, cache_dir: str | None):
@@ -98,3 +97,10 @@ class CudaBackend(ReferenceFallbackBackend):
         return self.ops.attention(q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                   batch.block_tables, scale, sliding_window or 0,
                                   batch.attn_metadata.num_splits, batch.attn_metadata.prompt_tiles)
+
+    def sample(self, logits, meta, generator=None):
+        # logits: [S, V] -> [S] int64; greedy rows need no seed
+        rows = logits.shape[0]
+        seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
+                 else row_seeds(meta, rows, logits.device, generator))
+        return self.ops.sample(logits.float(), meta.temperatures, meta.top_k, meta.top_p, seeds)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import SamplingMetadata
+from fastgen.plugins.kernels.sampling_seeds import row_seeds
 
 from ._tiling import interpreted
 from .top_k_top_p import scaled_logit, thresholds
@@ -47,22 +48,6 @@ def _gumbel_argmax_kernel(logits_ptr, temperatures_ptr, thresholds_ptr, seeds_pt
     tl.store(out_ptr + row, tl.where(winner == vocab, 0, winner).to(tl.int64))
 
 
-def _row_seeds(meta: SamplingMetadata, rows: int, device: torch.device,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """[S] int64 Philox seeds: one shared draw for the step, a seeded row's own draw for it."""
-    def draw(gen):
-        dev = gen.device if gen is not None else device
-        return torch.randint(0, 2**62, (1,), generator=gen, device=dev).to(device)
-
-    base = draw(generator)
-    # Unseeded rows share the step's seed but not its stream: the row index shifts each one.
-    seeds = base + torch.arange(rows, device=device) * 0x9E3779B9
-    seeded = [i for i, g in enumerate(meta.generators) if g is not None]
-    if seeded:   # device ops only, no host sync: the draws stay on the device
-        seeds[seeded] = torch.cat([draw(meta.generators[i]) for i in seeded])
-    return seeds % 2**62
-
-
 def sample(logits: torch.Tensor, meta: SamplingMetadata,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: [S, V] float32 -> next token ids [S] int64."""
@@ -73,7 +58,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     else:
         cuts = torch.full((rows,), float("-inf"), device=logits.device)
     seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
-             else _row_seeds(meta, rows, logits.device, generator))
+             else row_seeds(meta, rows, logits.device, generator))
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 4096)

@@ -108,7 +108,14 @@ class SiluAndMulParams(ctypes.Structure):
                 ("inter", ctypes.c_int), ("x_row_stride", ctypes.c_int64)]
 
 
-STRUCTS = (AttentionParams, WriteKVParams, RMSNormParams, RotaryParams, SiluAndMulParams)
+class SampleParams(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_void_p), ("logits", ctypes.c_void_p), ("temperatures", ctypes.c_void_p),
+                ("top_k", ctypes.c_void_p), ("top_p", ctypes.c_void_p), ("seeds", ctypes.c_void_p),
+                ("num_rows", ctypes.c_int), ("vocab", ctypes.c_int), ("row_stride", ctypes.c_int64),
+                ("cuts", ctypes.c_void_p)]
+
+
+STRUCTS = (AttentionParams, WriteKVParams, RMSNormParams, RotaryParams, SiluAndMulParams, SampleParams)
 HEAD_SIZES = (64, 80, 96, 112, 128, 256)   # kAttentionHeadSizes
 MAX_SPLITS = 32                           # kMaxAttentionSplits
 
@@ -159,6 +166,22 @@ class EmulatedOps:
                             0 if tiles is None else tiles.shape[0])
         self._launch("attention", p, q.dtype)
         return out
+
+    def _sample(self, logits, temperatures, top_k, top_p, seeds, cuts):
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        keep = [t.contiguous() for t in (temperatures, top_k, top_p, seeds)]
+        p = SampleParams(_ptr(out), _ptr(logits), *map(_ptr, keep), logits.shape[0], logits.shape[1],
+                         logits.stride(0), _ptr(cuts))
+        self._launch("sample", p, torch.float32)
+        return out
+
+    def sample(self, logits, temperatures, top_k, top_p, seeds):
+        return self._sample(logits, temperatures, top_k, top_p, seeds, None)
+
+    def sample_cuts(self, logits, temperatures, top_k, top_p):
+        cuts = torch.empty(logits.shape[0])
+        self._sample(logits, temperatures, top_k, top_p, torch.zeros(logits.shape[0], dtype=torch.int64), cuts)
+        return cuts
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping):
         slots = slot_mapping.contiguous()

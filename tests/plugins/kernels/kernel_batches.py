@@ -12,7 +12,7 @@ import torch
 from fastgen.plugin_manager import load_plugins
 from fastgen.ragged_batch import RaggedBatch
 from fastgen.request import SamplingParams, Sequence
-from kernel_targets import CPU, kernel_targets
+from kernel_targets import CPU, kernel_targets, target_id
 
 REFERENCE = "torch"
 BLOCK_SIZE_DEFAULT = 16
@@ -35,6 +35,18 @@ def device_fixture(name: str):
 
 # kernels.cuda on the CPU: its kernels run by the emulator (cuda_emulator.py), where that builds.
 EMULATED_CUDA = ("cuda", CPU)
+
+
+def with_emulated_cuda(targets: list[tuple[str, torch.device]]) -> list[tuple[str, torch.device]]:
+    """targets, and kernels.cuda emulated on the CPU where the emulator builds."""
+    import cuda_emulator
+
+    return [*targets, EMULATED_CUDA] if cuda_emulator.available() is None else list(targets)
+
+
+def target_name(target: tuple[str, torch.device]) -> str:
+    """A target in a test id: `triton-cuda`, `cuda-emulated`."""
+    return "cuda-emulated" if target == EMULATED_CUDA else target_id(*target)
 
 
 def make_backend(name: str, device: torch.device = CPU):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from fastgen import cli, plugin_manager as manager_module
+from fastgen import SamplingParams, cli, plugin_manager as manager_module
 from fastgen.config import Config
 from fastgen.engine import Engine
 from fastgen.errors import PluginError
@@ -20,6 +20,7 @@ from fastgen.plugins.kernels.cuda.backend import CudaBackend, StepMetadata
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
 from kernel_batches import ragged_batch
 from kernel_targets import CPU, CUDA
+from sampling_inputs import metadata
 
 needs_cpu_torch = pytest.mark.skipif(torch.version.cuda is not None, reason="torch here has CUDA")
 
@@ -127,6 +128,10 @@ class FakeOps:
         self.calls.append(("attention", window, num_splits, None if prompt_tiles is None else prompt_tiles.tolist()))
         return torch.zeros_like(q)
 
+    def sample(self, logits, temperatures, top_k, top_p, seeds):
+        self.calls.append(("sample", logits.dtype, seeds.tolist()))
+        return logits.argmax(-1)
+
     def rms_norm(self, x, weight, eps):
         self.calls.append(("rms_norm",))
         return self.reference.rms_norm(x, weight, eps)[0]
@@ -154,7 +159,6 @@ def backend(monkeypatch):
 
 def test_inputs_without_a_kernel_run_the_reference_and_say_so_once(backend, caplog):
     be, ops = backend
-    assert type(be).sample is TorchBackend.sample
     x, weight = torch.randn(3, 8), torch.randn(8)
     q, k, angles = torch.randn(3, 4, 8, dtype=torch.float64), torch.randn(3, 2, 8), torch.rand(3, 4)
     with caplog.at_level(logging.INFO, "fastgen.plugins.kernels.compiled"):
@@ -169,6 +173,22 @@ def test_inputs_without_a_kernel_run_the_reference_and_say_so_once(backend, capl
     assert notes == ["kernels.cuda: rms_norm of torch.float32 with a torch.float64 weight runs the "
                      "torch reference.", "kernels.cuda: rotary of torch.float64 runs the torch reference.",
                      "kernels.cuda: silu_and_mul of torch.float64 runs the torch reference."]
+
+
+def test_sample_runs_the_kernel_with_a_seed_per_row(backend):
+    be, ops = backend
+    logits = torch.randn(3, 10, dtype=torch.float64)
+    greedy = metadata([SamplingParams(temperature=0)] * 3)
+    assert be.sample(logits, greedy).tolist() == logits.argmax(-1).tolist()
+    assert ops.calls[-1] == ("sample", torch.float32, [0, 0, 0])   # greedy rows draw nothing
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=5),
+              SamplingParams(temperature=0.5)]
+    seeds = []
+    for _ in range(2):
+        be.sample(logits, metadata(params), torch.Generator().manual_seed(1))
+        seeds.append(ops.calls[-1][2])
+    # The engine's generator fixes the seeds; no two rows share one.
+    assert seeds[0] == seeds[1] and len(set(seeds[0])) == 3
 
 
 def test_rotary_and_silu_and_mul_use_the_kernels(backend):

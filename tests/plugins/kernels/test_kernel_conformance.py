@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from fastgen.kernels import linear_of
-import cuda_emulator
-from kernel_batches import EMULATED_CUDA, REFERENCE, make_backend, ragged_batch
-from kernel_targets import CPU, kernel_targets, target_id
+from kernel_batches import REFERENCE, make_backend, ragged_batch, target_name, with_emulated_cuda
+from kernel_targets import CPU, kernel_targets
 
 # bfloat16 on GPUs only: the Triton interpreter has none, so the CPU cases stay as they were.
 GPU_DTYPES = [torch.bfloat16] if torch.cuda.is_available() else []
@@ -35,16 +34,10 @@ NUM_BLOCKS = 48
 
 # kernels.torch is the reference on each device, so on the CPU it has nothing to be checked against.
 # kernels.cuda's kernels also run here without a GPU, emulated on the CPU (`cuda-emulated`).
-TARGETS = [t for t in kernel_targets() if t != (REFERENCE, CPU)]
-if cuda_emulator.available() is None:
-    TARGETS.append(EMULATED_CUDA)
+TARGETS = with_emulated_cuda([t for t in kernel_targets() if t != (REFERENCE, CPU)])
 
 
-def _target_id(target) -> str:
-    return "cuda-emulated" if target == EMULATED_CUDA else target_id(*target)
-
-
-@pytest.fixture(params=TARGETS, ids=[_target_id(t) for t in TARGETS])
+@pytest.fixture(params=TARGETS, ids=[target_name(t) for t in TARGETS])
 def backend(request):
     name, device = request.param
     if request.node.callspec.params.get("dtype") in GPU_DTYPES and device.type != "cuda":

@@ -2,7 +2,8 @@
 
 Backends need not draw the same tokens as kernels.torch (their random streams differ), so these
 tests check what any correct sampler must do, kernels.torch included, per-request seeds too, on
-every device where a backend runs (`triton-cuda`, `torch-cpu`, ...).
+every device where a backend runs (`triton-cuda`, `torch-cpu`, ...), and on kernels.cuda's kernel
+emulated on the CPU (`cuda-emulated`).
 Draw counts are a few hundred to a thousand: the Triton interpreter runs one program per row.
 """
 
@@ -12,14 +13,14 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from kernel_batches import make_backend
-from kernel_targets import kernel_targets, target_id
+from kernel_batches import make_backend, target_name, with_emulated_cuda
+from kernel_targets import kernel_targets
 from sampling_inputs import counts, draw, random_logits
 
-TARGETS = kernel_targets()
+TARGETS = with_emulated_cuda(kernel_targets())
 
 
-@pytest.fixture(params=TARGETS, ids=[target_id(*t) for t in TARGETS])
+@pytest.fixture(params=TARGETS, ids=[target_name(t) for t in TARGETS])
 def backend(request):
     """Every backend on every device where it runs, kernels.torch included: this is the sample
     op's only test suite, and a GPU sampler draws with the engine's GPU generators."""

@@ -84,11 +84,24 @@ struct SiluAndMulParams {
   int64_t x_row_stride;
 };
 
+struct SampleParams {
+  int64_t* out;                 // [S]: the next token of each row
+  const float* logits;          // [S, V], rows strided, last dim contiguous
+  const float* temperatures;    // [S]; <= 0: greedy
+  const int64_t* top_k;         // [S]; 0 or >= V: no top-k
+  const float* top_p;           // [S]; >= 1: no top-p
+  const int64_t* seeds;         // [S]: each row's Philox key
+  int num_rows, vocab;
+  int64_t row_stride;
+  float* cuts;                  // [S] or null: each row's top-k / top-p cut (-inf: none), if asked
+};
+
 // Each enqueues its kernel on `stream` (a cudaStream_t) and returns the launch's cudaError_t.
 int launch_attention(const AttentionParams& p, DType dtype, void* stream);
 int launch_write_kv(const WriteKVParams& p, DType dtype, void* stream);
 int launch_rms_norm(const RMSNormParams& p, DType dtype, void* stream);
 int launch_rotary(const RotaryParams& p, DType dtype, void* stream);
 int launch_silu_and_mul(const SiluAndMulParams& p, DType dtype, void* stream);
+int launch_sample(const SampleParams& p, void* stream);   // logits in fp32 only
 
 }  // namespace fastgen_cuda

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -292,6 +293,52 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+void check_per_row(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType dtype) {
+  check_dim(op, name, t, 1);
+  TORCH_CHECK(t.size(0) == rows, op, ": ", name, " must hold one value per row (", rows, "), got ", t.size(0));
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// The sample kernel over the rows; `cuts`, if defined, also receives each row's top-k / top-p cut.
+at::Tensor run_sample(const char* op, const at::Tensor& logits, const at::Tensor& temperatures,
+                      const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seeds,
+                      const at::Tensor& cuts) {
+  check_cuda_on_one_device(op, {&logits, &temperatures, &top_k, &top_p, &seeds});
+  check_dim(op, "logits", logits, 2);
+  check_rows(op, "logits", logits);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat, op, ": logits must be float32, got ", logits.scalar_type());
+  const int64_t rows = logits.size(0);
+  check_per_row(op, "temperatures", temperatures, rows, at::kFloat);
+  check_per_row(op, "top_k", top_k, rows, at::kLong);
+  check_per_row(op, "top_p", top_p, rows, at::kFloat);
+  check_per_row(op, "seeds", seeds, rows, at::kLong);
+
+  auto out = at::empty({rows}, logits.options().dtype(at::kLong));
+  const auto temps = temperatures.contiguous(), ks = top_k.contiguous(), ps = top_p.contiguous(),
+             keys = seeds.contiguous();
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const SampleParams p{out.data_ptr<int64_t>(), logits.data_ptr<float>(), temps.data_ptr<float>(),
+                       ks.data_ptr<int64_t>(), ps.data_ptr<float>(), keys.data_ptr<int64_t>(),
+                       static_cast<int>(rows), static_cast<int>(logits.size(1)), logits.stride(0),
+                       cuts.defined() ? cuts.data_ptr<float>() : nullptr};
+  check_launch(launch_sample(p, current_stream(logits)));
+  return out;
+}
+
+at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_k,
+                  const at::Tensor& top_p, const at::Tensor& seeds) {
+  return run_sample("fastgen_cuda::sample", logits, temperatures, top_k, top_p, seeds, at::Tensor());
+}
+
+at::Tensor sample_cuts(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_k,
+                       const at::Tensor& top_p) {
+  check_dim("fastgen_cuda::sample_cuts", "logits", logits, 2);
+  auto cuts = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  const auto seeds = at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
+  run_sample("fastgen_cuda::sample_cuts", logits, temperatures, top_k, top_p, seeds, cuts);
+  return cuts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastgen_cuda, m) {
@@ -319,6 +366,12 @@ TORCH_LIBRARY(fastgen_cuda, m) {
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool is_neox) -> (Tensor, Tensor)");
   // x: [T, 2I] -> silu(x[:, :I]) * x[:, I:]: [T, I]
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  // logits: [S, V] float32, temperatures [S] float32 (<= 0: greedy), top_k [S] int64 (0: none),
+  // top_p [S] float32 (1: none), seeds [S] int64 (Philox keys) -> next tokens [S] int64
+  m.def("sample(Tensor logits, Tensor temperatures, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
+  // The same rows -> each row's top-k / top-p cut [S] float32: the smallest scaled logit sample
+  // keeps; -inf where nothing is cut (greedy rows too). For tests and kernel authors.
+  m.def("sample_cuts(Tensor logits, Tensor temperatures, Tensor top_k, Tensor top_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_cuda, CUDA, m) {
@@ -328,6 +381,8 @@ TORCH_LIBRARY_IMPL(fastgen_cuda, CUDA, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary", &rotary);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("sample", &sample);
+  m.impl("sample_cuts", &sample_cuts);
 }
 
 }  // namespace fastgen_cuda

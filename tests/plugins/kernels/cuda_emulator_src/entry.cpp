@@ -12,6 +12,7 @@ int emu_rotary(const RotaryParams* p, int dtype) { return launch_rotary(*p, DTyp
 int emu_silu_and_mul(const SiluAndMulParams* p, int dtype) {
   return launch_silu_and_mul(*p, DType(dtype), nullptr);
 }
+int emu_sample(const SampleParams* p, int) { return launch_sample(*p, nullptr); }
 int emu_prompt_tile_tokens() { return kPromptTileTokens; }
 // The structs' sizes, so the Python side can check its copy of their layouts.
 size_t emu_sizeof(int which) {
@@ -21,6 +22,7 @@ size_t emu_sizeof(int which) {
     case 2: return sizeof(RMSNormParams);
     case 3: return sizeof(RotaryParams);
     case 4: return sizeof(SiluAndMulParams);
+    case 5: return sizeof(SampleParams);
   }
   return 0;
 }

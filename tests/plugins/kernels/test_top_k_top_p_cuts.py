@@ -1,9 +1,12 @@
-"""kernels.triton's top-k / top-p thresholds keep exactly the tokens kernels.torch's filter keeps.
+"""The GPU samplers' top-k / top-p cuts keep exactly the tokens kernels.torch's filter keeps:
+kernels.triton's thresholds (top_k_top_p.py) and kernels.cuda's (csrc/sampling.cu, through its
+sample_cuts op), each searched for without a sort.
 
-The one difference by design: at a tie on the cut the thresholds keep every tied token, where the
+The one difference by design: at a tie on the cut the cuts keep every tied token, where the
 reference keeps some of them in sort order; so the expected set is the reference's closed under
 ties (every token at least as large as the smallest it keeps). Rows without ties compare as is.
-The thresholds run on every device where kernels.triton runs here; the reference on the CPU.
+The cuts run wherever their backend runs here (kernels.cuda emulated on the CPU too); the reference
+on the CPU.
 """
 
 from __future__ import annotations
@@ -13,18 +16,25 @@ import torch
 
 from fastgen import SamplingParams
 from fastgen.plugins.kernels.torch_ref.sampling import _filter_top_k_top_p
-from kernel_batches import device_fixture, devices_for
+from kernel_batches import devices_for, make_backend, target_name, with_emulated_cuda
 from sampling_inputs import metadata, random_logits
-
-if not devices_for("triton"):
-    pytest.skip("kernels.triton cannot run here", allow_module_level=True)
-
-from fastgen.plugins.kernels.triton.top_k_top_p import thresholds  # noqa: E402
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 TOP_P = (1e-6, 0.5, 0.9, 1.0)
+TARGETS = with_emulated_cuda([("triton", d) for d in devices_for("triton")]
+                             + [("cuda", d) for d in devices_for("cuda")])
 
-device = device_fixture("triton")
+
+@pytest.fixture(params=TARGETS, ids=[target_name(t) for t in TARGETS])
+def cuts_of(request):
+    """(logits, metadata) -> [S] cuts, computed by one implementation on its device."""
+    name, device = request.param
+    if name == "triton":
+        from fastgen.plugins.kernels.triton.top_k_top_p import thresholds
+
+        return device, thresholds
+    ops = make_backend(name, device).ops
+    return device, lambda logits, meta: ops.sample_cuts(logits, meta.temperatures, meta.top_k, meta.top_p)
 
 
 def rows_of(kind: str, rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -52,49 +62,49 @@ def expected_kept(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return (scaled >= cut) & (scaled > float("-inf"))
 
 
-def cuts_on(device: torch.device, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """[S] the thresholds computed on `device`, back on the CPU."""
-    return thresholds(logits.to(device), metadata(params, device)).cpu()
+def cuts_on(cuts_of, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[S] the cuts computed by an implementation on its device, back on the CPU."""
+    device, cuts = cuts_of
+    return cuts(logits.to(device), metadata(params, device)).cpu()
 
 
-def kept_by_thresholds(device: torch.device, logits: torch.Tensor,
-                       params: list[SamplingParams]) -> torch.Tensor:
+def kept_by_thresholds(cuts_of, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     temps = torch.tensor([p.temperature for p in params])
     scaled = logits / temps[:, None]
-    return (scaled >= cuts_on(device, logits, params)[:, None]) & (scaled > float("-inf"))
+    return (scaled >= cuts_on(cuts_of, logits, params)[:, None]) & (scaled > float("-inf"))
 
 
 @pytest.mark.parametrize("vocab", [37, 1500], ids=lambda v: f"vocab={v}")   # 1500: two tiles
 @pytest.mark.parametrize("kind", ["random", "ties", "mostly-inf"])
-def test_kept_set_equals_the_reference(device, kind, vocab):
+def test_kept_set_equals_the_reference(cuts_of, kind, vocab):
     params = [SamplingParams(temperature=t, top_k=k, top_p=p)
               for t in TEMPERATURES for k in (0, 1, 5, vocab) for p in TOP_P]
     logits = rows_of(kind, len(params), vocab, seed=vocab)
-    got, want = kept_by_thresholds(device, logits, params), expected_kept(logits, params)
+    got, want = kept_by_thresholds(cuts_of, logits, params), expected_kept(logits, params)
     wrong = [(i, params[i], got[i].sum().item(), want[i].sum().item())
              for i in range(len(params)) if not torch.equal(got[i], want[i])]
     assert not wrong, f"(row, params, kept, expected kept): {wrong}"
 
 
-def test_ties_at_the_cut_keep_every_tied_token(device):
+def test_ties_at_the_cut_keep_every_tied_token(cuts_of):
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]])
-    kept = kept_by_thresholds(device, logits, [SamplingParams(temperature=1.0, top_k=2)])
+    kept = kept_by_thresholds(cuts_of, logits, [SamplingParams(temperature=1.0, top_k=2)])
     assert kept[0].tolist() == [True, False, True, True, False, True]
 
 
-def test_top_p_is_taken_on_the_top_k_renormalised_distribution(device):
+def test_top_p_is_taken_on_the_top_k_renormalised_distribution(cuts_of):
     # Probabilities 0.4, 0.3, 0.2, 0.1. Within the top 2 they are 0.57 and 0.43, so top_p 0.5
     # keeps one token; on the whole row the second token's mass before it (0.4) is under 0.5.
     logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
-    kept = kept_by_thresholds(device, logits, [SamplingParams(temperature=1.0, top_k=2, top_p=0.5)])
+    kept = kept_by_thresholds(cuts_of, logits, [SamplingParams(temperature=1.0, top_k=2, top_p=0.5)])
     assert kept[0].tolist() == [True, False, False, False]
 
 
-def test_rows_without_a_cut_and_greedy_rows_get_minus_infinity(device):
+def test_rows_without_a_cut_and_greedy_rows_get_minus_infinity(cuts_of):
     logits = random_logits(3, 50)
     params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0, top_k=3),
               SamplingParams(temperature=0.7, top_k=3)]
-    cuts = cuts_on(device, logits, params)
+    cuts = cuts_on(cuts_of, logits, params)
     assert cuts[:2].tolist() == [float("-inf")] * 2
     kept = ((logits[2] / 0.7) >= cuts[2]).nonzero().flatten()
     assert sorted(kept.tolist()) == sorted(logits[2].topk(3).indices.tolist())
