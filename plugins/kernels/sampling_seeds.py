@@ -12,7 +12,11 @@ from fastgen.kernels import SamplingMetadata
 
 def row_seeds(meta: SamplingMetadata, rows: int, device: torch.device,
               generator: torch.Generator | None) -> torch.Tensor:
-    """[S] int64 Philox seeds in [0, 2^62), drawn on the device (no host sync)."""
+    """[S] int64 Philox seeds in [0, 2^62), drawn on the device (no host sync); zeros when every
+    row is greedy, which draws nothing."""
+    if meta.all_greedy:
+        return torch.zeros(rows, dtype=torch.int64, device=device)
+
     def draw(gen):
         dev = gen.device if gen is not None else device
         return torch.randint(0, 2**62, (1,), generator=gen, device=dev).to(device)

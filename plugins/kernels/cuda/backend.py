@@ -99,8 +99,6 @@ class CudaBackend(ReferenceFallbackBackend):
                                   batch.attn_metadata.num_splits, batch.attn_metadata.prompt_tiles)
 
     def sample(self, logits, meta, generator=None):
-        # logits: [S, V] -> [S] int64; greedy rows need no seed
-        rows = logits.shape[0]
-        seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
-                 else row_seeds(meta, rows, logits.device, generator))
+        # logits: [S, V] -> [S] int64
+        seeds = row_seeds(meta, logits.shape[0], logits.device, generator)
         return self.ops.sample(logits.float(), meta.temperatures, meta.top_k, meta.top_p, seeds)

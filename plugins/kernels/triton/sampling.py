@@ -57,8 +57,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
         cuts = thresholds(logits, meta)
     else:
         cuts = torch.full((rows,), float("-inf"), device=logits.device)
-    seeds = (torch.zeros(rows, dtype=torch.int64, device=logits.device) if meta.all_greedy
-             else row_seeds(meta, rows, logits.device, generator))
+    seeds = row_seeds(meta, rows, logits.device, generator)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 4096)
