@@ -146,6 +146,27 @@ def test_prompt_tiles_match_the_reference(reference, dtype, dim, window, group):
                                atol=atol, rtol=rtol)
 
 
+SPLIT_TILE_CASES = [(torch.bfloat16, 128, None, 3), (torch.bfloat16, 64, 40, 5), (torch.float16, 80, None, 32)]
+
+
+@pytest.mark.parametrize("dtype, dim, window, num_splits", SPLIT_TILE_CASES,
+                         ids=[f"{str(d)[6:]}-d{dim}-{f'window{w}' if w else 'full'}-{n}"
+                              for d, dim, w, n in SPLIT_TILE_CASES])
+def test_split_prompt_tiles_match_the_reference(reference, dtype, dim, window, num_splits):
+    # A tile's keys cut into parts of whole 64-key steps, merged with the decodes' parts; 32 parts
+    # leave most of them empty.
+    backend = cuda_emulator.EmulatedCudaBackend(CPU)
+    backend.num_kv_splits = num_splits
+    batch, caches, q = _inputs(dtype, dim=dim, heads=4, kv_heads=2, seed=dim + num_splits,
+                               shapes=[(300, 70), (7, 1), (0, 20), (37, 1)])
+    batch.attn_metadata = backend.prepare(batch)
+    out = backend.attention(q, *caches, batch, dim ** -0.5, window)
+    batch.attn_metadata = reference.prepare(batch)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, window),
+                               atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 256)],
                          ids=["tiled", "float32-untiled", "d256-untiled"])
 def test_prompt_tiles_beside_split_decodes_match_the_reference(ops, reference, dtype, dim):

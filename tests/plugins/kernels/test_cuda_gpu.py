@@ -70,7 +70,8 @@ def test_split_kv_matches_the_reference(cuda, num_splits, window):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 80, 128])
 @pytest.mark.parametrize("window", [None, 40])
-def test_prompt_tiles_match_the_reference(cuda, dtype, dim, window):
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_prompt_tiles_match_the_reference(cuda, dtype, dim, window, num_splits, monkeypatch):
     # The tensor-core kernel of prompt chunks on the GPU's own mma.sync (sm_80 or newer; older GPUs
     # run the per-token kernel, which this checks as well): tiles cut short, cached prefixes,
     # decodes beside them.
@@ -78,6 +79,7 @@ def test_prompt_tiles_match_the_reference(cuda, dtype, dim, window):
                          device=CUDA)
     caches = [torch.randn(160, 16, 2, dim, device=CUDA).to(dtype) for _ in range(2)]
     q = torch.randn(batch.num_tokens, 8, dim, device=CUDA).to(dtype)
+    monkeypatch.setattr(cuda, "num_kv_splits", num_splits)   # 4: tiles split too
     batch.attn_metadata = cuda.prepare(batch)
     assert batch.attn_metadata.prompt_tiles is not None
     out = cuda.attention(q, *caches, batch, dim ** -0.5, window)

@@ -15,8 +15,9 @@
 // output, max and sum, and reduce_splits_kernel merges the parts of each (token, head).
 //
 // Prompt chunks, where tensor cores run them (see kernels.h), take prompt_attention_kernel instead:
-// tiles of kPromptTileTokens new tokens of one sequence that read each key once for the whole tile.
-// The per-token kernel then leaves their tokens alone.
+// tiles of kPromptTileTokens new tokens of one sequence that read each key once for the whole tile,
+// split as the per-token blocks are (a short chunk after a long context is few tiles). The
+// per-token kernel then leaves their tokens alone.
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -268,10 +269,6 @@ __global__ void attention_kernel(const AttentionParams p) {
 // largest max), summed and divided by the equally weighted sum of their sums.
 template <typename T, int kHeadDim>
 __global__ void reduce_splits_kernel(const AttentionParams p) {
-  if (p.num_prompt_tiles > 0) {
-    const int seq = find_sequence(p.query_start_loc, p.num_seqs, blockIdx.x);
-    if (tiled(p, p.query_start_loc[seq + 1] - p.query_start_loc[seq])) return;
-  }
   const int64_t row = static_cast<int64_t>(blockIdx.x) * p.num_heads + blockIdx.y;
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_heads;
   __shared__ float weight[kMaxAttentionSplits];
@@ -334,8 +331,15 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
     row[r] = tile_start + warp * 16 + g + 8 * r;
     position[r] = cached + min(row[r], tile_end - 1);
   }
-  const int key_end = cached + tile_end;   // the tile's last query's position + 1
-  const int key_begin = p.sliding_window > 0 ? max(0, cached + tile_start - p.sliding_window + 1) : 0;
+  // The keys the tile sees, [first_key, last_key]; with split-KV this block takes its part of them,
+  // [key_begin, key_end), in whole steps of kTileKeys, so no step reaches into the next part (a
+  // part past the end is empty).
+  const int last_key = cached + tile_end - 1;   // the tile's last query's position
+  const int first_key = p.sliding_window > 0 ? max(0, cached + tile_start - p.sliding_window + 1) : 0;
+  const int steps = (last_key - first_key + kTileKeys) / kTileKeys;
+  const int per_split = (steps + p.num_splits - 1) / p.num_splits * kTileKeys;
+  const int key_begin = first_key + static_cast<int>(blockIdx.z) * per_split;
+  const int key_end = min(key_begin + per_split, last_key + 1);
 
   uint32_t q_frag[kDimSteps][4];
 #pragma unroll
@@ -472,18 +476,34 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   }
   if (!warp_has_rows) return;
 
+  // Without a split, the output, normalised (the query's own key is visible: total >= 1). With
+  // one, this part's unnormalised output and its state for reduce_splits_kernel, the max in natural
+  // units as the per-token kernel's; an empty part leaves sum 0 and max -FLT_MAX, no weight.
+  const bool whole = p.num_splits == 1;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = running_sum[r];
     total += __shfl_xor_sync(0xffffffff, total, 1);
     total += __shfl_xor_sync(0xffffffff, total, 2);
     if (row[r] >= tile_end) continue;
-    const float inv_total = 1.f / total;   // the query's own key is visible: total >= 1
-    T* out_row = static_cast<T*>(p.out) + (static_cast<int64_t>(q_start + row[r]) * p.num_heads + head) * kHeadDim;
+    const int64_t out_row = static_cast<int64_t>(q_start + row[r]) * p.num_heads + head;
+    const int64_t part = static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + out_row;
+    const float inv_total = whole ? 1.f / total : 1.f;
 #pragma unroll
-    for (int t = 0; t < kOutTiles; ++t) {
-      out_row[t * 8 + c] = from_float<T>(out[t][2 * r] * inv_total);
-      out_row[t * 8 + c + 1] = from_float<T>(out[t][2 * r + 1] * inv_total);
+    for (int t = 0; t < kOutTiles; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = t * 8 + c + e;
+        const float o = out[t][2 * r + e] * inv_total;
+        if (whole) {
+          static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
+        } else {
+          p.part_out[part * kHeadDim + d] = o;
+        }
+      }
+    if (!whole && c == 0) {
+      p.part_max[part] = running_max[r] == -INFINITY ? -FLT_MAX : running_max[r] / kLog2e;
+      p.part_sum[part] = total;
     }
   }
 }
@@ -502,7 +522,7 @@ void launch(const AttentionParams& params, cudaStream_t stream) {
   AttentionParams p = params;
   if constexpr (!std::is_same_v<T, float> && kHeadDim <= kMaxTiledHeadSize) {
     if (p.num_prompt_tiles > 0) {
-      const dim3 grid(p.num_prompt_tiles, p.num_heads);
+      const dim3 grid(p.num_prompt_tiles, p.num_heads, p.num_splits);
       prompt_attention_kernel<T, kHeadDim><<<grid, kPromptWarps * kWarpSize, 0, stream>>>(p);
     }
   } else {
