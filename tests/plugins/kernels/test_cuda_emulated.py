@@ -122,6 +122,17 @@ TILE_CASES = ([(d, dim, None, 2) for d in (torch.float16, torch.bfloat16) for di
               + [(torch.bfloat16, 64, w, g) for w in (5, 40, 100) for g in (1, 4)])
 
 
+def _check_backend_attention(backend, reference, batch, caches, q, window):
+    """The backend's attention over the batch, as the engine calls it (prepare, then attention),
+    against the reference's."""
+    scale = q.shape[-1] ** -0.5
+    batch.attn_metadata = backend.prepare(batch)
+    out = backend.attention(q, *caches, batch, scale, window)
+    batch.attn_metadata = reference.prepare(batch)
+    atol, rtol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out, reference.attention(q, *caches, batch, scale, window), atol=atol, rtol=rtol)
+
+
 def test_the_backend_tiles_every_prompt_chunk_and_no_decode():
     backend = cuda_emulator.EmulatedCudaBackend(CPU)
     assert backend.prompt_tile_tokens == 64
@@ -136,14 +147,8 @@ def test_the_backend_tiles_every_prompt_chunk_and_no_decode():
                               for d, dim, w, g in TILE_CASES])
 def test_prompt_tiles_match_the_reference(reference, dtype, dim, window, group):
     # Windows shorter than a warp's rows (5), than a step's keys (40), and across the cached prefix.
-    backend = cuda_emulator.EmulatedCudaBackend(CPU)
     batch, caches, q = _inputs(dtype, dim=dim, heads=2 * group, kv_heads=2, seed=dim, shapes=PROMPT_SHAPES)
-    batch.attn_metadata = backend.prepare(batch)
-    out = backend.attention(q, *caches, batch, dim ** -0.5, window)
-    batch.attn_metadata = reference.prepare(batch)
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, window),
-                               atol=atol, rtol=rtol)
+    _check_backend_attention(cuda_emulator.EmulatedCudaBackend(CPU), reference, batch, caches, q, window)
 
 
 SPLIT_TILE_CASES = [(torch.bfloat16, 128, None, 3), (torch.bfloat16, 64, 40, 5), (torch.float16, 80, None, 32)]
@@ -159,12 +164,7 @@ def test_split_prompt_tiles_match_the_reference(reference, dtype, dim, window, n
     backend.num_kv_splits = num_splits
     batch, caches, q = _inputs(dtype, dim=dim, heads=4, kv_heads=2, seed=dim + num_splits,
                                shapes=[(300, 70), (7, 1), (0, 20), (37, 1)])
-    batch.attn_metadata = backend.prepare(batch)
-    out = backend.attention(q, *caches, batch, dim ** -0.5, window)
-    batch.attn_metadata = reference.prepare(batch)
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, window),
-                               atol=atol, rtol=rtol)
+    _check_backend_attention(backend, reference, batch, caches, q, window)
 
 
 @pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 64), (torch.float32, 64), (torch.bfloat16, 256)],
