@@ -3,8 +3,8 @@ sampling as CUDA kernels (csrc/).
 
 The cases a kernel does not cover (an unsupported head size, another dtype, a weight in another
 dtype than its input) run the torch reference's code on the same GPU, each noted once in the log,
-so the backend always runs whole models. The library is built by `build.load()` when the backend is made, so a broken toolchain fails at
-engine start, not in the first request.
+so the backend always runs whole models. The library is built by `build.load()` when the backend
+is made, so a broken toolchain fails at engine start, not in the first request.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@
 // its sequence, optionally a sliding window), kKeysPerStep keys at a time, their K and V rows
 // loaded together so that each warp has many bytes in flight, each warp keeping an online softmax
 // (running max, running sum, weighted value sum) per head; the block merges the warps' states at
-// the end. Every query token finds its
-// sequence from query_start_loc, so decodes and chunks mix freely. Accumulation is fp32 whatever
-// the cache dtype.
+// the end. Every query token finds its sequence from query_start_loc, so decodes and chunks mix
+// freely. Accumulation is fp32 whatever the cache dtype.
 //
 // Split-KV (flash-decoding): with num_splits > 1 the keys are cut into that many contiguous parts,
 // so a step of few long decodes still fills the GPU; each block writes its part's unnormalised
@@ -51,10 +50,31 @@ __device__ __forceinline__ int find_sequence(const int* __restrict__ query_start
   return lo;
 }
 
-// Whether a sequence's tokens are left to prompt_attention_kernel: those of a prompt chunk (more
-// than one new token) when the step has prompt tiles at all.
-__device__ __forceinline__ bool tiled(const AttentionParams& p, int q_len) {
-  return p.num_prompt_tiles > 0 && q_len > 1;
+// The cache slot of a sequence's key, through the sequence's row of the block table.
+__device__ __forceinline__ int64_t cache_slot(const int* __restrict__ table, int block_size, int key) {
+  return static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+}
+
+// A kernel's result for dimension d of output row out_row (token * num_heads + head): without a
+// split, the output itself (o normalised); with one, this block's part (blockIdx.z) of it,
+// unnormalised, and the part's softmax state (natural-log max, sum) for reduce_splits_kernel.
+__device__ __forceinline__ int64_t part_row(const AttentionParams& p, int64_t out_row) {
+  return static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + out_row;
+}
+
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void store_result(const AttentionParams& p, int64_t out_row, int d, float o) {
+  if (p.num_splits == 1) {
+    static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
+  } else {
+    p.part_out[part_row(p, out_row) * kHeadDim + d] = o;
+  }
+}
+
+__device__ __forceinline__ void store_part_state(const AttentionParams& p, int64_t out_row, float max,
+                                                 float sum) {
+  p.part_max[part_row(p, out_row)] = max;
+  p.part_sum[part_row(p, out_row)] = sum;
 }
 
 // The head dimension a lane holds as its i-th value: each lane a run of kPerLane consecutive
@@ -137,7 +157,8 @@ __global__ void attention_kernel(const AttentionParams p) {
   const int seq = find_sequence(p.query_start_loc, p.num_seqs, token);
   const int q_start = p.query_start_loc[seq];
   const int q_len = p.query_start_loc[seq + 1] - q_start;
-  if (tiled(p, q_len)) return;
+  // A prompt chunk's tokens (more than one new token) are prompt_attention_kernel's, if it runs.
+  if (p.num_prompt_tiles > 0 && q_len > 1) return;
   const int position = p.seq_lens[seq] - q_len + (token - q_start);   // keys 0..position are visible
   const int first_key = p.sliding_window > 0 ? max(0, position - p.sliding_window + 1) : 0;
   // This block's part of [first_key, position]; a part past the end is empty.
@@ -172,7 +193,7 @@ __global__ void attention_kernel(const AttentionParams p) {
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       const int key = first + j < end ? first + j : first;
-      const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
+      const int64_t slot = cache_slot(table, p.block_size, key);
       row[j] = slot * kv_row + kv_head * kHeadDim;
     }
     float k_val[kKeys][kPerLane], v_val[kKeys][kPerLane];
@@ -244,24 +265,15 @@ __global__ void attention_kernel(const AttentionParams p) {
     // Without a split, the output: normalised (the token's own key is always visible, so
     // total > 0). With one, this part's unnormalised output and its state; an empty part leaves
     // sum 0 (and max -FLT_MAX), which gives it no weight in the merge.
-    const bool whole = p.num_splits == 1;
     const int64_t out_row = static_cast<int64_t>(token) * p.num_heads + first_head + h;
-    const int64_t part = static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + out_row;
-    const float inv_total = whole ? 1.f / total : 1.f;
+    const float inv_total = p.num_splits == 1 ? 1.f / total : 1.f;
     for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
       float o = 0.f;
 #pragma unroll
       for (int w = 0; w < kAttentionWarps; ++w) o += warp_acc[w][h][d] * factors[w];
-      if (whole) {
-        static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o * inv_total);
-      } else {
-        p.part_out[part * kHeadDim + d] = o;
-      }
+      store_result<T, kHeadDim>(p, out_row, d, o * inv_total);
     }
-    if (!whole && threadIdx.x == 0) {
-      p.part_max[part] = block_max;
-      p.part_sum[part] = total;
-    }
+    if (p.num_splits > 1 && threadIdx.x == 0) store_part_state(p, out_row, block_max, total);
   }
 }
 
@@ -344,7 +356,7 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   uint32_t q_frag[kDimSteps][4];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const uint16_t* q_row = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.q)) +
+    const uint16_t* q_row = static_cast<const uint16_t*>(p.q) +
                             (q_start + position[r] - cached) * p.q_token_stride + head * p.q_head_stride;
 #pragma unroll
     for (int s = 0; s < kDimSteps; ++s)
@@ -364,8 +376,8 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp2f
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
-  const uint16_t* k_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.k_cache));
-  const uint16_t* v_cache = reinterpret_cast<const uint16_t*>(static_cast<const T*>(p.v_cache));
+  const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
+  const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
 
   // Keys [first, first + kTileKeys) of a cache into a tile, as one group of asynchronous copies
   // of 16 bytes; keys past the end are zeros, weighed 0.
@@ -374,7 +386,7 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
       const int j = i / kChunks, d = (i % kChunks) * 8, key = first + j;
       int64_t at = 0;
       if (key < key_end) {
-        const int64_t slot = static_cast<int64_t>(table[key / p.block_size]) * p.block_size + key % p.block_size;
+        const int64_t slot = cache_slot(table, p.block_size, key);
         at = slot * kv_row + kv_head * kHeadDim + d;
       }
       copy_async_16(&tile[j * kRow + d], cache + at, key < key_end);
@@ -476,10 +488,9 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   }
   if (!warp_has_rows) return;
 
-  // Without a split, the output, normalised (the query's own key is visible: total >= 1). With
-  // one, this part's unnormalised output and its state for reduce_splits_kernel, the max in natural
-  // units as the per-token kernel's; an empty part leaves sum 0 and max -FLT_MAX, no weight.
-  const bool whole = p.num_splits == 1;
+  // Without a split the output is normalised (the query's own key is visible: total >= 1). A
+  // part's max goes in natural units, as the per-token kernel's; an empty part leaves sum 0 and
+  // max -FLT_MAX, no weight in the merge.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = running_sum[r];
@@ -487,23 +498,15 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
     total += __shfl_xor_sync(0xffffffff, total, 2);
     if (row[r] >= tile_end) continue;
     const int64_t out_row = static_cast<int64_t>(q_start + row[r]) * p.num_heads + head;
-    const int64_t part = static_cast<int64_t>(blockIdx.z) * p.num_tokens * p.num_heads + out_row;
-    const float inv_total = whole ? 1.f / total : 1.f;
+    const float inv_total = p.num_splits == 1 ? 1.f / total : 1.f;
 #pragma unroll
     for (int t = 0; t < kOutTiles; ++t)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + c + e;
-        const float o = out[t][2 * r + e] * inv_total;
-        if (whole) {
-          static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
-        } else {
-          p.part_out[part * kHeadDim + d] = o;
-        }
+        store_result<T, kHeadDim>(p, out_row, t * 8 + c + e, out[t][2 * r + e] * inv_total);
       }
-    if (!whole && c == 0) {
-      p.part_max[part] = running_max[r] == -INFINITY ? -FLT_MAX : running_max[r] / kLog2e;
-      p.part_sum[part] = total;
+    if (p.num_splits > 1 && c == 0) {
+      store_part_state(p, out_row, running_max[r] == -INFINITY ? -FLT_MAX : running_max[r] / kLog2e, total);
     }
   }
 }

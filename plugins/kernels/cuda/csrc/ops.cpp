@@ -13,8 +13,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <optional>
 #include <iterator>
+#include <optional>
 #include <tuple>
 #include <vector>
 
