@@ -276,16 +276,27 @@ class Launch {
 
 inline void __syncthreads() { emu::block_barrier.wait(); }
 
-// Each lane posts its value, waits for the warp, reads its partner's. The slots alternate between
-// two sets from one shuffle to the next, so a lane that moves on cannot overwrite a value a slower
-// lane has still to read: it would have to pass the next shuffle's barrier first, which waits for
-// that lane.
+namespace emu {
+
+// The calling lane's warp's set of `per_warp` slots in `slots` for its next exchange of a kind
+// (`exchanges` counts them). A warp's exchanges (shuffles, mma operands, ldmatrix rows) post to its
+// slots, wait for the warp, then read the others'. Two sets alternate from one exchange to the
+// next, so a lane that moves on cannot overwrite a value a slower lane has still to read: it would
+// have to pass the next exchange's barrier first, which waits for that lane.
+template <typename T>
+T* exchange_set(std::vector<T>& slots, long& exchanges, int per_warp) {
+  return slots.data() + (2 * (current->linear / 32) + exchanges++ % 2) * per_warp;
+}
+
+}  // namespace emu
+
+// Each lane posts its value, waits for the warp, reads its partner's.
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes");
   emu::Fiber& self = *emu::current;
   const int warp = self.linear / 32, lane = self.linear % 32;
-  uint64_t* slots = emu::warp_slots.data() + (2 * warp + self.shuffles++ % 2) * 32;
+  uint64_t* slots = emu::exchange_set(emu::warp_slots, self.shuffles, 32);
   std::memcpy(&slots[lane], &value, sizeof(T));
   emu::warp_barriers[warp].wait();
   T result;
@@ -350,13 +361,12 @@ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 namespace emu {
 
 // mma.sync m16n8k16 (csrc/sm80.cuh's layouts): each lane posts its a and b registers, the warp
-// meets, and each lane computes its 4 elements of D from the whole A and B in fp32. The operand
-// sets alternate as the shuffles' slots do, for the same reason.
+// meets, and each lane computes its 4 elements of D from the whole A and B in fp32.
 template <typename T>
 void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   Fiber& self = *current;
   const int warp = self.linear / 32, lane = self.linear % 32;
-  uint32_t* set = warp_operands.data() + (2 * warp + self.products++ % 2) * 32 * 6;
+  uint32_t* set = exchange_set(warp_operands, self.products, 32 * 6);
   std::copy(a, a + 4, set + lane * 6);
   std::copy(b, b + 2, set + lane * 6 + 4);
   warp_barriers[warp].wait();
@@ -368,7 +378,9 @@ void warp_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   };
   // A[row][k] lives with lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 * (k / 8);
   // B[k][col] with lane col * 4 + (k % 8) / 2, register k / 8; the low half holds the even k.
-  auto a_at = [&](int row, int k) { return value(set[((row % 8) * 4 + (k % 8) / 2) * 6 + row / 8 + 2 * (k / 8)], k % 2); };
+  auto a_at = [&](int row, int k) {
+    return value(set[((row % 8) * 4 + (k % 8) / 2) * 6 + row / 8 + 2 * (k / 8)], k % 2);
+  };
   auto b_at = [&](int k, int col) { return value(set[(col * 4 + (k % 8) / 2) * 6 + 4 + k / 8], k % 2); };
   const int g = lane / 4, c = 2 * (lane % 4);
   for (int e = 0; e < 4; ++e) {
@@ -385,7 +397,7 @@ template <int kMatrices, bool kTranspose>
 void warp_ldmatrix(uint32_t (&r)[kMatrices], const uint16_t* row) {
   Fiber& self = *current;
   const int warp = self.linear / 32, lane = self.linear % 32;
-  const uint16_t** rows = warp_rows.data() + (2 * warp + self.matrix_loads++ % 2) * 32;
+  const uint16_t** rows = exchange_set(warp_rows, self.matrix_loads, 32);
   rows[lane] = row;
   warp_barriers[warp].wait();
   const int g = lane / 4, c = 2 * (lane % 4);
