@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     p.add_argument("--kernels", default="torch",
-                   help="fastgen kernel backends to run, comma-separated, one table row each (e.g. torch,cpu)")
+                   help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
+                        "torch,cpu); NAME+graphs runs NAME with cuda_graphs on (e.g. triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -119,9 +120,12 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
 
+    name, _, option = kernels.partition("+")
+    if option not in ("", "graphs"):
+        raise SystemExit(f"--kernels: {kernels!r}: the one option after + is graphs (cuda_graphs on).")
     status(f"fastgen: loading the engine with kernels.{kernels}")
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                    kernels=kernels, device=args.device)
+                    kernels=name, device=args.device, cuda_graphs=option == "graphs")
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)
@@ -161,6 +165,9 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
                     "schedule": split["schedule_s"], "postprocess": split["postprocess_s"]},
         "untracked_s": wall - sum(split.values()),
         "token_ids": [list(o.token_ids) for o in outs],
+        # Decode steps replayed from CUDA graphs over the whole benchmark, and the graphs captured.
+        "graph_replays": engine.step_graphs.replays if engine.step_graphs else 0,
+        "graphs_captured": engine.step_graphs.captures if engine.step_graphs else 0,
     }
     prefill_and_decode(result, prefill_wall, prompts)
     status(f"fastgen: {result['tokens_per_s']:.1f} tok/s over {steps} steps, "
@@ -398,7 +405,9 @@ def fastgen_lines(kernels: str, fg: dict, match: dict | None) -> list[str]:
         f"(schedule {ms['schedule']:.2f} + postprocess {ms['postprocess']:.2f}), "
         f"forward {ms['forward']:.2f} ms, sample {ms['sample']:.2f} ms; "
         f"shares host {100 * s['host'] / total:.1f}% / forward {100 * s['forward'] / total:.1f}% / "
-        f"sample {100 * s['sample'] / total:.1f}%; outside steps {fg['untracked_s'] * 1e3:.1f} ms",
+        f"sample {100 * s['sample'] / total:.1f}%; outside steps {fg['untracked_s'] * 1e3:.1f} ms"
+        + (f"; {fg['graph_replays']} steps replayed from {fg['graphs_captured']} CUDA graphs"
+           if fg.get("graphs_captured") else ""),
     ]
     single = fg["single"]
     lines.append(f"fastgen (kernels.{kernels}) single request: ttft {single['ttft_s'] * 1e3:.1f} ms, "

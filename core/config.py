@@ -53,6 +53,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_cache_gb: Annotated[float, _doc("memory given to the KV cache when num_blocks is unset")] = 1.0
 
     # Runtime.
+    cuda_graphs: Annotated[bool, _doc(
+        "replay decode steps of up to max_num_seqs sequences from CUDA graphs, each captured at "
+        "first use of its batch size (GPU backends that support it: kernels.triton, kernels.cuda)")] = False
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(
@@ -146,6 +149,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                   "help": f"{description} (default: {field.default})"}
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction   # --flag / --no-flag
         elif tp in (int, float):
             kwargs["type"] = tp
         group.add_argument(flag, **kwargs)

@@ -23,6 +23,7 @@ from .plugin_manager import PluginManager, load_plugins
 from .ragged_batch import RaggedBatch
 from .request import (FinishReason, RequestMetrics, RequestOutput, SamplingParams, Sequence,
                       SequenceStatus)
+from .step_graphs import Capture, CudaGraphCapture, StepGraphs
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class StepStats:
     blocks_used: int = 0
     blocks_free: int = 0
     schedule_s: float = 0.0     # scheduler, block growth, batch metadata: host work before the model
-    forward_s: float = 0.0      # the model's forward pass
+    forward_s: float = 0.0      # the backend's attention plan and the model's forward pass
+    graph_replayed: bool = False   # the forward pass was a CUDA graph's replay
     sample_s: float = 0.0       # sampling, including the copy of the tokens to the host
     postprocess_s: float = 0.0  # appending tokens, stop checks, detokenization
 
@@ -75,7 +77,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, config: Config, plugins: PluginManager | None = None) -> None:
+    def __init__(self, config: Config, plugins: PluginManager | None = None,
+                 graph_capture: Capture | None = None) -> None:
+        """`graph_capture` records and replays decode steps when `config.cuda_graphs` is on:
+        CUDA graphs unless given (tests give a stand-in that runs on the CPU)."""
         from .checkpoint import DTYPES, resolve_checkpoint
 
         self.config = config
@@ -95,10 +100,18 @@ class Engine:
         self.model_name = config.served_model_name or Path(config.model or "SmolLM2-135M-Instruct").stem
 
         self.kv_cache = self._allocate_kv_cache()
-        self.allocator = BlockAllocator(len(self.kv_cache[0][0]))
+        num_blocks = len(self.kv_cache[0][0])
+        capture = graph_capture or CudaGraphCapture()
+        use_graphs = self._use_step_graphs(capture, num_blocks)
+        # With graphs, the last block is the padding rows' scratch block, never handed out.
+        self.allocator = BlockAllocator(num_blocks - use_graphs)
         pool_tokens = self.allocator.num_blocks * config.block_size
         model_limit = getattr(self.hf_config, "max_position_embeddings", None) or pool_tokens
         self.max_model_len = min(config.max_model_len or model_limit, model_limit, pool_tokens)
+        self.step_graphs = StepGraphs(
+            self.model, self.backend, self.kv_cache, config.max_num_seqs,
+            -(-self.max_model_len // config.block_size), config.block_size,
+            scratch_block=num_blocks - 1, device=self.device, capture=capture) if use_graphs else None
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -125,6 +138,18 @@ class Engine:
             raise PluginError(f"kernels.{info.name} cannot run on {self.device}: {reason} "
                               f"Usable here: {', '.join(usable) or 'none'}.")
         return make_backend(info.cls, self.device, self.config.cache_dir)
+
+    def _use_step_graphs(self, capture: Capture, num_blocks: int) -> bool:
+        """Whether decode steps run from CUDA graphs: asked for, and possible here (else says why)."""
+        if not self.config.cuda_graphs:
+            return False
+        device_reason = getattr(capture, "unavailable_reason", lambda device: None)(self.device)
+        reason = device_reason or StepGraphs.unavailable_reason(self.model, self.backend)
+        if reason is None and num_blocks < 2:
+            reason = "the KV cache has a single block, and the graphs need one of their own"
+        if reason:
+            log.warning("cuda_graphs is on, but every step runs eagerly: %s.", reason)
+        return reason is None
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, kv_heads, head_dim = self.model.kv_cache_spec
@@ -213,11 +238,10 @@ class Engine:
             return []
         self._admit_and_grow(plan.scheduled)
         batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
-        batch.attn_metadata = self.backend.prepare(batch)
         sampling = SamplingMetadata.build(batch.sampling_seqs, self.device)
         prompt_logprobs = extend_for_prompt_logprobs(batch)
         t1 = time.perf_counter()
-        logits = self.model.forward(batch, self.kv_cache)
+        logits = self._forward(batch, stats)
         t2 = time.perf_counter()
         next_tokens = self._sample(batch, logits, sampling, prompt_logprobs)
         t3 = time.perf_counter()
@@ -230,6 +254,17 @@ class Engine:
             t1 - t0, t2 - t1, t3 - t2, t4 - t3)
         self._record(stats)
         return outputs
+
+    def _forward(self, batch: RaggedBatch, stats: StepStats) -> torch.Tensor:
+        """logits [S + R, V]: replayed from a CUDA graph where one serves the step, else the
+        model's forward pass over the backend's plan for the step."""
+        if self.step_graphs is not None:
+            logits = self.step_graphs.run(batch)
+            if logits is not None:
+                stats.graph_replayed = True
+                return logits
+        batch.attn_metadata = self.backend.prepare(batch)
+        return self.model.forward(batch, self.kv_cache)
 
     def _sample(self, batch: RaggedBatch, logits: torch.Tensor, sampling: SamplingMetadata,
                 prompt_logprobs: PromptLogprobPlan) -> list[int]:

@@ -66,6 +66,14 @@ class KernelBackend(Protocol):
     # Optional: `linear(x, weight, bias=None)`, F.linear's contract ([T, K] x [N, K] -> [T, N]). Models
     # take it through linear_of() below, so a backend without one runs torch's F.linear.
 
+    # Optional: `graph_key(metadata) -> Hashable | None`, for `cuda_graphs` (core/step_graphs.py).
+    # Given prepare()'s result for a decode-only step, it returns everything in it that the ops
+    # would bake into a CUDA graph besides the batch's tensors (kernels.triton: the split count),
+    # or None when this step cannot be captured. It is asked again after a capture, so a result
+    # that an op changed while running (a fallback that planned on the host) turns graphs off.
+    # The ops must then read lengths and block tables from the batch's tensors only, never sync
+    # with the host, and allocate only through torch.
+
     def prepare(self, batch: Any) -> Any:
         """Derive once per step whatever the attention op needs from the batch metadata."""
         ...

@@ -26,6 +26,10 @@ class ModelPlugin(Protocol):
         """(num_layers, num_kv_heads, head_dim) of the KV cache this model needs."""
         ...
 
+    # Optional: `graph_safe: bool`, True when forward reads only the batch's tensors and sizes
+    # (never its host-side lists or sequences), so a CUDA graph captured for one decode step
+    # replays every other step of the same size (`cuda_graphs`). Absent means False.
+
     def load_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into parameters; return the names filled."""
         ...

@@ -39,7 +39,7 @@ class RaggedBatch:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.sequences)
+        return len(self.query_lens)
 
     @classmethod
     def build(cls, scheduled: list[tuple[Sequence, int]], block_size: int,

@@ -11,7 +11,8 @@
 #   kernels  fastgen bench kernels, full shapes, over the backends that run on the device; one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m, then llama-1b, in
-#            bf16: every backend beside transformers generate, prefill and decode tokens/s
+#            bf16: every backend beside transformers generate, prefill and decode tokens/s, and
+#            kernels.triton and .cuda once more with cuda_graphs on (`triton+graphs`)
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
 #            (llama3-8b shapes), to choose its defaults and tune the split rule
@@ -281,13 +282,16 @@ step_kernels() {
 }
 
 step_e2e() {
-    local m t0=$SECONDS
+    local m b t0=$SECONDS kernels=$BACKENDS
+    if [ "$DRY" = 0 ]; then
+        for b in triton cuda; do [[ ",$BACKENDS," == *",$b,"* ]] && kernels+=",$b+graphs"; done
+    fi
     : > "$OUT/e2e.md"
     for m in "${E2E_MODELS[@]}"; do
         bounded "e2e:$m" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" \
             "$WORK/e2e-$m.md" \
             "$PY" benchmarks/offline_throughput.py --random-model "$m" --device "$DEVICE" \
-            --kernels "$BACKENDS" "${E2E_ARGS[@]}" --attn sdpa --skip-generate-batch \
+            --kernels "$kernels" "${E2E_ARGS[@]}" --attn sdpa --skip-generate-batch \
             --json "$WORK/e2e-$m.json"
         { cat "$WORK/e2e-$m.md"; echo; } >> "$OUT/e2e.md"
         merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json

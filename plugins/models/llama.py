@@ -121,6 +121,11 @@ class LlamaForCausalLM(nn.Module):
     def kv_cache_spec(self) -> tuple[int, int, int]:
         return len(self.layers), self.kv_heads, self.head_dim
 
+    @property
+    def graph_safe(self) -> bool:
+        # Longrope picks each sequence's factors from its prompt length, on the host.
+        return self.rope is not None and self.rope.long_from is None
+
     def init_buffers(self) -> None:
         self.rope = RotaryTables(self.hf_config, self.head_dim, self.max_positions, self.embed.device)
 

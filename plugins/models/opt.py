@@ -134,6 +134,8 @@ class OPTForCausalLM(nn.Module):
             return None
         return attr_target(name, self, _DECODER_WEIGHTS[decoder.group(1)])
 
+    graph_safe = True   # forward reads only the batch's tensors and sizes
+
     @torch.inference_mode()
     def forward(self, batch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         be, linear = self.backend, self.linear

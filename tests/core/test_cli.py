@@ -43,13 +43,19 @@ def test_every_setting_is_a_flag_a_file_key_and_a_keyword(tmp_path):
     values = {"model": "m", "dtype": "bfloat16", "device": "cpu", "max_model_len": 77,
               "served_model_name": "x", "kernels": "k", "scheduler": "s", "transport": "t",
               "token_budget": 33, "max_num_seqs": 5, "block_size": 8, "num_blocks": 9,
-              "kv_cache_gb": 0.5, "seed": 3, "threads": 1, "cache_dir": "/c", "host": "::1",
+              "kv_cache_gb": 0.5, "cuda_graphs": True, "seed": 3, "threads": 1, "cache_dir": "/c", "host": "::1",
               "port": 9, "api_key": "k", "max_body_bytes": 1000, "max_choices": 4, "shutdown_timeout": 2.5}
     assert sorted(values) == sorted(fields), "update this test with the new setting"
     toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
     (tmp_path / "fastgen.toml").write_text(toml)
     from_file = config_from_args(parse("--config", str(tmp_path / "fastgen.toml")))
-    flags = [a for k, v in values.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    def flag(name, value):   # a switch stands alone: --cuda-graphs / --no-cuda-graphs
+        dashed = name.replace("_", "-")
+        if isinstance(value, bool):
+            return [f"--{'' if value else 'no-'}{dashed}"]
+        return [f"--{dashed}", str(value)]
+
+    flags = [a for k, v in values.items() for a in flag(k, v)]
     from_flags = config_from_args(parse(*flags))
     from_keywords = make_config(**values)
     assert msgspec.structs.asdict(from_file) == values

@@ -82,6 +82,14 @@ class CudaBackend(ReferenceFallbackBackend):
             tiles = tiles.to(batch.seq_lens.device, non_blocking=True)
         return StepMetadata(batch, num_splits=num_splits, prompt_tiles=tiles)
 
+    def graph_key(self, meta: StepMetadata) -> int | None:
+        # The kernels read lengths and block tables from the batch's tensors; the split count is
+        # a launch argument. Prompt tiles are planned per step, and a layer that fell back to the
+        # reference baked in that step's host-side plan.
+        if meta.prompt_tiles is not None or meta.plan is not None:
+            return None
+        return meta.num_splits
+
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
         self.ops.write_kv(key, value, k_cache, v_cache, slot_mapping)

@@ -57,6 +57,11 @@ class TritonBackend:
             batch, self.tile_tokens, self.num_kv_splits, block_n=self.attention_block_n,
             num_warps=self.attention_num_warps, num_stages=self.attention_num_stages)
 
+    def graph_key(self, plan) -> int | None:
+        # A decode-only step's plan holds one tile per sequence and reads lengths and block tables
+        # from the batch's tensors: only its split count is baked into a launch.
+        return plan.num_splits if plan.tile_tokens == 1 else None
+
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; slot_mapping: [T]
         self._cache.write_kv(key, value, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,171 @@
+"""Decode steps replayed from captured graphs (`cuda_graphs`, core/step_graphs.py), over every
+backend that can be captured: the same tokens and the same KV cache as eager steps.
+
+On a GPU the graphs are CUDA graphs. On the CPU a stand-in keeps their one hazard: a replay
+reruns the captured forward pass with the batch and plan of its capture, so whatever host-side
+value a backend or a model baked in is as stale as a graph would have it, while the tensors the
+graph reads hold the current step's values.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import cuda_emulator
+import fastgen
+from fastgen.config import make_config
+from fastgen.engine import Engine
+from fastgen.step_graphs import StepGraphs, padded_size
+from kernel_targets import CPU, kernel_targets, target_id
+from tiny_models import make_checkpoint
+
+
+class RerunOnReplay:
+    """Graph capture's CPU stand-in: the capture runs `fn` once; a replay runs it again, on the
+    captured batch, into the first run's output."""
+
+    def __call__(self, fn):
+        output = fn()
+
+        def replay():
+            with torch.inference_mode():
+                output.copy_(fn())
+        return replay, output
+
+
+class _EmulatedCuda(cuda_emulator.EmulatedCudaBackend):
+    name = "cuda_emulated"
+
+    @classmethod
+    def unavailable_reason(cls, device):
+        return cuda_emulator.available()
+
+
+# (registered backend name, device, capture): real CUDA graphs on a GPU, the stand-in on the CPU,
+# where Triton's interpreter takes long enough (~35 s) for the slow step.
+TARGETS = [pytest.param(name, device, None if device.type == "cuda" else RerunOnReplay,
+                        id=target_id(name, device),
+                        marks=[pytest.mark.slow] if device.type == "cpu" else [])
+           for name, device in kernel_targets() if name in ("triton", "cuda")]
+if cuda_emulator.available() is None:
+    TARGETS.append(pytest.param("cuda_emulated", CPU, RerunOnReplay, id="cuda-emulated"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # Head size 64, which every kernel takes (the shared tiny models' 16 makes kernels.cuda fall
+    # back to the reference); a window of 24 over contexts of up to 600.
+    folder = tmp_path_factory.mktemp("graphs-mistral")
+    make_checkpoint(folder, "mistral", hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                    num_key_value_heads=1)
+    return folder
+
+
+@pytest.fixture
+def plugins(plugin_manager):
+    class Plugin:
+        @fastgen.hookimpl
+        def register_kernels(self, register):
+            register(_EmulatedCuda)
+
+    plugin_manager.register(Plugin(), name="kernels.cuda_emulated")
+    return plugin_manager
+
+
+# Prompts that finish at different steps, more of them than run at once, so decode steps shrink
+# and grow across padded sizes and new sequences take blocks that finished ones gave back. The
+# long one's context passes 512 keys, where the CPU's split rule starts cutting keys into parts.
+PROMPT_LENS = (1, 30, 45, 520, 7, 12, 60)
+MAX_TOKENS = (3, 9, 5, 24, 8, 4, 10)
+
+
+def _run(folder, kernels, device, plugins, dtype, graphs, capture=None):
+    engine = Engine(make_config(model=str(folder), kernels=kernels, device=device.type, dtype=dtype,
+                                token_budget=64, max_num_seqs=5, num_blocks=64, cuda_graphs=graphs),
+                    plugins=plugins, graph_capture=capture)
+    g = torch.Generator().manual_seed(0)
+    ids = [engine.add_request(torch.randint(0, 300, (n,), generator=g).tolist(),
+                              fastgen.SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
+           for n, m in zip(PROMPT_LENS, MAX_TOKENS)]
+    done = {}
+    replayed_steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        replayed_steps += engine.last_stats.graph_replayed
+    return engine, [done[i] for i in ids], replayed_steps
+
+
+@pytest.mark.parametrize("kernels,device,capture", TARGETS)
+def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoint, plugins, kernels, device,
+                                                                capture):
+    dtype = "float16" if device.type == "cuda" else "float32"
+    eager, expected, _ = _run(checkpoint, kernels, device, plugins, dtype, graphs=False)
+    engine, tokens, replayed_steps = _run(checkpoint, kernels, device, plugins, dtype, graphs=True,
+                                          capture=capture and capture())
+    assert tokens == expected
+    graphs = engine.step_graphs
+    assert graphs.disabled_reason is None
+    assert replayed_steps == graphs.replays > graphs.captures
+    sizes = {size for size, _ in graphs.graphs}
+    assert sizes <= {1, 2, 4, 8} and len(sizes) >= 2
+    # Steps of the same size with different split counts each got a graph of their own.
+    assert len({key for _, key in graphs.graphs}) >= 2
+    # The last block is the padding rows' scratch: never handed out, and the only block where the
+    # two runs' caches may differ.
+    scratch = eager.allocator.num_blocks - 1
+    assert engine.allocator.num_blocks == scratch
+    tolerance = dict(atol=1e-3, rtol=1e-3) if dtype == "float16" else dict(atol=1e-5, rtol=1e-5)
+    for (k, v), (k_eager, v_eager) in zip(engine.kv_cache, eager.kv_cache):
+        torch.testing.assert_close(k[:scratch], k_eager[:scratch], **tolerance)
+        torch.testing.assert_close(v[:scratch], v_eager[:scratch], **tolerance)
+
+
+def test_a_backend_that_falls_back_while_captured_turns_graphs_off(tmp_path, plugins, caplog):
+    if cuda_emulator.available() is not None:
+        pytest.skip(f"the CUDA emulator cannot run here: {cuda_emulator.available()}")
+    # Head size 16 has no kernels.cuda kernel: its attention runs the reference, whose plan is
+    # made on the host from that step's lengths, so the capture must not be kept.
+    make_checkpoint(tmp_path, "llama")
+    with caplog.at_level(logging.WARNING, logger="fastgen.step_graphs"):
+        engine, tokens, replayed_steps = _run(tmp_path, "cuda_emulated", CPU, plugins, "float32",
+                                              graphs=True, capture=RerunOnReplay())
+    _, expected, _ = _run(tmp_path, "torch", CPU, plugins, "float32", graphs=False)
+    assert tokens == expected
+    assert replayed_steps == 0 and not engine.step_graphs.graphs
+    assert "took a path that cannot be replayed" in engine.step_graphs.disabled_reason
+    assert "cuda_graphs: off from now on" in caplog.text
+
+
+def test_cuda_graphs_say_why_they_are_off(tiny_llama, caplog):
+    folder = tiny_llama[0]
+    with caplog.at_level(logging.WARNING, logger="fastgen.engine"):
+        engine = Engine(make_config(model=str(folder), kernels="torch", device="cpu", num_blocks=8,
+                                    cuda_graphs=True))
+    assert engine.step_graphs is None and engine.allocator.num_blocks == 8
+    assert "every step runs eagerly: CUDA graphs need a CUDA device, and the engine runs on cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastgen.engine"):
+        engine = Engine(make_config(model=str(folder), kernels="torch", device="cpu", num_blocks=8,
+                                    cuda_graphs=True), graph_capture=RerunOnReplay())
+    assert engine.step_graphs is None
+    assert "kernels.torch cannot be captured in CUDA graphs (it has no graph_key)" in caplog.text
+
+
+def test_a_model_that_plans_on_the_host_is_not_captured(tmp_path):
+    # Longrope chooses each sequence's rotary factors from its prompt length, on the host.
+    make_checkpoint(tmp_path, "phi3-longrope")
+    engine = Engine(make_config(model=str(tmp_path), kernels="torch", device="cpu", num_blocks=8))
+    assert engine.model.graph_safe is False
+    reason = StepGraphs.unavailable_reason(engine.model, type("Capturable", (), {"graph_key": 1}))
+    assert reason == ("models.llama does not say its forward pass reads only the batch's tensors "
+                      "(graph_safe)")
+
+
+def test_padded_sizes():
+    assert [padded_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 24, 64, 72]
