@@ -69,7 +69,9 @@ class CudaGraphCapture:
             fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a transport's thread may touch CUDA meanwhile (a seeded request makes its
+        # generator); only this thread's calls must keep off the capturing stream.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = fn()
         return graph.replay, output
 
