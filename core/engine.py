@@ -112,6 +112,8 @@ class Engine:
             self.model, self.backend, self.kv_cache, config.max_num_seqs,
             -(-self.max_model_len // config.block_size), config.block_size,
             scratch_block=num_blocks - 1, device=self.device, capture=capture) if use_graphs else None
+        if self.step_graphs is not None:
+            self.step_graphs.capture_ahead()
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -8,8 +8,9 @@ A graph replays the same launches on the same memory, with every host-side value
 serves only steps that look alike to the host: decode-only steps (one new token per sequence),
 padded up to one of a few batch sizes, whose tensors are copied into buffers the graph reads. The
 kernel backend says what else its attention plan baked in (kernels.triton and kernels.cuda: the
-split-KV count) through `graph_key`; a graph is captured at first use for each (padded size, key)
-and replayed by every later step with the same pair.
+split-KV count) through `graph_key`; a graph is captured for each (padded size, key) and replayed
+by every later step with the same pair. The engine captures every size's graph for short contexts
+at start; a key that longer contexts bring (more split-KV parts) is captured at its first step.
 
 Padding rows are sequences of one token that write their key and value into a scratch KV block
 which the block allocator never hands out, so they can read and write without touching any real
@@ -128,29 +129,45 @@ class StepGraphs:
         when no graph serves this step (the engine then runs it eagerly)."""
         if not self.serves(batch):
             return None
-        size = padded_size(batch.num_seqs)
-        padded = self._pad(batch, size)
-        padded.attn_metadata = self.backend.prepare(padded)
-        key = self.backend.graph_key(padded.attn_metadata)
-        if key is None:
-            return None
-        step = self.graphs.get((size, key))
+        step = self._graph_for(self._pad(batch, padded_size(batch.num_seqs)))
         if step is None:
-            step = self._capture(padded, size, key)
-            if step is None:
-                return None
+            return None
         step.replay()
         self.replays += 1
         return step.logits[:batch.num_seqs]
 
-    def _pad(self, batch: RaggedBatch, size: int) -> RaggedBatch:
-        """Copy the step's tensors into the buffers' first rows; rows up to `size` are padding."""
-        n, width = batch.num_seqs, batch.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
-        self.seq_lens[:n].copy_(batch.seq_lens)
-        self.slot_mapping[:n].copy_(batch.slot_mapping)
-        self.block_tables[:n, :width].copy_(batch.block_tables)
+    def capture_ahead(self) -> None:
+        """Capture every padded size's graph for steps of short contexts (those the backend plans
+        without split-KV) now, so that the first requests do not wait for captures."""
+        t0 = time.perf_counter()
+        size = 1
+        while size <= padded_size(self.max_seqs):
+            if self._graph_for(self._pad(None, size)) is None:
+                return
+            size = padded_size(size + 1)
+        log.info("cuda_graphs: captured decode steps of 1 to %d sequences in %.2f s",
+                 padded_size(self.max_seqs), time.perf_counter() - t0)
+
+    def _graph_for(self, padded: RaggedBatch) -> CapturedStep | None:
+        """The graph that replays `padded`, captured first if there is none yet; None if the
+        backend's plan for it cannot be captured."""
+        padded.attn_metadata = self.backend.prepare(padded)
+        key = self.backend.graph_key(padded.attn_metadata)
+        if key is None:
+            return None
+        return self.graphs.get((padded.num_seqs, key)) or self._capture(padded, padded.num_seqs, key)
+
+    def _pad(self, batch: RaggedBatch | None, size: int) -> RaggedBatch:
+        """Copy the step's tensors (if a step is given) into the buffers' first rows; the rows
+        after them, up to `size`, are padding."""
+        n = 0
+        if batch is not None:
+            n, width = batch.num_seqs, batch.block_tables.shape[1]
+            self.input_ids[:n].copy_(batch.input_ids)
+            self.positions[:n].copy_(batch.positions)
+            self.seq_lens[:n].copy_(batch.seq_lens)
+            self.slot_mapping[:n].copy_(batch.slot_mapping)
+            self.block_tables[:n, :width].copy_(batch.block_tables)
         # Rows a larger step left behind would write into slots their sequence may have given up
         # (and read its whole context for nothing).
         self.seq_lens[n:size].fill_(1)
@@ -160,9 +177,9 @@ class StepGraphs:
             query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size], slot_mapping=self.slot_mapping[:size],
             logits_indices=self.logits_indices[:size],
-            query_lens=[1] * size, context_lens=batch.context_lens + [0] * (size - n),
+            query_lens=[1] * size, context_lens=(batch.context_lens if batch else []) + [0] * (size - n),
             num_decodes=size, block_size=self.block_size,
-            sequences=batch.sequences, sampling_seqs=batch.sampling_seqs)
+            sequences=batch.sequences if batch else [], sampling_seqs=batch.sampling_seqs if batch else [])
 
     def _capture(self, padded: RaggedBatch, size: int, key: Hashable) -> CapturedStep | None:
         t0 = time.perf_counter()

@@ -44,24 +44,36 @@ class _EmulatedCuda(cuda_emulator.EmulatedCudaBackend):
         return cuda_emulator.available()
 
 
-# (registered backend name, device, capture): real CUDA graphs on a GPU, the stand-in on the CPU,
-# where Triton's interpreter takes long enough (~35 s) for the slow step.
-TARGETS = [pytest.param(name, device, None if device.type == "cuda" else RerunOnReplay,
-                        id=target_id(name, device),
+# (registered backend name, device, capture, model): real CUDA graphs on a GPU, the stand-in on
+# the CPU, where Triton's interpreter takes long enough (~45 s) for the slow step, with one model.
+TARGETS = [pytest.param(name, device, None if device.type == "cuda" else RerunOnReplay, arch,
+                        id=f"{target_id(name, device)}-{arch}",
                         marks=[pytest.mark.slow] if device.type == "cpu" else [])
-           for name, device in kernel_targets() if name in ("triton", "cuda")]
+           for name, device in kernel_targets() if name in ("triton", "cuda")
+           for arch in (("mistral", "opt") if device.type == "cuda" else ("mistral",))]
 if cuda_emulator.available() is None:
-    TARGETS.append(pytest.param("cuda_emulated", CPU, RerunOnReplay, id="cuda-emulated"))
+    TARGETS += [pytest.param("cuda_emulated", CPU, RerunOnReplay, arch, id=f"cuda-emulated-{arch}")
+                for arch in ("mistral", "opt")]
+
+
+# Head size 64, which every kernel takes (the shared tiny models' 16 makes kernels.cuda fall back
+# to the reference): a Mistral (window 24, over contexts of up to 600) and an OPT.
+ARCHS = {"mistral": dict(hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                         num_key_value_heads=1),
+         "opt": dict(hidden_size=128, ffn_dim=256, num_attention_heads=2)}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    # Head size 64, which every kernel takes (the shared tiny models' 16 makes kernels.cuda fall
-    # back to the reference); a window of 24 over contexts of up to 600.
-    folder = tmp_path_factory.mktemp("graphs-mistral")
-    make_checkpoint(folder, "mistral", hidden_size=128, intermediate_size=256, num_attention_heads=2,
-                    num_key_value_heads=1)
-    return folder
+def checkpoints(tmp_path_factory):
+    """arch -> a tiny checkpoint folder, made at first use."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = tmp_path_factory.mktemp(f"graphs-{arch}")
+            make_checkpoint(made[arch], arch, **ARCHS[arch])
+        return made[arch]
+    return get
 
 
 @pytest.fixture
@@ -100,12 +112,13 @@ def _run(folder, kernels, device, plugins, dtype, graphs, capture=None):
     return engine, [done[i] for i in ids], replayed_steps
 
 
-@pytest.mark.parametrize("kernels,device,capture", TARGETS)
-def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoint, plugins, kernels, device,
-                                                                capture):
+@pytest.mark.parametrize("kernels,device,capture,arch", TARGETS)
+def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoints, plugins, kernels, device,
+                                                                capture, arch):
     dtype = "float16" if device.type == "cuda" else "float32"
-    eager, expected, _ = _run(checkpoint, kernels, device, plugins, dtype, graphs=False)
-    engine, tokens, replayed_steps = _run(checkpoint, kernels, device, plugins, dtype, graphs=True,
+    folder = checkpoints(arch)
+    eager, expected, _ = _run(folder, kernels, device, plugins, dtype, graphs=False)
+    engine, tokens, replayed_steps = _run(folder, kernels, device, plugins, dtype, graphs=True,
                                           capture=capture and capture())
     assert tokens == expected
     graphs = engine.step_graphs
@@ -123,6 +136,22 @@ def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoint, plugi
     for (k, v), (k_eager, v_eager) in zip(engine.kv_cache, eager.kv_cache):
         torch.testing.assert_close(k[:scratch], k_eager[:scratch], **tolerance)
         torch.testing.assert_close(v[:scratch], v_eager[:scratch], **tolerance)
+
+
+@pytest.mark.skipif(cuda_emulator.available() is not None, reason="the CUDA emulator cannot run here")
+def test_the_engine_captures_every_size_at_start_in_the_scratch_block(checkpoints, plugins):
+    engine = Engine(make_config(model=str(checkpoints("mistral")), kernels="cuda_emulated",
+                                device="cpu", max_num_seqs=5, num_blocks=16, cuda_graphs=True),
+                    plugins=plugins, graph_capture=RerunOnReplay())
+    graphs = engine.step_graphs
+    # Padded sizes up to max_num_seqs' (8), each with the plan of short contexts: no split.
+    assert set(graphs.graphs) == {(1, 1), (2, 1), (4, 1), (8, 1)}
+    assert graphs.captures == 4 and graphs.replays == 0
+    assert engine.allocator.num_free == 15
+    # The padding rows wrote into the scratch block and nowhere else.
+    for k, v in engine.kv_cache:
+        assert not k[:15].any() and not v[:15].any()
+        assert k[15].any() and v[15].any()
 
 
 def test_a_backend_that_falls_back_while_captured_turns_graphs_off(tmp_path, plugins, caplog):
