@@ -103,3 +103,18 @@ def test_whole_models_give_the_reference_tokens(tmp_path, arch):
                           max_num_seqs=8, num_blocks=64)
         tokens[kernels] = [o.token_ids for o in llm.generate(prompts, params)]
     assert tokens["cuda"] == tokens["torch"]
+
+
+def test_top_p_cuts_are_the_same_on_every_run(cuda):
+    # The mass histogram's sums are integers, so the order in which the block's threads add them
+    # cannot move a cut (float atomics could, by the last bit of a sum near the target).
+    ops = torch.ops.fastgen_cuda
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    rows, vocab = 64, 32000
+    logits = torch.randn(rows, vocab, device=CUDA, generator=g) * 3
+    temperatures = torch.full((rows,), 0.7, device=CUDA)
+    top_k = torch.zeros(rows, dtype=torch.int64, device=CUDA)
+    top_p = torch.linspace(0.05, 0.99, rows, device=CUDA)
+    first = ops.sample_cuts(logits, temperatures, top_k, top_p)
+    for _ in range(20):
+        assert torch.equal(ops.sample_cuts(logits, temperatures, top_k, top_p), first)

@@ -18,6 +18,11 @@ namespace {
 constexpr int kSampleThreads = 512;
 constexpr int kSampleWarps = kSampleThreads / kWarpSize;
 constexpr int kBins = 256;   // 8 bits of the key per pass: 4 passes settle a 32-bit key
+// A bin's softmax mass is summed in fixed point, units of 2^-40: integer atomics add up to the same
+// total in any order, so a top-p cut is the same on every run (float atomics' order, and with it
+// the last bit of a sum, changes from run to run). A token's mass is at most 1 (2^40 units), so
+// 2^23 tokens fit in 64 bits; a mass under 2^-40 counts as 0.
+constexpr float kMassUnits = 1099511627776.f;   // 2^40
 
 // logit / temperature; a greedy row's logits as they are. Every pass computes a token's value
 // with this, so it is bit-identical where the cut is taken and where it is applied.
@@ -100,7 +105,7 @@ __device__ int block_argmax(float value, int index, float* scratch, int* scratch
 
 struct Histogram {
   int count[kBins];
-  float mass[kBins];
+  unsigned long long mass[kBins];   // in units of 2^-40 (kMassUnits)
   uint32_t prefix;   // the search's result so far, shared with the block
   float above;       // the count or mass of the candidates above the prefix's range
 };
@@ -117,7 +122,7 @@ __device__ uint32_t radix_search(const float* __restrict__ logits, int vocab, fl
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
       h.count[b] = 0;
-      h.mass[b] = 0.f;
+      h.mass[b] = 0;
     }
     __syncthreads();
     const uint32_t settled = shift == 24 ? 0u : ~0u << (shift + 8);   // the bits the prefix fixes
@@ -127,7 +132,7 @@ __device__ uint32_t radix_search(const float* __restrict__ logits, int vocab, fl
       if (key < floor || (key & settled) != prefix) continue;
       const int bin = (key >> shift) & (kBins - 1);
       atomicAdd(&h.count[bin], 1);
-      if (kByMass) atomicAdd(&h.mass[bin], __expf(x - row_max));
+      if (kByMass) atomicAdd(&h.mass[bin], static_cast<unsigned long long>(__expf(x - row_max) * kMassUnits));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -136,7 +141,8 @@ __device__ uint32_t radix_search(const float* __restrict__ logits, int vocab, fl
       float above_lowest = 0.f;
       for (int b = kBins - 1; b >= 0; --b) {
         if (h.count[b] == 0) continue;
-        const float amount = kByMass ? h.mass[b] : static_cast<float>(h.count[b]);
+        const float amount = kByMass ? static_cast<float>(h.mass[b]) / kMassUnits
+                                     : static_cast<float>(h.count[b]);
         if (above + amount >= target) {
           chosen = b;
           break;
@@ -192,7 +198,9 @@ __device__ float find_cut(const float* __restrict__ logits, int vocab, float tem
   return by_k || by_p ? key_value(floor) : -INFINITY;
 }
 
-__global__ void __launch_bounds__(kSampleThreads) sample_kernel(const SampleParams p) {
+// Min blocks 1: left to itself ptxas aims at 4 blocks an SM (32 registers) and spills the 64-bit
+// mass sums; 42 registers still let 3 blocks run.
+__global__ void __launch_bounds__(kSampleThreads, 1) sample_kernel(const SampleParams p) {
   __shared__ float scratch[kSampleWarps];
   __shared__ int scratch_index[kSampleWarps];
   __shared__ Histogram histogram;
