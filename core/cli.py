@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .config import Config, add_config_arguments, config_from_args
 from .errors import FastgenError, PluginError
@@ -196,18 +197,27 @@ def _bench_parser(sub) -> None:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import format_table
 
-    try:
-        from .bench.kernels_suite import run_suite
-    except ImportError as e:
-        raise FastgenError(f"fastgen bench kernels needs pytest and pytest-benchmark ({e}); "
-                           f"install them with `pip install pytest-benchmark`.") from None
-    results, notes, failed = run_suite(
-        backends=args.backends, ops=args.ops, models=args.models, sets=args.sets, quick=args.quick,
-        device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json, keyword=args.k)
+    if args.load:
+        results, notes, failed = _load_kernel_results(args.load), [], []
+    else:
+        try:
+            from .bench.kernels_suite import run_suite
+        except ImportError as e:
+            raise FastgenError(f"fastgen bench kernels needs pytest and pytest-benchmark ({e}); "
+                               f"install them with `pip install pytest-benchmark`.") from None
+        results, notes, failed = run_suite(
+            backends=args.backends, ops=args.ops, models=args.models, sets=args.sets, quick=args.quick,
+            device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json,
+            keyword=args.k)
     print(format_table(results, notes))
-    if args.json:
+    if args.json and not args.load:
         print(f"fastgen: pytest-benchmark JSON written to {args.json} "
               f"(compare runs with `pytest-benchmark compare`)", file=sys.stderr)
+    if args.plot:
+        from .bench.plot import plot_kernel_results
+
+        plot_kernel_results(results, args.plot)
+        print(f"fastgen: plot written to {args.plot}", file=sys.stderr)
     if failed:
         print(f"fastgen: {len(failed)} kernel case(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -229,7 +239,26 @@ def _bench_kernels_parser(bench_sub) -> None:
     kernels.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     kernels.add_argument("-k", metavar="EXPR", help="pytest -k expression over case ids, e.g. 'b16 and ctx1024'")
     kernels.add_argument("--json", metavar="FILE", help="write pytest-benchmark's JSON to FILE")
+    kernels.add_argument("--plot", metavar="FILE.png",
+                         help="draw each case's %% of the ceilings and time, a bar per backend (matplotlib)")
+    kernels.add_argument("--load", metavar="FILE.json",
+                         help="run nothing: the table (and --plot) of a run saved with --json, "
+                              "on this machine or another")
     kernels.set_defaults(func=cmd_bench_kernels)
+
+
+def _load_kernel_results(path: str) -> dict:
+    """A saved run's pytest-benchmark JSON, with a clear error where it is not one."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise FastgenError(f"Cannot read {path}: {e.strerror}.") from None
+    except ValueError as e:
+        raise FastgenError(f"{path} is not JSON: {e}.") from None
+    if not isinstance(results, dict) or not isinstance(results.get("benchmarks"), list):
+        raise FastgenError(f"{path} is not a kernel benchmark's JSON (no \"benchmarks\" list); "
+                           f"write one with `fastgen bench kernels --json FILE`.")
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:

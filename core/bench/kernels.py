@@ -457,24 +457,40 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if x >= 0.01 else f"{x:.1e}"
 
 
+@dataclass
+class ResultGrid:
+    """pytest-benchmark's JSON of the suite as cases x backends."""
+
+    backends: list[str]                    # the reference first
+    cases: dict[tuple, dict[str, dict]]    # (op, model, shape, dtype) -> backend -> extra_info
+    ceilings: dict[str, tuple]             # dtype -> (device, copy GB/s, matmul TFLOP/s)
+
+    @classmethod
+    def from_json(cls, results: dict) -> "ResultGrid":
+        cases: dict[tuple, dict[str, dict]] = {}
+        backends: list[str] = []
+        ceilings: dict[str, tuple] = {}
+        for bench in results.get("benchmarks", []):
+            info = bench["extra_info"]
+            if "seconds" not in info:   # run with --benchmark-disable: nothing was timed
+                continue
+            if info["backend"] not in backends:
+                backends.append(info["backend"])
+            key = (info["op"], info["model"], info["shape"], info["dtype"])
+            cases.setdefault(key, {})[info["backend"]] = info
+            ceilings[info["dtype"]] = (info["device"], info["ceiling_copy_gbps"], info["ceiling_matmul_tflops"])
+        backends.sort(key=lambda b: (b != REFERENCE_BACKEND, b))
+        # In the op set's order, then by model, shape and dtype.
+        order = sorted(cases, key=lambda k: (OPS.index(k[0]) if k[0] in OPS else len(OPS), *k))
+        return cls(backends, {k: cases[k] for k in order}, ceilings)
+
+
 def format_table(results: dict, notes: list[str] = ()) -> str:
     """One markdown table from pytest-benchmark's JSON: a row per op x model x shape x dtype,
     per backend its median time, GB/s, TFLOP/s and % of the nearer ceiling, and its speedup
     over the torch reference."""
-    rows: dict[tuple, dict[str, dict]] = {}
-    backends: list[str] = []
-    ceilings: dict[str, tuple] = {}
-    for bench in results.get("benchmarks", []):
-        info = bench["extra_info"]
-        if "seconds" not in info:   # run with --benchmark-disable: nothing was timed
-            continue
-        if info["backend"] not in backends:
-            backends.append(info["backend"])
-        key = (OPS.index(info["op"]) if info["op"] in OPS else len(OPS), info["op"], info["model"],
-               info["shape"], info["dtype"])
-        rows.setdefault(key, {})[info["backend"]] = info
-        ceilings[info["dtype"]] = (info["device"], info["ceiling_copy_gbps"], info["ceiling_matmul_tflops"])
-    backends.sort(key=lambda b: (b != REFERENCE_BACKEND, b))
+    grid = ResultGrid.from_json(results)
+    backends, rows, ceilings = grid.backends, grid.cases, grid.ceilings
     lines = []
     for dtype, (device, gbps, tflops) in sorted(ceilings.items()):
         lines.append(f"ceilings on {device}, {dtype}: copy {gbps:.1f} GB/s, matmul {tflops:.3f} TFLOP/s")
@@ -485,8 +501,8 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
         if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:
             header.append(f"{b} vs {REFERENCE_BACKEND}")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * (len(header) - 4)]
-    for key in sorted(rows):
-        cells = list(key[1:])
+    for key in rows:
+        cells = list(key)
         ref = rows[key].get(REFERENCE_BACKEND)
         for b in backends:
             r = rows[key].get(b)

@@ -215,3 +215,35 @@ def test_a_failing_case_is_noted_and_the_others_still_run(capsys):
     assert notes == [f"{failed[0]} FAILED: RuntimeError: no kernel for this shape"]
     assert [b["extra_info"]["op"] for b in results["benchmarks"]] == ["silu_and_mul"]
     assert "failed" in capsys.readouterr().err
+
+
+def test_a_saved_run_is_tabled_and_plotted_without_running(tmp_path, capsys):
+    import matplotlib.image
+    import numpy as np
+
+    results = {"benchmarks": [_result("triton", "rms_norm", 1e-4), _result("torch", "rms_norm", 4e-4),
+                              _result("torch", "attention", 1e-3, flops=10**9),
+                              _result("triton", "attention", 5e-4, flops=10**9)]}
+    saved = tmp_path / "gpu.json"
+    saved.write_text(json.dumps(results))
+    png = tmp_path / "kernels.png"
+    assert main(["bench", "kernels", "--load", str(saved), "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == format_table(results)
+    assert f"plot written to {png}" in captured.err
+    image = matplotlib.image.imread(png)[..., :3]   # [H, W, RGB] in [0, 1]
+    # A bar per backend, in matplotlib's first two colours (torch C0, triton C1).
+    for colour in ("#1f77b4", "#ff7f0e"):
+        rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 500, colour
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "Cannot read"), ("{", "is not JSON"),
+    ('{"runs": []}', 'is not a kernel benchmark\'s JSON (no "benchmarks" list)')])
+def test_loading_what_is_not_a_saved_run_says_so(tmp_path, capsys, content, message):
+    path = tmp_path / "run.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["bench", "kernels", "--load", str(path)]) == 2
+    assert message in capsys.readouterr().err
