@@ -7,7 +7,8 @@
 --random-model builds a random-weight checkpoint of a named shape (random_checkpoint.py) in a
 temporary folder, for a machine with no real checkpoint at hand; its tokens mean nothing, its
 timings do. Measures, in one process:
-- fastgen, once per kernel backend in --kernels: all requests submitted at once, greedy, ignore_eos;
+- fastgen, once per kernel backend in --kernels: all requests submitted at once, greedy (or
+  sampled, with --temperature and its --top-p and --top-k, transformers too), ignore_eos;
   generated tokens/s from submit to all done (after a warm-up run), and the split of fastgen's time
   per step (EngineTotals).
 - prefill tokens/s: the same requests with one generated token each, prompt tokens over the time;
@@ -17,7 +18,8 @@ timings do. Measures, in one process:
   attn_implementation sdpa and eager; the best is reported.
 - transformers `generate_batch` (continuous batching); an error is reported in the table.
 - single-request decode tokens/s (time after the first token) for fastgen and `generate`.
-It also checks that fastgen's greedy tokens equal transformers' static `generate` tokens.
+It also checks that fastgen's greedy tokens equal transformers' static `generate` tokens (not
+when sampling: the draws differ by design).
 Progress goes to stderr, the table to stdout.
 """
 
@@ -99,13 +101,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2,
                    help="timed runs per measurement; the fastest counts (the machine may be shared)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (fastgen and transformers); 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus filter")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature: top-k filter (0: off)")
     args = p.parse_args(argv)
+    if args.temperature == 0 and (args.top_p != 1.0 or args.top_k):
+        p.error("--top-p and --top-k filter sampled draws: give --temperature too")
     if args.model and args.random_model:
         p.error("give --model or --random-model, not both")
     return args
 
 
 # --- workload --------------------------------------------------------------------------------
+
+def sampling_of(args) -> dict | None:
+    """The sampled runs' settings (transformers' `generate` names), or None for greedy runs."""
+    if args.temperature == 0:
+        return None
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k or None}
+
 
 def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> list[list[int]]:
     """n random prompts of `length` token ids, none of them a special or added token."""
@@ -130,7 +145,8 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)
     engine = llm.engine
-    params = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.gen_len, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, ignore_eos=True)
 
     status("fastgen: warm-up")
     llm.generate([p[:64] for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
@@ -237,7 +253,8 @@ def bench_hf_generate(args, folder, dtype, prompts, device: torch.device) -> dic
             status(f"transformers generate ({attn}): batch of {len(prompts)}")
             wall, out = float("inf"), None
             for _ in range(args.repeat):
-                run_wall, out = timed(partial(hf_generate, model, batch, args.gen_len), device)
+                run_wall, out = timed(partial(hf_generate, model, batch, args.gen_len,
+                                              sampling=sampling_of(args)), device)
                 wall = min(wall, run_wall)
                 status(f"transformers generate ({attn}): run {run_wall:.2f} s")
             r = {"tokens_per_s": out.numel() / wall, "wall_s": wall, "generated_tokens": out.numel(),
@@ -249,8 +266,8 @@ def bench_hf_generate(args, folder, dtype, prompts, device: torch.device) -> dic
             for _ in range(args.repeat):
                 timer = FirstTokenTimer()
                 t0 = time.perf_counter()
-                single = timed(partial(hf_generate, model, batch[:1], args.gen_len, streamer=timer),
-                               device)[1]
+                single = timed(partial(hf_generate, model, batch[:1], args.gen_len, streamer=timer,
+                                       sampling=sampling_of(args)), device)[1]
                 t_end = time.perf_counter()
                 singles.append({"ttft_s": timer.t_first - t0, "decode_s": t_end - timer.t_first,
                                 "decode_tokens_per_s": (single.shape[1] - 1) / (t_end - timer.t_first)})
@@ -272,8 +289,10 @@ def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str, device: tor
     status(f"transformers generate_batch ({attn}): loading")
     try:
         model = load_hf(folder, dtype, attn).to(device)
-        gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=args.gen_len, eos_token_id=None,
-                                   pad_token_id=0)
+        sampling = sampling_of(args)
+        draw = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
+        gen_cfg = GenerationConfig(max_new_tokens=args.gen_len, eos_token_id=None, pad_token_id=0,
+                                   **draw)
         cb_cfg = continuous_batching_config(args.prompt_len + args.gen_len,
                                             min(len(prompts), args.max_num_seqs), args.token_budget)
 
@@ -352,9 +371,12 @@ def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[
                 f"| {fmt(r['prefill_tokens_per_s'])} | {fmt(r['decode_tokens_per_s'])} "
                 f"| {fmt(r['single']['decode_tokens_per_s'])} |")
 
+    sampling = sampling_of(args)
+    draws = "greedy" if sampling is None else ", ".join(
+        f"{k} {v}" for k, v in sampling.items() if v is not None)
     lines = [
         f"## Offline throughput: {args.requests} requests x {args.prompt_len} prompt + {args.gen_len} "
-        f"generated tokens (greedy), {model}",
+        f"generated tokens ({draws}), {model}",
         "",
         f"{device_name(device)}; torch {torch.__version__}, dtype {args.dtype}, "
         f"fastgen token_budget {args.token_budget}; best of {args.repeat} runs; "
@@ -453,7 +475,7 @@ def run(args, folder, device: torch.device) -> int:
     hf = bench_hf_generate(args, folder, dtype, prompts, device)
     ok = {k: v for k, v in hf.items() if "error" not in v}
     matches = {}
-    if ok:
+    if ok and sampling_of(args) is None:
         against = "sdpa" if "sdpa" in ok else next(iter(ok))
         matches = {kernels: compare(fg["token_ids"], ok[against]["token_ids"]) | {"against": against}
                    for kernels, fg in fgs.items()}

@@ -1,4 +1,5 @@
-"""The C++ CPU backend: every op but sampling as a CPU kernel from csrc/ (torch.ops.fastgen_cpu).
+"""The C++ CPU backend: every op but sampling as a CPU kernel from csrc/ (torch.ops.fastgen_cpu);
+sampling in torch, without the reference's sorts and per-token variates (sampling.py).
 
 Attention reads keys and values straight from the blocked cache through the block tables, so a
 decode step copies no KV blocks. Prompt chunks of many new tokens go to torch's SDPA on gathered
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 from fastgen.plugins.kernels.compiled import DTYPES, LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention
+
+from . import sampling
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +140,7 @@ class CpuBackend(ReferenceFallbackBackend):
             self.ops.paged_attention(out, q, k_cache, v_cache, batch.query_start_loc, batch.seq_lens,
                                      batch.block_tables, meta.kernel_seq_ids, scale, sliding_window or 0)
         return out
+
+    def sample(self, logits, meta, generator=None):
+        # logits: [S, V] float32 -> [S] int64
+        return sampling.sample(logits, meta, generator)

@@ -137,3 +137,24 @@ def test_a_failed_build_is_a_plugin_error(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "_loaded", {})
     with pytest.raises(PluginError, match=r"Building the CPU kernels in .* failed .*--verbose"):
         build.load(str(tmp_path / "cache"), csrc=tmp_path)
+
+
+def test_the_sampler_draws_tokens_tied_at_the_cut_beyond_its_candidates():
+    # Three tokens above 400 tied at 0: top_k 5 cuts at 0 and keeps all 403, more than the 256
+    # candidates it looks at first, so the row draws over the whole vocabulary.
+    from fastgen import SamplingParams
+    from fastgen.plugins.kernels.cpu.sampling import FIRST_CANDIDATES, sample
+    from sampling_inputs import metadata
+
+    row = torch.full((500,), float("-inf"))
+    row[:3] = torch.tensor([2.0, 1.5, 1.0])
+    row[100:500] = 0.0
+    draws = 4000
+    tokens = sample(row.expand(draws, -1).contiguous(),
+                    metadata([SamplingParams(temperature=1.0, top_k=5)] * draws),
+                    torch.Generator().manual_seed(0))
+    assert ((tokens < 3) | (tokens >= 100)).all()
+    tied = tokens[tokens >= 100].unique()
+    assert len(tied) > FIRST_CANDIDATES   # about 370 of the 400 show up in 4000 draws
+    # The tied tokens hold 400 / (400 + e^2 + e^1.5 + e) of the mass: about 0.97.
+    assert abs((tokens >= 100).double().mean().item() - 400 / (400 + sum(torch.tensor([2.0, 1.5, 1.0]).exp()).item())) < 0.02

@@ -1,6 +1,7 @@
-"""The GPU samplers' top-k / top-p cuts keep exactly the tokens kernels.torch's filter keeps:
-kernels.triton's thresholds (top_k_top_p.py) and kernels.cuda's (csrc/sampling.cu, through its
-sample_cuts op), each searched for without a sort.
+"""The fast samplers' top-k / top-p cuts keep exactly the tokens kernels.torch's filter keeps:
+kernels.triton's thresholds (top_k_top_p.py), kernels.cuda's (csrc/sampling.cu, through its
+sample_cuts op), each searched for without a sort, and kernels.cpu's, taken among each row's
+largest candidates (cpu/sampling.py).
 
 The one difference by design: at a tie on the cut the cuts keep every tied token, where the
 reference keeps some of them in sort order; so the expected set is the reference's closed under
@@ -17,12 +18,13 @@ import torch
 from fastgen import SamplingParams
 from fastgen.plugins.kernels.torch_ref.sampling import _filter_top_k_top_p
 from kernel_batches import devices_for, make_backend, target_name, with_emulated_cuda
+from kernel_targets import CPU
 from sampling_inputs import metadata, random_logits
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 TOP_P = (1e-6, 0.5, 0.9, 1.0)
 TARGETS = with_emulated_cuda([("triton", d) for d in devices_for("triton")]
-                             + [("cuda", d) for d in devices_for("cuda")])
+                             + [("cuda", d) for d in devices_for("cuda")]) + [("cpu", CPU)]
 
 
 @pytest.fixture(params=TARGETS, ids=[target_name(t) for t in TARGETS])
@@ -33,6 +35,10 @@ def cuts_of(request):
         from fastgen.plugins.kernels.triton.top_k_top_p import thresholds
 
         return device, thresholds
+    if name == "cpu":   # plain torch: it needs no build of kernels.cpu's library
+        from fastgen.plugins.kernels.cpu.sampling import top_k_top_p_cuts
+
+        return device, top_k_top_p_cuts
     ops = make_backend(name, device).ops
     return device, lambda logits, meta: ops.sample_cuts(logits, meta.temperatures, meta.top_k, meta.top_p)
 
