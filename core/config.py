@@ -54,8 +54,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # Runtime.
     cuda_graphs: Annotated[bool, _doc(
-        "replay decode steps of up to max_num_seqs sequences from CUDA graphs, each captured at "
-        "first use of its batch size (GPU backends that support it: kernels.triton, kernels.cuda)")] = False
+        "replay decode steps of up to max_num_seqs sequences from CUDA graphs, captured at start "
+        "per padded batch size (GPU backends that support it: kernels.triton, kernels.cuda)")] = False
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(
