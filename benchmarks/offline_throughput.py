@@ -37,7 +37,7 @@ from functools import partial
 
 import torch
 
-from fastgen.bench.peers import continuous_batching_config, hf_generate, load_hf
+from fastgen.bench.peers import continuous_batching_config, generate_draws, hf_generate, load_hf
 from fastgen.bench.workload import allowed_token_ids
 from fastgen.checkpoint import DTYPES
 from fastgen.engine import resolve_device
@@ -289,10 +289,8 @@ def bench_hf_generate_batch(args, folder, dtype, prompts, attn: str, device: tor
     status(f"transformers generate_batch ({attn}): loading")
     try:
         model = load_hf(folder, dtype, attn).to(device)
-        sampling = sampling_of(args)
-        draw = dict(do_sample=True, **sampling) if sampling else dict(do_sample=False)
         gen_cfg = GenerationConfig(max_new_tokens=args.gen_len, eos_token_id=None, pad_token_id=0,
-                                   **draw)
+                                   **generate_draws(sampling_of(args)))
         cb_cfg = continuous_batching_config(args.prompt_len + args.gen_len,
                                             min(len(prompts), args.max_num_seqs), args.token_budget)
 

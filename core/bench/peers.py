@@ -42,6 +42,14 @@ def load_hf(folder, dtype, attn: str = "sdpa"):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn).eval()
 
 
+def generate_draws(sampling: dict | None) -> dict:
+    """transformers' generation settings for greedy draws (None) or sampled ones (`sampling`'s
+    temperature, top_p and top_k)."""
+    if sampling:
+        return dict(do_sample=True, **sampling)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
 def hf_generate(model, input_ids, gen_len: int, streamer=None, attention_mask=None,
                 sampling: dict | None = None):
     """`generate` of exactly `gen_len` tokens per row (EOS cannot end it early): greedy, or
@@ -53,12 +61,10 @@ def hf_generate(model, input_ids, gen_len: int, streamer=None, attention_mask=No
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    draw = dict(do_sample=True, **sampling) if sampling else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                              max_new_tokens=gen_len, min_new_tokens=gen_len, pad_token_id=0,
-                             streamer=streamer, **draw)
+                             streamer=streamer, **generate_draws(sampling))
     return out[:, input_ids.shape[1]:]
 
 
