@@ -30,8 +30,12 @@ LOG2E = 1.4426950408889634
 
 @dataclass
 class AttentionPlan:
-    tile_seq: torch.Tensor       # [W] int32, the sequence each tile belongs to
-    tile_start: torch.Tensor     # [W] int32, the tile's first token, counted within the sequence's new tokens
+    num_tiles: int
+    # [W] int32: the sequence each tile belongs to, and its first token counted within the
+    # sequence's new tokens. None in a decode-only step, where tile i is sequence i's one token:
+    # the kernel knows that without reading them, and the step copies nothing to the device.
+    tile_seq: torch.Tensor | None
+    tile_start: torch.Tensor | None
     tile_tokens: int             # new tokens per tile (1 when the step holds only decodes)
     num_splits: int              # key-range splits per tile; 1 = no split-KV
     query_start_loc: torch.Tensor   # [B+1] int32
@@ -56,13 +60,18 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         tile_tokens = 64 if interpreted(batch.seq_lens.device) else 16
     # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
     tokens = 1 if max(query_lens) == 1 else tile_tokens
-    seq_ids, starts = query_tiles(query_lens, tokens)
+    tile_seq = tile_start = None
+    if tokens == 1:
+        num_tiles = len(query_lens)
+    else:
+        seq_ids, starts = query_tiles(query_lens, tokens)
+        num_tiles = len(seq_ids)
+        tiles = torch.tensor([seq_ids, starts], dtype=torch.int32).to(batch.seq_lens.device)
+        tile_seq, tile_start = tiles[0], tiles[1]
     if num_splits is None:
-        num_splits = plan_splits(batch, len(seq_ids), split_min_keys)
-    device = batch.seq_lens.device
+        num_splits = plan_splits(batch, num_tiles, split_min_keys)
     return AttentionPlan(
-        tile_seq=torch.tensor(seq_ids, dtype=torch.int32).to(device),
-        tile_start=torch.tensor(starts, dtype=torch.int32).to(device),
+        num_tiles=num_tiles, tile_seq=tile_seq, tile_start=tile_start,
         tile_tokens=tokens, num_splits=max(1, num_splits),
         query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
         block_tables=batch.block_tables, block_size=batch.block_size,
@@ -83,8 +92,12 @@ def _attention_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(tile_seq_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
+    if TILE_TOKENS == 1:
+        seq = tile
+        start = 0
+    else:
+        seq = tl.load(tile_seq_ptr + tile)
+        start = tl.load(tile_start_ptr + tile)
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -204,10 +217,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_n = plan.block_n or (64 if block_d <= 64 or interpreted(q.device) else 32)
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
     stages = {} if plan.num_stages is None else {"num_stages": plan.num_stages}
-    grid = (plan.tile_seq.shape[0], kv_heads, splits)
+    grid = (plan.num_tiles, kv_heads, splits)
+    # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
+    tile_seq = plan.tile_seq if plan.tile_seq is not None else plan.seq_lens
+    tile_start = plan.tile_start if plan.tile_start is not None else plan.seq_lens
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_max, part_sum,
-        plan.tile_seq, plan.tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
+        tile_seq, tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
         scale * LOG2E, window or 0, tokens, heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

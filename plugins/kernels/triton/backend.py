@@ -58,8 +58,8 @@ class TritonBackend:
             num_warps=self.attention_num_warps, num_stages=self.attention_num_stages)
 
     def graph_key(self, plan) -> int | None:
-        # A decode-only step's plan holds one tile per sequence and reads lengths and block tables
-        # from the batch's tensors: only its split count is baked into a launch.
+        # A decode-only step's plan has no tile tensors (tile i is sequence i) and reads lengths
+        # and block tables from the batch's tensors: only its split count is baked into a launch.
         return plan.num_splits if plan.tile_tokens == 1 else None
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
