@@ -197,6 +197,8 @@ def _bench_parser(sub) -> None:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import format_table
 
+    # Read first, so that a bad baseline fails before the suite runs, not after.
+    baseline = _load_kernel_results(args.baseline) if args.baseline else None
     if args.load:
         results, notes, failed = _load_kernel_results(args.load), [], []
     else:
@@ -210,9 +212,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
             device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json,
             keyword=args.k)
     print(format_table(results, notes))
+    if baseline is not None:
+        from .bench.kernel_compare import Run, format_comparison
+
+        current = Run(Path(args.load).stem if args.load else "this run", results)
+        print()
+        print(format_comparison(current, Run(Path(args.baseline).stem, baseline)))
     if args.json and not args.load:
         print(f"fastgen: pytest-benchmark JSON written to {args.json} "
-              f"(compare runs with `pytest-benchmark compare`)", file=sys.stderr)
+              f"(compare a later run with it: --baseline {args.json})", file=sys.stderr)
     if args.plot:
         from .bench.plot import plot_kernel_results
 
@@ -244,6 +252,9 @@ def _bench_kernels_parser(bench_sub) -> None:
     kernels.add_argument("--load", metavar="FILE.json",
                          help="run nothing: the table (and --plot) of a run saved with --json, "
                               "on this machine or another")
+    kernels.add_argument("--baseline", metavar="FILE.json",
+                         help="also compare with a run saved with --json (before a kernel change, or "
+                              "on another machine): both times and the speedup per case and backend")
     kernels.set_defaults(func=cmd_bench_kernels)
 
 

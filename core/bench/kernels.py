@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -301,6 +302,21 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def device_name(device: torch.device) -> str:
+    """What a run's results were measured on, for tables that compare runs: the GPU's name, or the
+    CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
+
+
 # --- timing and the device's ceilings --------------------------------------------------------
 
 _origin: torch.cuda.Event | None = None
@@ -444,7 +460,7 @@ class Selection:
 
 # --- the comparison table --------------------------------------------------------------------
 
-def _time(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} us"
     if seconds < 1:
@@ -452,7 +468,7 @@ def _time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def _num(x: float) -> str:
+def format_number(x: float) -> str:
     """Three significant digits, so slow and fast backends both read in one column."""
     return f"{x:.3g}" if x >= 0.01 else f"{x:.1e}"
 
@@ -509,9 +525,10 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
             if r is None:
                 cells += ["-"] * 4
             else:
-                cells += [_time(r["seconds"]), _num(r["gbps"]), _num(r["tflops"]) if r["flops"] else "-",
-                          f"{_num(r['pct_ceiling'])}% {r['bound'][:3]}"]
+                cells += [format_seconds(r["seconds"]), format_number(r["gbps"]),
+                          format_number(r["tflops"]) if r["flops"] else "-",
+                          f"{format_number(r['pct_ceiling'])}% {r['bound'][:3]}"]
             if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:
-                cells.append(f"{_num(ref['seconds'] / r['seconds'])}x" if r and ref else "-")
+                cells.append(f"{format_number(ref['seconds'] / r['seconds'])}x" if r and ref else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..errors import FastgenError
-from .kernels import Selection, achieved, cuda_event_clock, free_memory, measure_ceilings
+from .kernels import Selection, achieved, cuda_event_clock, device_name, free_memory, measure_ceilings
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
            "pytest_benchmark_update_machine_info", "kernel_ceilings", "test_kernel"]
@@ -96,6 +96,7 @@ def kernel_ceilings(request):
 def pytest_benchmark_update_machine_info(config, machine_info) -> None:
     sel = config.stash.get(_SELECTION, None)
     if sel is not None:
+        machine_info["fastgen_device"] = device_name(sel.device)
         machine_info["fastgen_kernel_ceilings"] = measure_ceilings(
             sel.device, tuple(sel.dtypes), sel.quick).as_dict()
 

@@ -132,6 +132,7 @@ def test_quick_suite_runs_every_op_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["machine_info"]["fastgen_kernel_ceilings"]["copy_gbps"] > 0
+    assert results["machine_info"]["fastgen_device"].endswith(", 1 thread")
     benches = results["benchmarks"]
     cases = {(b["extra_info"]["op"], b["extra_info"]["shape"]) for b in benches}
     shapes = [s.name for kind in QUICK_SHAPES.values() for s in kind]
@@ -247,3 +248,57 @@ def test_loading_what_is_not_a_saved_run_says_so(tmp_path, capsys, content, mess
         path.write_text(content)
     assert main(["bench", "kernels", "--load", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def _saved_run(path, device, when, *results):
+    path.write_text(json.dumps({"machine_info": {"fastgen_device": device,
+                                                 "fastgen_kernel_ceilings": {"copy_gbps": 10.0}},
+                                "datetime": when, "benchmarks": list(results)}))
+    return path
+
+
+def test_a_run_is_compared_with_a_saved_baseline(tmp_path, capsys):
+    before = _saved_run(tmp_path / "h100.json", "NVIDIA H100", "2026-11-20T10:00:00.000001",
+                        _result("torch", "rms_norm", 4e-4), _result("triton", "rms_norm", 2e-4),
+                        _result("triton", "attention", 1e-3, flops=10**9),
+                        _result("triton", "rotary", 1e-4))
+    after = _saved_run(tmp_path / "h200.json", "NVIDIA H200", "2026-11-27T09:30:00",
+                       _result("torch", "rms_norm", 4e-4), _result("triton", "rms_norm", 1e-4),
+                       _result("triton", "attention", 4e-3, flops=10**9),
+                       _result("triton", "silu_and_mul", 1e-4))
+    assert main(["bench", "kernels", "--load", str(after), "--baseline", str(before)]) == 0
+    out = capsys.readouterr().out
+    table, _, comparison = out.partition("\n\ncompared with ")
+    assert table == format_table(json.loads(after.read_text()))
+    lines = comparison.splitlines()
+    assert lines[:4] == ["h100; a speedup above 1x is faster in h200",
+                         "- h100: NVIDIA H100, copy 10.0 GB/s, 2026-11-20 10:00 UTC",
+                         "- h200: NVIDIA H200, copy 10.0 GB/s, 2026-11-27 09:30 UTC",
+                         "- not compared: 1 case(s) only in h200, 1 only in h100"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    assert rows[0] == ["op", "model", "shape", "dtype", "backend", "h100 time", "h200 time", "speedup",
+                       "h100 % roof", "h200 % roof"]
+    # The reference first, then each backend's cases in the suite's op order.
+    assert rows[1:] == [
+        ["rms_norm", "m", "decode_b1_ctx128", "float32", "torch", "400.0 us", "400.0 us", "1x", "25%", "25%"],
+        ["attention", "m", "decode_b1_ctx128", "float32", "triton", "1.00 ms", "4.00 ms", "0.25x", "100%", "25%"],
+        ["rms_norm", "m", "decode_b1_ctx128", "float32", "triton", "200.0 us", "100.0 us", "2x", "50%", "100%"]]
+    assert lines[-2:] == [
+        "kernels.torch: 1x geometric mean over 1 case(s), from 1x (rms_norm decode_b1_ctx128) to 1x "
+        "(rms_norm decode_b1_ctx128)",
+        "kernels.triton: 0.707x geometric mean over 2 case(s), from 0.25x (attention decode_b1_ctx128) "
+        "to 2x (rms_norm decode_b1_ctx128)"]
+
+
+def test_a_baseline_is_read_before_the_suite_runs_and_must_share_a_case(tmp_path, capsys):
+    assert main(["bench", "kernels", "--quick", "--baseline", str(tmp_path / "missing.json")]) == 2
+    captured = capsys.readouterr()
+    assert "Cannot read" in captured.err and "passed" not in captured.err and captured.out == ""
+
+    cpu = _saved_run(tmp_path / "cpu.json", "AMD EPYC", "", _result("torch", "rms_norm", 4e-4))
+    gpu = {"benchmarks": [_result("torch", "rms_norm", 1e-5)]}
+    gpu["benchmarks"][0]["extra_info"]["dtype"] = "bfloat16"
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    assert main(["bench", "kernels", "--load", str(tmp_path / "gpu.json"), "--baseline", str(cpu)]) == 2
+    assert "gpu and cpu have no case in common (the same op, model, shape, dtype and backend)" in \
+        capsys.readouterr().err
