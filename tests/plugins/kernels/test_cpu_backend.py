@@ -43,6 +43,23 @@ def test_bf16_attention_matches_reference(backends, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [12, 36, 200], ids=lambda d: f"d{d}")
+def test_head_sizes_off_the_vector_width_match_reference(backends, dtype, dim):
+    # The kernel reads rows a vector (8 or 16 floats) at a time and scores 8, 4 or 1 keys at a
+    # time: a head size that leaves a partial vector (12 < one vector; 36, 200 after whole ones)
+    # and decodes of 1 to 17 keys take every remainder path.
+    batch = ragged_batch([(0, 1), (2, 1), (6, 1), (10, 1), (16, 1), (40, 1), (5, 9)], 16, 32)
+    k_cache, v_cache = randn(32, 16, 2, dim, seed=4, dtype=dtype), randn(32, 16, 2, dim, seed=5, dtype=dtype)
+    q = randn(batch.num_tokens, 6, dim, seed=6, dtype=dtype)
+    outs = []
+    for be in backends:
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, dim ** -0.5, None))
+    tolerance = BF16 if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_long_chunks_run_sdpa_beside_the_kernel(backends, dtype):
     """A step whose long prompt chunk goes to SDPA and whose decodes and short chunk to the kernel:
     both write their own rows of one output."""
