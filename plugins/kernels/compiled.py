@@ -2,15 +2,22 @@
 
 Each subclasses the torch reference and runs it for inputs its kernels do not take (another
 dtype, an unsupported head size), noting each such case once in the log; each builds its
-sources at first use and can be built ahead of time with `python -m ...build`.
+sources at first use and can be built ahead of time with `python -m ...build`, and checks with
+`... build --check OUT_DIR` that every source compiles to an object where it cannot run (no GPU;
+another CPU's vector instructions).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -105,3 +112,41 @@ def build_ahead(args: argparse.Namespace, backend_cls: type, load: Callable[...,
         print(e, file=sys.stderr)
         return 1
     return 0
+
+
+@dataclass
+class CompileResult:
+    """One source compiled to an object by a build's check: the command, its exit code and output;
+    `target` names what it was compiled for (a CPU capability, a GPU architecture) where a check
+    compiles a source more than once."""
+
+    source: Path
+    command: list[str]
+    returncode: int
+    output: str
+    target: str = ""
+
+
+def compile_all(commands: list[tuple[Path, str, list[str]]],
+                result: type[CompileResult] = CompileResult) -> list[CompileResult]:
+    """Run each (source, target, command) in parallel, one result each, in the order given."""
+    def run(item: tuple[Path, str, list[str]]) -> CompileResult:
+        source, target, cmd = item
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return result(source, cmd, done.returncode, done.stdout + done.stderr, target)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(run, commands))
+
+
+def extension_flags(name: str, csrc: Path) -> list[str]:
+    """The flags torch's extension tools give every compile of a library named `name`: its defines,
+    the C++ standard, and the include paths (the sources' folder, torch's, Python's)."""
+    from torch.utils import cpp_extension
+
+    # The tools hard-code the standard they build with (C++17 up to some 2.x, C++20 after): read it
+    # from them, so the check compiles as a real build of this torch would.
+    standard = "c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "c++17"
+    dirs = [str(csrc), *cpp_extension.include_paths(), sysconfig.get_path("include")]
+    return [f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-std={standard}",
+            *(flag for d in dirs for flag in ("-isystem", d))]

@@ -25,6 +25,7 @@ import torch
 
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
+from fastgen.plugins.kernels.compiled import CompileResult, build_ahead, build_parser, compile_all, extension_flags
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,50 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fastgen.plugins.kernels.compiled import build_ahead, build_parser
+# --- compile check: every source to an object for every CPU capability, as a build there would --
 
+def check_capabilities() -> list[str]:
+    """The capabilities the check compiles for: each one torch dispatches to on x86-64, and the
+    plain C++ fallback of every other CPU."""
+    return [*CAPABILITY_CFLAGS, "DEFAULT"]
+
+
+def compile_objects(out_dir: Path, capabilities: list[str] | None = None,
+                    csrc: Path = CSRC) -> list[CompileResult]:
+    """Compile every source to an object (no link) with each capability's flags, in parallel, so a
+    source that a machine with other vector instructions cannot build fails here too. Needs only
+    the compiler, not the CPU: the objects are never run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = [*extension_flags("fastgen_cpu_check", csrc), "-fPIC", *BASE_CFLAGS]
+    commands = []
+    for capability in capabilities or check_capabilities():
+        flags = CAPABILITY_CFLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+        for source in sources(csrc):
+            out = out_dir / f"{source.stem}.{capability}.o"
+            commands.append((source, capability, [compiler() or "c++", "-c", str(source), "-o", str(out),
+                                                  *common, *flags]))
+    return compile_all(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
     from .backend import CpuBackend
 
-    return build_ahead(build_parser("cpu").parse_args(argv), CpuBackend, load)
+    parser = build_parser("cpu")
+    parser.add_argument("--check", metavar="OUT_DIR", type=Path,
+                        help="only compile each source to an object in OUT_DIR for every CPU capability "
+                             f"({', '.join(check_capabilities())}); runs none of them")
+    args = parser.parse_args(argv)
+    if args.check:
+        if compiler() is None:
+            print("No C++ compiler was found (set CXX, or install g++).", file=sys.stderr)
+            return 2
+        results = compile_objects(args.check)
+        for r in results:
+            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name} for {r.target}")
+            if r.returncode or args.verbose:
+                print(r.output, file=sys.stderr)
+        return 0 if all(r.returncode == 0 for r in results) else 1
+    return build_ahead(args, CpuBackend, load)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,15 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
+from fastgen.plugins.kernels.compiled import (CompileResult, build_ahead, build_parser, compile_all,
+                                              extension_flags)
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +113,8 @@ def _first_line(error: Exception) -> str:
 # --- compile check: every source to an object, as the real build would, without a GPU ---------
 
 
-@dataclass
-class CompileResult:
-    source: Path
-    command: list[str]
-    returncode: int
-    output: str
+class NvccResult(CompileResult):
+    """A source compiled by nvcc, and what ptxas reported of its kernels (sm_90)."""
 
     @property
     def registers(self) -> list[int]:
@@ -133,63 +128,44 @@ class CompileResult:
         return max((int(a) + int(b) for a, b in spills), default=0)
 
 
-def _cxx_standard() -> str:
-    # torch's extension tools hard-code the standard they build with (C++17 up to some 2.x, C++20
-    # after); read it from them so the check compiles as a real build of this torch would.
+def _cuda_stub_include(work_dir: Path) -> list[str]:
+    """CPU wheels of torch ship the c10/cuda headers without a generated one; a CUDA wheel's copy
+    defines only the shared-library switch, so a stand-in in work_dir compiles the same code."""
     from torch.utils import cpp_extension
 
-    return "c++20" if "-std=c++20" in Path(cpp_extension.__file__).read_text() else "c++17"
-
-
-def _include_dirs(work_dir: Path, csrc: Path) -> list[str]:
-    from torch.utils import cpp_extension
-
-    dirs = [str(csrc), *cpp_extension.include_paths(), sysconfig.get_path("include")]
     torch_include = Path(cpp_extension.include_paths()[0])
-    if not (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
-        # CPU wheels of torch ship the c10/cuda headers without this generated one. A CUDA wheel's
-        # copy defines only the shared-library switch, so this stand-in compiles the same code.
-        stub = work_dir / "stub-include" / "c10" / "cuda" / "impl"
-        stub.mkdir(parents=True, exist_ok=True)
-        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        dirs.append(str(work_dir / "stub-include"))
-    return dirs
+    if (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+        return []
+    stub = work_dir / "stub-include" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    return ["-isystem", str(work_dir / "stub-include")]
 
 
-def compile_commands(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[tuple[Path, list[str]]]:
-    """(source, command) compiling each source in csrc/ to an object in out_dir, with the defines,
-    include paths and -std that torch's extension tools use. nvcc compiles the .cpp files too: it
-    hands them to the host compiler with the CUDA include path that the c10/cuda headers need."""
+def compile_commands(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[tuple[Path, str, list[str]]]:
+    """(source, target, command) compiling each source in csrc/ to an object in out_dir, with the
+    defines, include paths and -std that torch's extension tools use. nvcc compiles the .cpp files
+    too: it hands them to the host compiler with the CUDA include path the c10/cuda headers need."""
     from torch.utils import cpp_extension
 
-    includes = [flag for d in _include_dirs(out_dir, csrc) for flag in ("-isystem", d)]
-    common = ["-DTORCH_EXTENSION_NAME=fastgen_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
-              f"-std={_cxx_standard()}", *includes, "--compiler-options", "-fPIC"]
+    common = [*extension_flags("fastgen_cuda_check", csrc), *_cuda_stub_include(out_dir),
+              "--compiler-options", "-fPIC"]
     commands = []
     for source in sources(csrc):
         flags = ([*cpp_extension.COMMON_NVCC_FLAGS, *CHECK_ARCH_FLAGS, *EXTRA_CUDA_CFLAGS]
                  if source.suffix == ".cu" else EXTRA_CFLAGS)
-        commands.append((source, [nvcc, "-c", str(source), "-o", str(out_dir / f"{source.name}.o"),
-                                  *common, *flags]))
+        out = out_dir / f"{source.name}.o"
+        commands.append((source, "sm_90", [nvcc, "-c", str(source), "-o", str(out), *common, *flags]))
     return commands
 
 
-def compile_objects(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[CompileResult]:
+def compile_objects(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[NvccResult]:
     """Compile every source to an object (no link, no GPU), in parallel; one result per source."""
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def run(item: tuple[Path, list[str]]) -> CompileResult:
-        source, cmd = item
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        return CompileResult(source, cmd, done.returncode, done.stdout + done.stderr)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(run, compile_commands(out_dir, nvcc, csrc)))
+    return compile_all(compile_commands(out_dir, nvcc, csrc), NvccResult)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastgen.plugins.kernels.compiled import build_ahead, build_parser
-
     parser = build_parser("cuda")
     parser.add_argument("--check", metavar="OUT_DIR", type=Path,
                         help="only compile each source to an object in OUT_DIR; needs nvcc, no GPU")

@@ -90,7 +90,7 @@ inline void score_group(const float* q, const scalar_t* k, int64_t stride, int64
   }
 #endif
   for (int j = 0; j < kKeys; ++j) {
-    out[j] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[j]);
+    out[j] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc[j]);
   }
 }
 
@@ -257,14 +257,14 @@ class AttentionItem {
       float* scores = all_scores_.data() + r * padded;
       Vec vmax(-std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < padded; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(scores + j));
-      const float row_max = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+      const float row_max = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vmax);
       Vec vsum(0.f);
       for (int64_t j = 0; j < padded; j += Vec::size()) {
         const Vec e = (Vec::loadu(scores + j) - Vec(row_max)).exp();
         e.store(scores + j);
         vsum = vsum + e;
       }
-      sum_[r] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+      sum_[r] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
     }
     std::fill(acc_.begin(), acc_.begin() + G * D, 0.f);
     for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
