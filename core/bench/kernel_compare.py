@@ -40,7 +40,7 @@ def _speedup(x: float) -> str:
 def format_comparison(current: Run, baseline: Run) -> str:
     """The markdown comparison of `current` with `baseline`; an error when they share no case."""
     now, before = ResultGrid.from_json(current.results), ResultGrid.from_json(baseline.results)
-    shared, only_now, only_before = [], 0, 0
+    shared, only_now = [], 0
     for key, backends in now.cases.items():
         for backend, info in backends.items():
             old = before.cases.get(key, {}).get(backend)

@@ -139,6 +139,18 @@ def compile_all(commands: list[tuple[Path, str, list[str]]],
         return list(pool.map(run, commands))
 
 
+def report_check(results: list[CompileResult], verbose: bool,
+                 detail: Callable[[CompileResult], str] = lambda r: "") -> int:
+    """Print a line per compiled source (ok or FAILED, what it was compiled for, and `detail`), the
+    compiler's output where it failed (or always, verbose); 0 when every source compiled, else 1."""
+    for r in results:
+        target = f" for {r.target}" if r.target else ""
+        print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name}{target}{detail(r)}")
+        if r.returncode or verbose:
+            print(r.output, file=sys.stderr)
+    return 0 if all(r.returncode == 0 for r in results) else 1
+
+
 def extension_flags(name: str, csrc: Path) -> list[str]:
     """The flags torch's extension tools give every compile of a library named `name`: its defines,
     the C++ standard, and the include paths (the sources' folder, torch's, Python's)."""

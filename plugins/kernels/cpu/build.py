@@ -25,7 +25,8 @@ import torch
 
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
-from fastgen.plugins.kernels.compiled import CompileResult, build_ahead, build_parser, compile_all, extension_flags
+from fastgen.plugins.kernels.compiled import (CompileResult, build_ahead, build_parser, compile_all,
+                                              extension_flags, report_check)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,13 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def capability_cflags(capability: str) -> list[str]:
+    """The flags for torch's CPU dispatch level `capability`; the plain fallback for any other."""
+    return CAPABILITY_CFLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+
+
 def cflags() -> list[str]:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return BASE_CFLAGS + CAPABILITY_CFLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+    return BASE_CFLAGS + capability_cflags(torch.backends.cpu.get_cpu_capability())
 
 
 def sources(csrc: Path = CSRC) -> list[Path]:
@@ -145,14 +150,14 @@ def compile_objects(out_dir: Path, capabilities: list[str] | None = None,
     source that a machine with other vector instructions cannot build fails here too. Needs only
     the compiler, not the CPU: the objects are never run."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    cxx = compiler() or "c++"
     common = [*extension_flags("fastgen_cpu_check", csrc), "-fPIC", *BASE_CFLAGS]
     commands = []
     for capability in capabilities or check_capabilities():
-        flags = CAPABILITY_CFLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
         for source in sources(csrc):
             out = out_dir / f"{source.stem}.{capability}.o"
-            commands.append((source, capability, [compiler() or "c++", "-c", str(source), "-o", str(out),
-                                                  *common, *flags]))
+            commands.append((source, capability, [cxx, "-c", str(source), "-o", str(out), *common,
+                                                  *capability_cflags(capability)]))
     return compile_all(commands)
 
 
@@ -168,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if compiler() is None:
             print("No C++ compiler was found (set CXX, or install g++).", file=sys.stderr)
             return 2
-        results = compile_objects(args.check)
-        for r in results:
-            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name} for {r.target}")
-            if r.returncode or args.verbose:
-                print(r.output, file=sys.stderr)
-        return 0 if all(r.returncode == 0 for r in results) else 1
+        return report_check(compile_objects(args.check), args.verbose)
     return build_ahead(args, CpuBackend, load)
 
 

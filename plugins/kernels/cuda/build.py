@@ -26,7 +26,7 @@ import torch
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
 from fastgen.plugins.kernels.compiled import (CompileResult, build_ahead, build_parser, compile_all,
-                                              extension_flags)
+                                              extension_flags, report_check)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def compile_commands(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[tuple[
         flags = ([*cpp_extension.COMMON_NVCC_FLAGS, *CHECK_ARCH_FLAGS, *EXTRA_CUDA_CFLAGS]
                  if source.suffix == ".cu" else EXTRA_CFLAGS)
         out = out_dir / f"{source.name}.o"
-        commands.append((source, "sm_90", [nvcc, "-c", str(source), "-o", str(out), *common, *flags]))
+        commands.append((source, "", [nvcc, "-c", str(source), "-o", str(out), *common, *flags]))
     return commands
 
 
@@ -163,6 +163,13 @@ def compile_objects(out_dir: Path, nvcc: str, csrc: Path = CSRC) -> list[NvccRes
     """Compile every source to an object (no link, no GPU), in parallel; one result per source."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return compile_all(compile_commands(out_dir, nvcc, csrc), NvccResult)
+
+
+def _register_usage(r: NvccResult) -> str:
+    if r.returncode or not r.registers:
+        return ""
+    return (f" (sm_90: {min(r.registers)}-{max(r.registers)} registers, "
+            f"{f'{r.spill_bytes} bytes spilled' if r.spill_bytes else 'no spills'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,16 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if nvcc is None:
             print("nvcc was not found; install the CUDA toolkit or set CUDA_HOME.", file=sys.stderr)
             return 2
-        results = compile_objects(args.check, nvcc)
-        for r in results:
-            usage = ""
-            if r.returncode == 0 and r.registers:
-                usage = (f" (sm_90: {min(r.registers)}-{max(r.registers)} registers, "
-                         f"{f'{r.spill_bytes} bytes spilled' if r.spill_bytes else 'no spills'})")
-            print(f"{'ok    ' if r.returncode == 0 else 'FAILED'} {r.source.name}{usage}")
-            if r.returncode or args.verbose:
-                print(r.output, file=sys.stderr)
-        return 0 if all(r.returncode == 0 for r in results) else 1
+        return report_check(compile_objects(args.check, nvcc), args.verbose, _register_usage)
 
     from .backend import CudaBackend
 

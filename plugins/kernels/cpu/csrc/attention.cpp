@@ -33,13 +33,9 @@ struct WorkItem {
 // Vec::size() cache elements from p as floats; with `count`, only that many, the rest zeros.
 template <typename scalar_t>
 inline Vec load_vec(const scalar_t* p, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return Vec::loadu(p, count);
-  } else {
-    float values[Vec::size()] = {};
-    for (int64_t i = 0; i < count; ++i) values[i] = static_cast<float>(p[i]);
-    return Vec::loadu(values);
-  }
+  float values[Vec::size()] = {};
+  load_floats(p, values, count);
+  return Vec::loadu(values);
 }
 
 template <typename scalar_t>
