@@ -59,6 +59,31 @@ def test_head_sizes_off_the_vector_width_match_reference(backends, dtype, dim):
     torch.testing.assert_close(outs[0], outs[1], **tolerance)
 
 
+@pytest.fixture
+def eight_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 700], ids=["full", "window"])
+def test_long_decodes_split_across_threads_match_reference(backends, eight_threads, dtype, window):
+    # On 8 threads a step of 3 KV heads' work items is too few to fill them: the 1500- and 900-key
+    # decodes are split along their keys (parts of 256 keys and up, a window's keys only) and
+    # their parts combined; the short decode and the prompt chunk are not.
+    batch = ragged_batch([(1500, 1), (900, 1), (5, 1), (40, 9)], 16, 200)
+    k_cache, v_cache = randn(200, 16, 3, 64, seed=7, dtype=dtype), randn(200, 16, 3, 64, seed=8, dtype=dtype)
+    q = randn(batch.num_tokens, 9, 64, seed=9, dtype=dtype)
+    outs = []
+    for be in backends:
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
+    tolerance = BF16 if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **tolerance)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_long_chunks_run_sdpa_beside_the_kernel(backends, dtype):
     """A step whose long prompt chunk goes to SDPA and whose decodes and short chunk to the kernel:

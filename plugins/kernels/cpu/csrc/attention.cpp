@@ -4,6 +4,10 @@
 // One work item is (sequence, KV head, tile of up to kQueryTile new tokens): the item's query
 // rows are its tokens times the KV head's query group, so each key and value row is read once
 // per group and tile. Keys are visited a cache block at a time with an online softmax in fp32.
+// When a step has too few items to keep every thread busy to its end (one long decode on many
+// threads: a model with 3 KV heads has 3 items), long decodes are split along their keys, flash-
+// decoding style: each part leaves an unnormalised result and its softmax max and sum, and the
+// parts are combined once all have run.
 // Rows are read from the cache in place, bf16 and fp16 widened to fp32 in registers: widening a
 // block into a buffer first, which the query rows then share, measured 1.7x slower (bf16, 16
 // decodes of 1024 keys, SmolLM2's heads).
@@ -13,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -21,6 +26,11 @@ namespace fastgen_cpu {
 namespace {
 
 constexpr int64_t kQueryTile = 16;
+// A step is split so that it has about this many items per thread (dynamic scheduling evens out
+// the rest), and no split part has fewer keys than kSplitMinKeys: shorter parts cost more in
+// setup and combining than their thread saves.
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kSplitMinKeys = 256;
 
 struct WorkItem {
   int32_t seq;
@@ -28,6 +38,36 @@ struct WorkItem {
   int32_t token_begin;   // flat token indices [token_begin, token_end) of this tile
   int32_t token_end;
   int64_t cost;
+  int64_t key_begin = 0;   // a split decode's part: its keys [key_begin, key_end) and its slot
+  int64_t key_end = 0;     // among the partial results; part -1: not split
+  int64_t part = -1;
+};
+
+// A decode split into `parts` work items, whose partial results are slots [first_part,
+// first_part + parts).
+struct SplitDecode {
+  int32_t token;
+  int32_t kv_head;
+  int64_t first_part;
+  int64_t parts;
+};
+
+struct Plan {
+  std::vector<WorkItem> items;
+  std::vector<SplitDecode> splits;
+  int64_t parts = 0;
+};
+
+// The keys [begin, end) that query positions [first_pos, last_pos] attend to, causally and within
+// a sliding window of `window` keys (0: none).
+inline std::pair<int64_t, int64_t> key_range(int64_t first_pos, int64_t last_pos, int64_t window) {
+  return {window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0, last_pos + 1};
+}
+
+// Split decodes' unnormalised results: per part and query row of the KV head's group, the
+// softmax-weighted value sum [D], the scores' max and the sum of their exponentials.
+struct Partials {
+  std::vector<float> acc, max, sum;
 };
 
 // Vec::size() cache elements from p as floats; with `count`, only that many, the rest zeros.
@@ -156,7 +196,7 @@ class AttentionItem {
 
   void run(const WorkItem& item, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
            const int32_t* query_start_loc, const int32_t* seq_lens, const int32_t* block_tables,
-           float scale, int64_t window, scalar_t* out) {
+           float scale, int64_t window, scalar_t* out, Partials& partials) {
     const int64_t D = g_.dim, G = g_.group, bs = g_.block_size;
     const int64_t seq = item.seq, h = item.kv_head;
     const int64_t q_len = query_start_loc[seq + 1] - query_start_loc[seq];
@@ -177,11 +217,14 @@ class AttentionItem {
     std::fill(sum_.begin(), sum_.begin() + rows, 0.f);
 
     const int64_t last_pos = first_pos + tokens - 1;
-    const int64_t key_begin = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
-    const int64_t key_end = last_pos + 1;
+    const auto [key_begin, key_end] = key_range(first_pos, last_pos, window);
     const int32_t* table = block_tables + seq * g_.table_stride;
+    if (item.part >= 0) {
+      run_decode(item, k_cache, v_cache, table, item.key_begin, item.key_end, out, &partials);
+      return;
+    }
     if (tokens == 1) {
-      run_decode(item, k_cache, v_cache, table, key_begin, key_end, out);
+      run_decode(item, k_cache, v_cache, table, key_begin, key_end, out, nullptr);
       return;
     }
 
@@ -233,9 +276,10 @@ class AttentionItem {
   }
 
   // A decode: every row sees the same keys, so all scores are computed first and the softmax runs
-  // once over them, without the per-block rescaling of the online softmax.
+  // once over them, without the per-block rescaling of the online softmax. A split decode's part
+  // leaves its unnormalised result in `partials`.
   void run_decode(const WorkItem& item, const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* table,
-                  int64_t key_begin, int64_t key_end, scalar_t* out) {
+                  int64_t key_begin, int64_t key_end, scalar_t* out, Partials* partials) {
     const int64_t D = g_.dim, G = g_.group, bs = g_.block_size;
     const int64_t h = item.kv_head, length = key_end - key_begin;
     const int64_t padded = (length + Vec::size() - 1) / Vec::size() * Vec::size();
@@ -261,6 +305,7 @@ class AttentionItem {
         vsum = vsum + e;
       }
       sum_[r] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, vsum);
+      max_[r] = row_max;
     }
     std::fill(acc_.begin(), acc_.begin() + G * D, 0.f);
     for (int64_t blk = key_begin / bs; blk * bs < key_end; ++blk) {
@@ -269,6 +314,12 @@ class AttentionItem {
       for (int64_t r = 0; r < G; ++r) {
         accumulate(acc_.data() + r * D, all_scores_.data() + r * padded + (j0 - key_begin), values, stride, j1 - j0, D);
       }
+    }
+    if (partials != nullptr) {
+      std::copy(acc_.begin(), acc_.begin() + G * D, partials->acc.begin() + item.part * G * D);
+      std::copy(max_.begin(), max_.begin() + G, partials->max.begin() + item.part * G);
+      std::copy(sum_.begin(), sum_.begin() + G, partials->sum.begin() + item.part * G);
+      return;
     }
     for (int64_t r = 0; r < G; ++r) {
       float* acc = acc_.data() + r * D;
@@ -285,9 +336,11 @@ class AttentionItem {
   std::vector<float> q_, acc_, max_, sum_, scores_;
 };
 
-std::vector<WorkItem> plan_items(const int32_t* query_start_loc, const int32_t* seq_lens,
-                                 const int32_t* seq_ids, int64_t num_ids, int64_t kv_heads, int64_t window) {
-  std::vector<WorkItem> items;
+Plan plan_items(const int32_t* query_start_loc, const int32_t* seq_lens, const int32_t* seq_ids, int64_t num_ids,
+                int64_t kv_heads, int64_t window, int64_t threads) {
+  Plan plan;
+  auto& items = plan.items;
+  int64_t total = 0;
   for (int64_t n = 0; n < num_ids; ++n) {
     const int32_t s = seq_ids[n];
     const int32_t begin = query_start_loc[s], end = query_start_loc[s + 1];
@@ -297,11 +350,71 @@ std::vector<WorkItem> plan_items(const int32_t* query_start_loc, const int32_t* 
       const int64_t last_pos = context + (t_end - begin);
       const int64_t keys = window > 0 ? std::min<int64_t>(last_pos, window + (t_end - t)) : last_pos;
       for (int32_t h = 0; h < kv_heads; ++h) items.push_back({s, h, t, t_end, keys * (t_end - t)});
+      total += keys * (t_end - t) * kv_heads;
+    }
+  }
+  if (threads > 1) {
+    // A decode costing more than a thread's share of the step is split into parts of about that
+    // share, so that no thread is left running one long item while the others wait.
+    const int64_t share = std::max<int64_t>(kSplitMinKeys, total / (kItemsPerThread * threads));
+    const int64_t whole = static_cast<int64_t>(items.size());
+    for (int64_t i = 0; i < whole; ++i) {
+      const WorkItem item = items[i];   // a copy: the parts are appended to `items`
+      if (item.token_end - item.token_begin != 1 || item.cost < 2 * share) continue;
+      const int64_t pos = seq_lens[item.seq] - 1;
+      const auto [key_begin, key_end] = key_range(pos, pos, window);
+      const int64_t keys = key_end - key_begin;
+      const int64_t parts = keys / share;
+      if (parts < 2) continue;
+      plan.splits.push_back({item.token_begin, item.kv_head, plan.parts, parts});
+      for (int64_t p = 0; p < parts; ++p) {
+        WorkItem part = item;
+        part.key_begin = key_begin + keys * p / parts;
+        part.key_end = key_begin + keys * (p + 1) / parts;
+        part.cost = part.key_end - part.key_begin;
+        part.part = plan.parts + p;
+        if (p == 0) items[i] = part; else items.push_back(part);
+      }
+      plan.parts += parts;
     }
   }
   // Longest first, so the last items handed out are short and the threads finish together.
   std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
-  return items;
+  return plan;
+}
+
+// Each split decode's output rows from its parts: the parts' sums rescaled to the largest max.
+// A few hundred flops per part and row: a step's splits are combined on one thread unless there
+// are many of them.
+template <typename scalar_t>
+void combine_parts(const Plan& plan, const Partials& partials, const Geometry& g, scalar_t* out) {
+  const int64_t G = g.group, D = g.dim;
+  constexpr int64_t kSplitsPerThread = 16;
+  at::parallel_for(0, static_cast<int64_t>(plan.splits.size()), kSplitsPerThread, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const SplitDecode& split = plan.splits[i];
+      for (int64_t r = 0; r < G; ++r) {
+        float row_max = -std::numeric_limits<float>::infinity();
+        for (int64_t p = split.first_part; p < split.first_part + split.parts; ++p) {
+          row_max = std::max(row_max, partials.max[p * G + r]);
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float sum = 0.f;
+        for (int64_t p = split.first_part; p < split.first_part + split.parts; ++p) {
+          const float weight = std::exp(partials.max[p * G + r] - row_max);
+          const float* part = partials.acc.data() + (p * G + r) * D;
+          sum += weight * partials.sum[p * G + r];
+#pragma omp simd
+          for (int64_t e = 0; e < D; ++e) acc[e] += weight * part[e];
+        }
+        const float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) acc[e] *= inv;
+        store_floats(acc.data(), out + (split.token * g.heads + split.kv_head * G + r) * D, D);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -337,8 +450,13 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   g.cache_slot_stride = k_cache.stride(1);
   g.table_stride = block_tables.size(1);
 
-  const auto items = plan_items(query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-                                seq_ids.data_ptr<int32_t>(), seq_ids.numel(), g.kv_heads, window);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const Plan plan = plan_items(query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                               seq_ids.data_ptr<int32_t>(), seq_ids.numel(), g.kv_heads, window, threads);
+  Partials partials;
+  partials.acc.resize(plan.parts * g.group * g.dim);
+  partials.max.resize(plan.parts * g.group);
+  partials.sum.resize(plan.parts * g.group);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastgen_cpu_paged_attention", [&] {
     const auto* q_ptr = q.data_ptr<scalar_t>();
     const auto* k_ptr = k_cache.data_ptr<scalar_t>();
@@ -347,13 +465,14 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
     const auto* qsl = query_start_loc.data_ptr<int32_t>();
     const auto* lens = seq_lens.data_ptr<int32_t>();
     const auto* tables = block_tables.data_ptr<int32_t>();
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     std::vector<std::unique_ptr<AttentionItem<scalar_t>>> workers(threads);
-    parallel_dynamic(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    parallel_dynamic(static_cast<int64_t>(plan.items.size()), [&](int64_t i) {
       auto& worker = workers[at::get_thread_num() % threads];
       if (!worker) worker = std::make_unique<AttentionItem<scalar_t>>(g, kQueryTile * g.group);
-      worker->run(items[i], q_ptr, k_ptr, v_ptr, qsl, lens, tables, static_cast<float>(scale), window, out_ptr);
+      worker->run(plan.items[i], q_ptr, k_ptr, v_ptr, qsl, lens, tables, static_cast<float>(scale), window, out_ptr,
+                  partials);
     });
+    combine_parts(plan, partials, g, out_ptr);
   });
 }
 
