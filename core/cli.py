@@ -210,7 +210,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
         results, notes, failed = run_suite(
             backends=args.backends, ops=args.ops, models=args.models, sets=args.sets, quick=args.quick,
             device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json,
-            keyword=args.k)
+            keyword=args.k, check=args.check)
     print(format_table(results, notes))
     if baseline is not None:
         from .bench.kernel_compare import Run, format_comparison
@@ -245,6 +245,9 @@ def _bench_kernels_parser(bench_sub) -> None:
     kernels.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     kernels.add_argument("--dtype", metavar="A,B", help="dtypes (default: bfloat16 on CUDA, float32 on CPU)")
     kernels.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    kernels.add_argument("--check", action="store_true",
+                         help="also check each case's outputs against kernels.torch's on the same inputs "
+                              "(a case that differs fails, with what differs)")
     kernels.add_argument("-k", metavar="EXPR", help="pytest -k expression over case ids, e.g. 'b16 and ctx1024'")
     kernels.add_argument("--json", metavar="FILE", help="write pytest-benchmark's JSON to FILE")
     kernels.add_argument("--plot", metavar="FILE.png",

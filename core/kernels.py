@@ -43,6 +43,20 @@ class SamplingMetadata:
         )
 
 
+# How close a backend's outputs must come to the reference's on the same inputs, (atol, rtol) by
+# dtype: fp16 rounds to about 1e-3 and accumulation orders differ between backends; bf16 keeps 8
+# bits of mantissa, so results differ by an ulp of the output. The conformance tests and
+# `fastgen bench kernels --check` both hold backends to it.
+REFERENCE_TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# On a GPU, float32 results also differ by the order of tiled and warp-level sums.
+GPU_FLOAT32_TOLERANCE = (1e-4, 1e-4)
+
+
+def reference_tolerance(dtype: torch.dtype, on_gpu: bool) -> tuple[float, float]:
+    """(atol, rtol) within which a backend's result of `dtype` must match the reference's."""
+    return GPU_FLOAT32_TOLERANCE if on_gpu and dtype == torch.float32 else REFERENCE_TOLERANCE[dtype]
+
+
 class KernelBackend(Protocol):
     name: ClassVar[str]
 

@@ -8,7 +8,8 @@
 #            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
 #            .cuda against kernels.torch), kernels.cuda's GPU tests, greedy parity with
 #            transformers for every backend on the GPU
-#   kernels  fastgen bench kernels, full shapes, over the backends that run on the device; one run
+#   kernels  fastgen bench kernels --check, full shapes, over the backends that run on the device
+#            (each case also checked against kernels.torch on its inputs); one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m, then llama-1b, in
 #            bf16: every backend beside transformers generate, prefill and decode tokens/s, and
@@ -70,13 +71,13 @@ declare -A CAP=([tests]=170 [kernels]=200 [e2e]=150 [sweep]=100) FLOOR=([tests]=
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
 PYTEST_ARGS=()
 if [ "$DRY" = 1 ]; then
-    KERNEL_MODELS=(smollm2-135m); KERNEL_ARGS=(--quick)
+    KERNEL_MODELS=(smollm2-135m); KERNEL_ARGS=(--quick --check)
     E2E_MODELS=(llama-tiny)
     E2E_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --gen-len 8 --repeat 1)
     PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-rms_norm_matches or (greedy_matches_transformers and torch-cpu)}")
 else
     unset TRITON_INTERPRET       # compiled Triton on the GPU, never the interpreter
-    KERNEL_MODELS=(llama3-8b smollm2-135m); KERNEL_ARGS=(--dtype bfloat16)
+    KERNEL_MODELS=(llama3-8b smollm2-135m); KERNEL_ARGS=(--dtype bfloat16 --check)
     E2E_MODELS=(smollm2-135m llama-1b)
     E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
     # The CPU targets were tested where the CI runs; here only what needs the GPU.

@@ -4,6 +4,7 @@ installed fastgen; this conftest only hands them to pytest for `pytest benchmark
 
 from fastgen.bench.kernels_suite import (  # noqa: F401
     kernel_ceilings,
+    kernel_reference,
     pytest_addoption,
     pytest_benchmark_update_machine_info,
     pytest_configure,

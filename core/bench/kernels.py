@@ -235,6 +235,17 @@ class KernelCase:
     def build(self, backend=None) -> Callable[[], object]:
         """The timed call on fresh inputs; `backend` (default: a new one of the case's class on
         its device) lets a caller drive an instance of its own, as the Triton compile check does."""
+        return self._setup(backend)[0]
+
+    def outputs(self, backend=None) -> dict[str, torch.Tensor]:
+        """What one call computes, on fresh inputs (every backend gets the same ones), by name: the
+        op's results; for write_kv the cache rows it wrote; for sample the drawn tokens and
+        the rows' kept sets under the reference's top-k / top-p rule, which the draws must lie in."""
+        run, collect = self._setup(backend)
+        return collect(run())
+
+    def _setup(self, backend) -> tuple[Callable[[], object], Callable[[object], dict]]:
+        """The call, and how to name what it returns (see `outputs`)."""
         torch.manual_seed(0)
         backend = backend if backend is not None else make_backend(self.backend.cls, self.device)
         dtype, dev, m = DTYPES[self.dtype], self.device, self.model
@@ -245,33 +256,52 @@ class KernelCase:
 
         if self.op == "rms_norm":
             x, residual, weight = randn(t, m.hidden_size), randn(t, m.hidden_size), randn(m.hidden_size)
-            return lambda: backend.rms_norm(x, weight, 1e-5, residual)
+            return (lambda: backend.rms_norm(x, weight, 1e-5, residual),
+                    lambda r: {"normed": r[0], "residual": r[1]})
         if self.op == "rotary":
             q, k = randn(t, m.num_heads, m.head_dim), randn(t, m.num_kv_heads, m.head_dim)
             angles = torch.rand(t, m.head_dim // 2, device=dev) * 100
             cos, sin = angles.cos(), angles.sin()
-            return lambda: backend.rotary(q, k, cos, sin)
+            return lambda: backend.rotary(q, k, cos, sin), lambda r: {"q": r[0], "k": r[1]}
         if self.op == "silu_and_mul":
             x = randn(t, 2 * m.intermediate_size)
-            return lambda: backend.silu_and_mul(x)
+            return lambda: backend.silu_and_mul(x), lambda r: {"out": r}
 
         batch = build_batch(self.shape, dev)
         if self.op == "sample":
             logits = randn(len(batch.sampling_seqs), m.vocab_size, dt=torch.float32)
             meta = SamplingMetadata.build(batch.sampling_seqs, dev)
-            return lambda: backend.sample(logits, meta)
+            return lambda: backend.sample(logits, meta), lambda r: {"tokens": r, "kept": kept_tokens(logits, meta)}
         cache_shape = (self.shape.num_blocks, BLOCK_SIZE, m.num_kv_heads, m.head_dim)
         k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
         if self.op == "write_kv":
             key, value = randn(t, m.num_kv_heads, m.head_dim), randn(t, m.num_kv_heads, m.head_dim)
-            return lambda: backend.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+            slots = batch.slot_mapping
+
+            def written(_):
+                rows = (-1, m.num_kv_heads, m.head_dim)
+                return {"keys": k_cache.view(rows)[slots], "values": v_cache.view(rows)[slots]}
+
+            return lambda: backend.write_kv(key, value, k_cache, v_cache, slots), written
         if self.op == "attention":
             # prepare() runs once per step and attention once per layer: it is not timed.
             batch.attn_metadata = backend.prepare(batch)
             q = randn(t, m.num_heads, m.head_dim)
             scale = m.head_dim ** -0.5
-            return lambda: backend.attention(q, k_cache, v_cache, batch, scale, m.sliding_window)
+            return (lambda: backend.attention(q, k_cache, v_cache, batch, scale, m.sliding_window),
+                    lambda r: {"out": r})
         raise FastgenError(f"Unknown kernel op {self.op!r}; the ops are {', '.join(OPS)}.")
+
+
+def kept_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[S, V] bool: the tokens each row may draw under the reference's rule: a greedy row its
+    largest logit's, a sampled row those its top-k and top-p cuts keep after its temperature."""
+    from ..plugins.kernels.torch_ref.sampling import top_k_top_p_filter
+
+    greedy = meta.temperatures == 0
+    temperatures = torch.where(greedy, 1.0, meta.temperatures)
+    kept = top_k_top_p_filter(logits / temperatures[:, None], meta) > float("-inf")
+    return torch.where(greedy[:, None], logits == logits.amax(dim=-1, keepdim=True), kept)
 
 
 def build_batch(shape: BatchShape, device: torch.device) -> RaggedBatch:
@@ -510,6 +540,12 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
     lines = []
     for dtype, (device, gbps, tflops) in sorted(ceilings.items()):
         lines.append(f"ceilings on {device}, {dtype}: copy {gbps:.1f} GB/s, matmul {tflops:.3f} TFLOP/s")
+    checked = [info for case in rows.values() for info in case.values() if "check_ok" in info]
+    if checked:
+        differ = sum(not info["check_ok"] for info in checked)
+        agree = f"{len(checked) - differ} of {len(checked)} case(s) agree"
+        differs = f", {differ} differ (marked beside their times; the notes say how)" if differ else ""
+        lines.append(f"checked against {REFERENCE_BACKEND} on the same inputs: {agree}{differs}")
     lines += [f"note: {n}" for n in notes]
     header = ["op", "model", "shape", "dtype"]
     for b in backends:
@@ -525,7 +561,8 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
             if r is None:
                 cells += ["-"] * 4
             else:
-                cells += [format_seconds(r["seconds"]), format_number(r["gbps"]),
+                wrong = " (differs)" if r.get("check_ok") is False else ""
+                cells += [format_seconds(r["seconds"]) + wrong, format_number(r["gbps"]),
                           format_number(r["tflops"]) if r["flops"] else "-",
                           f"{format_number(r['pct_ceiling'])}% {r['bound'][:3]}"]
             if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:

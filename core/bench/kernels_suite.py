@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 
 from ..errors import FastgenError
-from .kernels import Selection, achieved, cuda_event_clock, device_name, free_memory, measure_ceilings
+from .kernel_check import check_case
+from .kernels import (REFERENCE_BACKEND, Selection, achieved, cuda_event_clock, device_name, free_memory,
+                      measure_ceilings)
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
-           "pytest_benchmark_update_machine_info", "kernel_ceilings", "test_kernel"]
+           "pytest_benchmark_update_machine_info", "kernel_ceilings", "kernel_reference", "test_kernel"]
 
 _SELECTION = pytest.StashKey[Selection]()
 # Fraction of the free memory a case may plan to use: the rest is headroom for the allocator.
@@ -42,6 +44,8 @@ def pytest_addoption(parser) -> None:
     group.addoption("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     group.addoption("--dtype", help="comma-separated dtypes (default: bfloat16 on CUDA, float32 on CPU)")
     group.addoption("--threads", type=int, help="torch CPU threads (default: torch's)")
+    group.addoption("--check", action="store_true",
+                    help="also check each case's outputs against kernels.torch's on the same inputs")
 
 
 def pytest_configure(config) -> None:
@@ -92,6 +96,16 @@ def kernel_ceilings(request):
     return measure_ceilings(sel.device, tuple(sel.dtypes), sel.quick)
 
 
+@pytest.fixture(scope="session")
+def kernel_reference(request):
+    """The reference backend's class under --check, else None."""
+    if not request.config.getoption("check"):
+        return None
+    from ..plugin_manager import load_plugins
+
+    return load_plugins().registry.get("kernels", REFERENCE_BACKEND).cls
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info) -> None:
     sel = config.stash.get(_SELECTION, None)
@@ -101,7 +115,7 @@ def pytest_benchmark_update_machine_info(config, machine_info) -> None:
             sel.device, tuple(sel.dtypes), sel.quick).as_dict()
 
 
-def test_kernel(benchmark, kernel_case, kernel_ceilings) -> None:
+def test_kernel(benchmark, kernel_case, kernel_ceilings, kernel_reference) -> None:
     run = kernel_case.build()
     run()   # warm-up outside the timing: a JIT backend compiles here
     if kernel_case.device.type == "cuda":
@@ -114,6 +128,12 @@ def test_kernel(benchmark, kernel_case, kernel_ceilings) -> None:
     if benchmark.stats is not None:   # None under --benchmark-disable
         benchmark.extra_info.update(achieved(kernel_case.cost, benchmark.stats.stats.median,
                                              kernel_ceilings, kernel_case.dtype))
+    if kernel_reference is not None and kernel_case.backend.name != REFERENCE_BACKEND:
+        # After the timing, on fresh inputs: the timed calls may have written to theirs (write_kv).
+        del run
+        result = check_case(kernel_case, kernel_reference)
+        benchmark.extra_info.update(check_ok=result.ok, check=result.summary)
+        assert result.ok, f"differs from kernels.{REFERENCE_BACKEND}: {result.summary}"
 
 
 class _Notes:
@@ -140,8 +160,8 @@ _TEST_MODULE = "from fastgen.bench.kernels_suite import test_kernel  # noqa: F40
 
 
 def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, device="auto",
-              dtypes=None, threads=None, json_path=None,
-              keyword=None) -> tuple[dict, list[str], list[str]]:
+              dtypes=None, threads=None, json_path=None, keyword=None,
+              check=False) -> tuple[dict, list[str], list[str]]:
     """Run the suite in this process; its output goes to stderr. Returns pytest-benchmark's JSON,
     notes (why cases were skipped or failed) and the ids of failed cases: one backend failing an
     op does not hide the others' results. Bad options raise before anything runs."""
@@ -165,6 +185,7 @@ def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, d
                 "--benchmark-columns=min,median,iqr,rounds"]
         # Enough rounds for a stable median without pytest-benchmark's second per case.
         args += ["--quick"] if quick else ["--benchmark-min-rounds=5", "--benchmark-max-time=0.2"]
+        args += ["--check"] if check else []
         for flag, value in options.items():
             if value:
                 args += [flag, ",".join(value) if isinstance(value, list) else str(value)]

@@ -7,7 +7,7 @@ import torch
 from fastgen.kernels import SamplingMetadata
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+def top_k_top_p_filter(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """logits: [S, V], already divided by temperature; cut tokens outside top-k / top-p to -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -32,7 +32,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     temps = torch.where(meta.temperatures > 0, meta.temperatures, 1.0)
     scaled = logits / temps[:, None]
     if meta.any_top_k or meta.any_top_p:
-        scaled = _filter_top_k_top_p(scaled, meta)
+        scaled = top_k_top_p_filter(scaled, meta)
     probs = scaled.softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded row
     # draw its own noise from its own generator.

@@ -19,6 +19,7 @@ import cuda_emulator
 import fastgen
 from fastgen.config import make_config
 from fastgen.engine import Engine
+from fastgen.kernels import REFERENCE_TOLERANCE
 from kernel_batches import ragged_batch
 from kernel_targets import CPU
 from tiny_models import make_checkpoint, run_to_completion
@@ -26,7 +27,6 @@ from tiny_models import make_checkpoint, run_to_completion
 REASON = cuda_emulator.available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"the CUDA emulator cannot run here: {REASON}")
 
-TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # A long decode, a short one and a prompt chunk after a cached prefix.
 SHAPES = [(400, 1), (37, 1), (100, 12)]
 NUM_BLOCKS = 64
@@ -65,7 +65,7 @@ def test_split_kv_matches_the_reference(ops, reference, dtype, window, num_split
                         window or 0, num_splits)
     batch.attn_metadata = reference.prepare(batch)
     expected = reference.attention(q, *caches, batch, 0.125, window)
-    atol, rtol = TOLERANCE[dtype]
+    atol, rtol = REFERENCE_TOLERANCE[dtype]
     torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
@@ -81,7 +81,7 @@ def test_the_per_token_kernel_matches_the_reference_at_every_head_size(ops, refe
     out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, dim ** -0.5,
                         0, 2)
     batch.attn_metadata = reference.prepare(batch)
-    atol, rtol = TOLERANCE[dtype]
+    atol, rtol = REFERENCE_TOLERANCE[dtype]
     torch.testing.assert_close(out, reference.attention(q, *caches, batch, dim ** -0.5, None),
                                atol=atol, rtol=rtol)
 
@@ -129,7 +129,7 @@ def _check_backend_attention(backend, reference, batch, caches, q, window):
     batch.attn_metadata = backend.prepare(batch)
     out = backend.attention(q, *caches, batch, scale, window)
     batch.attn_metadata = reference.prepare(batch)
-    atol, rtol = TOLERANCE[q.dtype]
+    atol, rtol = REFERENCE_TOLERANCE[q.dtype]
     torch.testing.assert_close(out, reference.attention(q, *caches, batch, scale, window), atol=atol, rtol=rtol)
 
 
@@ -178,7 +178,7 @@ def test_prompt_tiles_beside_split_decodes_match_the_reference(ops, reference, d
     out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, 0.125,
                         0, 3, tiles)
     batch.attn_metadata = reference.prepare(batch)
-    atol, rtol = TOLERANCE[dtype]
+    atol, rtol = REFERENCE_TOLERANCE[dtype]
     torch.testing.assert_close(out, reference.attention(q, *caches, batch, 0.125, None), atol=atol, rtol=rtol)
 
 

@@ -17,18 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgen.kernels import linear_of
+from fastgen.kernels import linear_of, reference_tolerance
 from kernel_batches import REFERENCE, make_backend, ragged_batch, target_name, with_emulated_cuda
 from kernel_targets import CPU, kernel_targets
 
 # bfloat16 on GPUs only: the Triton interpreter has none, so the CPU cases stay as they were.
 GPU_DTYPES = [torch.bfloat16] if torch.cuda.is_available() else []
 DTYPES = [torch.float32, torch.float16] + GPU_DTYPES
-# (absolute, relative) tolerance by dtype: fp16 rounds to ~1e-3 and accumulation order differs;
-# bf16 keeps 8 bits of mantissa, so results differ by an ulp of the output.
-TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-# On a GPU, float32 results also differ by the order of tiled and warp-level sums.
-GPU_FLOAT32 = (1e-4, 1e-4)
 BLOCK_SIZE = 16
 NUM_BLOCKS = 48
 
@@ -56,8 +51,7 @@ def dtypes_on(device: torch.device) -> list[torch.dtype]:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    gpu = "cuda" in (actual.device.type, expected.device.type)
-    atol, rtol = GPU_FLOAT32 if gpu and dtype == torch.float32 else TOLERANCE[dtype]
+    atol, rtol = reference_tolerance(dtype, on_gpu="cuda" in (actual.device.type, expected.device.type))
     torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol)
 
 

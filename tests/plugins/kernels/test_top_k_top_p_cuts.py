@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from fastgen.plugins.kernels.torch_ref.sampling import _filter_top_k_top_p
+from fastgen.plugins.kernels.torch_ref.sampling import top_k_top_p_filter
 from kernel_batches import devices_for, make_backend, target_name, with_emulated_cuda
 from kernel_targets import CPU
 from sampling_inputs import metadata, random_logits
@@ -63,7 +63,7 @@ def expected_kept(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     """[S, V] bool: the reference filter's kept tokens, closed under ties at its cut."""
     temps = torch.tensor([p.temperature for p in params])
     scaled = logits / temps[:, None]
-    kept = _filter_top_k_top_p(scaled, metadata(params)) > float("-inf")
+    kept = top_k_top_p_filter(scaled, metadata(params)) > float("-inf")
     cut = torch.where(kept, scaled, float("inf")).min(dim=-1, keepdim=True).values
     return (scaled >= cut) & (scaled > float("-inf"))
 
