@@ -7,10 +7,11 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernel_batches import make_backend, ragged_batch
 from fastgen.errors import PluginError
-from fastgen.plugins.kernels.cpu import build
+from fastgen.plugins.kernels.cpu import backend as backend_module, build
 from fastgen.plugins.kernels.cpu.backend import CpuBackend
 
 pytestmark = pytest.mark.skipif(CpuBackend.unavailable_reason(torch.device("cpu")) is not None,
@@ -100,6 +101,36 @@ def test_long_chunks_run_sdpa_beside_the_kernel(backends, dtype):
         outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, 24))
     tolerance = BF16 if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0], outs[1], **tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 17])
+@pytest.mark.parametrize("dims", [(37, 100), (64, 64)], ids=["odd", "even"])
+def test_bf16_linear_matches_torch_in_fp32(backends, rows, dims):
+    # kernels.cpu's own linear (bf16 on a CPU without bf16 matrix instructions): rows in 4-row
+    # tiles and one at a time, outputs in pairs and eights with one left over (37), and a length
+    # off the vector width (100). Against the product in fp32, rounded once to bf16.
+    outputs, length = dims
+    x, weight, bias = randn(rows, length, seed=10), randn(outputs, length, seed=11), randn(outputs, seed=12)
+    expected = F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    torch.testing.assert_close(backends[0].ops.linear(x, weight, bias), expected, **BF16)
+    torch.testing.assert_close(backends[0].ops.linear(x, weight, None),
+                               F.linear(x.float(), weight.float()).to(torch.bfloat16), **BF16)
+
+
+def test_linear_takes_the_op_or_torch_by_dtype_rows_and_cpu(backends, monkeypatch):
+    cpu = backends[0]
+    calls = []
+    monkeypatch.setattr(cpu, "ops", type("Ops", (), {"linear": lambda self, *a: calls.append(a[0].shape) or 0})())
+    monkeypatch.setattr(backend_module, "native_16bit_matmul", lambda: frozenset())
+    w32, w16 = torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.bfloat16)
+    cpu.linear(torch.zeros(8, 8), w32)                                  # fp32, few rows: the op
+    cpu.linear(torch.zeros(9, 8), w32)                                  # fp32, 9 rows: oneDNN or torch
+    cpu.linear(torch.zeros(300, 8, dtype=torch.bfloat16), w16)          # bf16, any rows: the op
+    cpu.linear(torch.zeros(2, 8, dtype=torch.bfloat16), w16.t().contiguous().t()[:, :8])   # strided weight
+    assert calls == [(8, 8), (300, 8)]
+    monkeypatch.setattr(backend_module, "native_16bit_matmul", lambda: frozenset({torch.bfloat16}))
+    cpu.linear(torch.zeros(3, 8, dtype=torch.bfloat16), w16)           # bf16 matrix instructions: torch
+    assert calls == [(8, 8), (300, 8)]
 
 
 def test_bf16_elementwise_ops_match_reference(backends):

@@ -189,10 +189,11 @@ def test_silu_and_mul_matches_reference(backend, reference, dtype, inter):
     assert_close(actual, expected, dtype)
 
 
-# Rows around kernels.cpu's limits for its oneDNN path (32, and 64 for wide weights); 16400 outputs
-# is a vocabulary-sized (wide) weight. Small values: fp32 sums in another order stay within 1e-5.
+# Rows around kernels.cpu's limits for its own kernel (8 fp32 rows; 16-bit rows in tiles of 4) and
+# its oneDNN path (32, and 64 for wide weights); 16400 outputs is a vocabulary-sized (wide) weight.
+# Small values: fp32 sums in another order stay within 1e-5.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 16, 33, 70])
+@pytest.mark.parametrize("rows", [1, 7, 9, 16, 33, 70])
 @pytest.mark.parametrize("outputs", [48, 16400])
 def test_linear_matches_reference(backend, reference, dtype, rows, outputs):
     x = random(rows, 72, dtype=dtype, seed=16)[:, :64] * 0.2    # strided, like a split's view

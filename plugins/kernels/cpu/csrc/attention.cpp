@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "dot_tiles.h"
 
 namespace fastgen_cpu {
 namespace {
@@ -70,73 +70,14 @@ struct Partials {
   std::vector<float> acc, max, sum;
 };
 
-// Vec::size() cache elements from p as floats; with `count`, only that many, the rest zeros.
-template <typename scalar_t>
-inline Vec load_vec(const scalar_t* p, int64_t count) {
-  float values[Vec::size()] = {};
-  load_floats(p, values, count);
-  return Vec::loadu(values);
-}
-
-template <typename scalar_t>
-inline Vec load_vec(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return Vec::loadu(p);
-  } else if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    Vec out;
-    at::vec::load_to_float<scalar_t>(p, out);
-    return out;
-  } else {   // double: dispatched with the others, never run (the op checks the dtype)
-    return load_vec(p, Vec::size());
-  }
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-// The lane sums of eight 8-lane vectors as one vector (lane j: the sum of a[j]'s lanes), in 8
-// instructions where eight separate reductions take about 48: pairwise horizontal adds, then
-// the two 128-bit halves added.
-inline Vec sum_lanes8(const Vec (&a)[8]) {
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-#endif
-
-// Scores of kKeys key rows (k, k + stride, ...) for one query row q of n dims: one vector
-// accumulator per key, so q is loaded once for all of them and each key costs one horizontal sum
-// at the end, not one per vector of its row. The cache's rows are read (and widened) in place.
-template <int kKeys, typename scalar_t>
-inline void score_group(const float* q, const scalar_t* k, int64_t stride, int64_t n, float* out) {
-  constexpr int64_t kLanes = Vec::size();
-  Vec acc[kKeys];
-  for (int j = 0; j < kKeys; ++j) acc[j] = Vec(0.f);
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    const Vec qv = Vec::loadu(q + d);
-    for (int j = 0; j < kKeys; ++j) acc[j] = at::vec::fmadd(qv, load_vec(k + j * stride + d), acc[j]);
-  }
-  if (d < n) {   // a head size that is not a multiple of the vector: the rest, zero-filled
-    const Vec qv = Vec::loadu(q + d, n - d);
-    for (int j = 0; j < kKeys; ++j) acc[j] = at::vec::fmadd(qv, load_vec(k + j * stride + d, n - d), acc[j]);
-  }
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (kKeys == 8) {
-    sum_lanes8(acc).store(out);
-    return;
-  }
-#endif
-  for (int j = 0; j < kKeys; ++j) {
-    out[j] = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, acc[j]);
-  }
-}
-
-// out[j] = q . k_j for `count` key rows k_j = k + j * stride of n dims.
+// out[j] = q . k_j for `count` key rows k_j = k + j * stride of n dims, read (and widened) in
+// place, eight keys at a time with one accumulator each (dot_tiles.h).
 template <typename scalar_t>
 inline void score_keys(const float* q, const scalar_t* k, int64_t stride, int64_t count, int64_t n, float* out) {
   int64_t j = 0;
-  for (; j + 8 <= count; j += 8) score_group<8>(q, k + j * stride, stride, n, out + j);
-  for (; j + 4 <= count; j += 4) score_group<4>(q, k + j * stride, stride, n, out + j);
-  for (; j < count; ++j) score_group<1>(q, k + j * stride, stride, n, out + j);
+  for (; j + 8 <= count; j += 8) dot_tile<1, 8>(q, n, k + j * stride, stride, n, out + j, 1);
+  for (; j + 4 <= count; j += 4) dot_tile<1, 4>(q, n, k + j * stride, stride, n, out + j, 1);
+  for (; j < count; ++j) dot_tile<1, 1>(q, n, k + j * stride, stride, n, out + j, 1);
 }
 
 // acc[0, kVecs * lanes) += sum_j p[j] * v_j over `count` rows v_j = v + j * stride, the

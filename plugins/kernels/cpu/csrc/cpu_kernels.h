@@ -70,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin, bool is_neox);
 at::Tensor silu_and_mul(const at::Tensor& x);
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 inline void check_float_dtype(const char* op, const at::Tensor& t) {
   auto d = t.scalar_type();

@@ -15,4 +15,5 @@ TORCH_LIBRARY(fastgen_cpu, m) {
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool is_neox) -> (Tensor, Tensor)",
         &fastgen_cpu::rotary);
   m.def("silu_and_mul(Tensor x) -> Tensor", &fastgen_cpu::silu_and_mul);
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &fastgen_cpu::linear);
 }
