@@ -19,13 +19,12 @@ import torch
 
 from ..checkpoint import DTYPES
 from ..errors import FastgenError
-from ..kernels import make_backend
-from ..kernels import SamplingMetadata
+from ..kernels import SamplingMetadata, linear_of, make_backend
 from ..plugin_manager import PluginInfo, load_plugins
 from ..ragged_batch import RaggedBatch
 from ..request import SamplingParams, Sequence
 
-OPS = ("write_kv", "attention", "rms_norm", "rotary", "silu_and_mul", "sample")
+OPS = ("write_kv", "attention", "rms_norm", "rotary", "silu_and_mul", "linear", "sample")
 SETS = ("decode", "prefill", "mixed")
 BLOCK_SIZE = 16
 REFERENCE_BACKEND = "torch"
@@ -156,6 +155,9 @@ def op_cost(op: str, model: ModelShape, shape: BatchShape, dtype: torch.dtype) -
       rms_norm      x and residual read, normed and new residual written, weight read: (4*T*E + E)*e.
       rotary        q and k read and written (2*T*(H+Hkv)*D*e), float32 cos and sin read (2*T*D/2*4).
       silu_and_mul  [T, 2I] read, [T, I] written: 3*T*I*e.
+      linear        the MLP's fused gate and up projection, the largest matmul of a layer: x [T, E]
+                    and the weight [2I, E] read, [T, 2I] written, (T*E + 2I*E + T*2I)*e; FLOPs
+                    2*T*E*2I. Through the backend's optional `linear` op, else torch's F.linear.
       sample        float32 logits read once (S*V*4) and the int64 tokens written.
     """
     e = torch.finfo(dtype).bits // 8
@@ -174,6 +176,9 @@ def op_cost(op: str, model: ModelShape, shape: BatchShape, dtype: torch.dtype) -
         return Cost(2 * t * (heads + kv) * d * e + 2 * t * (d // 2) * 4, 0)
     if op == "silu_and_mul":
         return Cost(3 * t * model.intermediate_size * e, 0)
+    if op == "linear":
+        e_in, e_out = model.hidden_size, 2 * model.intermediate_size
+        return Cost((t * e_in + e_out * e_in + t * e_out) * e, 2 * t * e_in * e_out)
     if op == "sample":
         s = len(shape.sequences)
         return Cost(s * model.vocab_size * 4 + s * 8, 0)
@@ -266,6 +271,13 @@ class KernelCase:
         if self.op == "silu_and_mul":
             x = randn(t, 2 * m.intermediate_size)
             return lambda: backend.silu_and_mul(x), lambda r: {"out": r}
+        if self.op == "linear":
+            # Scaled as trained weights are, so outputs stay near 1 and sums in another order
+            # stay within the fp32 tolerance of --check.
+            x = randn(t, m.hidden_size)
+            weight = randn(2 * m.intermediate_size, m.hidden_size) * m.hidden_size ** -0.5
+            linear = linear_of(backend)
+            return lambda: linear(x, weight), lambda r: {"out": r}
 
         batch = build_batch(self.shape, dev)
         if self.op == "sample":

@@ -53,11 +53,11 @@ def test_a_backend_is_failed_where_its_outputs_differ_and_passed_where_they_agre
     checks = {b["extra_info"]["op"]: b["extra_info"] for b in results["benchmarks"]}
     assert {op: info["check_ok"] for op, info in checks.items()} == {
         "write_kv": False, "attention": True, "rms_norm": True, "rotary": True, "silu_and_mul": False,
-        "sample": False}
+        "linear": True, "sample": False}
     assert checks["rms_norm"]["check"] == "max |diff| 0 (atol 2e-05, rtol 1e-05)"
     # The table keeps the wrong cases' times, marked, under a line that counts the checks.
     table = format_table(results, notes).splitlines()
-    assert table[1] == ("checked against torch on the same inputs: 3 of 6 case(s) agree, 3 differ "
+    assert table[1] == ("checked against torch on the same inputs: 4 of 7 case(s) agree, 3 differ "
                         "(marked beside their times; the notes say how)")
     silu = next(line for line in table if line.startswith("| silu_and_mul |"))
     assert silu.split(" | ")[4].endswith(" (differs)")
@@ -71,5 +71,5 @@ def test_kernels_cpu_agrees_with_the_reference_on_every_quick_case():
     results, notes, failed = run_suite(backends="cpu", quick=True, device="cpu", threads=2, check=True)
     assert failed == [] and notes == []
     infos = [b["extra_info"] for b in results["benchmarks"]]
-    assert len(infos) == 24 and all(info["check_ok"] for info in infos)
-    assert format_table(results).splitlines()[1] == "checked against torch on the same inputs: 24 of 24 case(s) agree"
+    assert len(infos) == 28 and all(info["check_ok"] for info in infos)
+    assert format_table(results).splitlines()[1] == "checked against torch on the same inputs: 28 of 28 case(s) agree"

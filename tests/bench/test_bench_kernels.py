@@ -54,13 +54,16 @@ def test_attention_cost_within_a_sliding_window_matches_counting_the_mask(cached
     assert cost.bytes == 2 * new * 4 * 64 * 4 + 2 * keys * 2 * 64 * 4
 
 
-def test_elementwise_and_sampling_bytes():
+def test_elementwise_linear_and_sampling_costs():
     shape = prefill(3)    # T = 3, one sampling sequence
     assert op_cost("rms_norm", SMALL, shape, torch.float32) == Cost((4 * 3 * 576 + 576) * 4, 0)
     assert op_cost("silu_and_mul", SMALL, shape, torch.bfloat16) == Cost(3 * 3 * 1536 * 2, 0)
     assert op_cost("rotary", SMALL, shape, torch.float16) == Cost(2 * 3 * 12 * 64 * 2 + 2 * 3 * 32 * 4, 0)
     assert op_cost("write_kv", SMALL, shape, torch.float32) == Cost(4 * 3 * 3 * 64 * 4 + 8 * 3, 0)
     assert op_cost("sample", SMALL, decode(5, 10), torch.bfloat16) == Cost(5 * 49152 * 4 + 5 * 8, 0)
+    # The MLP's gate and up projection, [3, 576] x [3072, 576]^T.
+    assert op_cost("linear", SMALL, shape, torch.bfloat16) == Cost(
+        (3 * 576 + 3072 * 576 + 3 * 3072) * 2, 2 * 3 * 576 * 3072)
     with pytest.raises(FastgenError, match="Unknown kernel op 'gemm'"):
         op_cost("gemm", SMALL, shape, torch.float32)
 
@@ -142,7 +145,7 @@ def test_quick_suite_runs_every_op_end_to_end(tmp_path):
         assert info["backend"] == "torch" and info["dtype"] == "float32" and info["threads"] == 1
         assert info["seconds"] == bench["stats"]["median"] > 0
         assert info["gbps"] == pytest.approx(info["bytes"] / info["seconds"] / 1e9)
-        assert (info["tflops"] > 0) == (info["op"] == "attention")
+        assert (info["tflops"] > 0) == (info["op"] in ("attention", "linear"))
         assert info["pct_ceiling"] > 0
     # stdout is the table alone: the ceilings, then one row per op x shape.
     lines = proc.stdout.strip().splitlines()
