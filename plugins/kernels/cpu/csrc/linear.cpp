@@ -21,9 +21,9 @@ namespace {
 
 constexpr int64_t kChunkCols = 32;   // weight rows per task: a multiple of the tiles' 2 and 8
 
+// sums[r * width + j] = x_r . w_j for the chunk's weight rows w_j = w + j * K, j < width.
 template <typename scalar_t>
-void linear_chunk(const float* x, int64_t rows, int64_t K, const scalar_t* w, int64_t col_begin, int64_t col_end,
-                  float* out, int64_t N) {
+void linear_chunk(const float* x, int64_t rows, int64_t K, const scalar_t* w, int64_t width, float* sums) {
   int64_t r = 0;
   // A 4-row tile widens each weight vector once for four rows, which pays for 16-bit weights; fp32
   // weights need no widening, and one row against eight weight rows keeps more of them in flight.
@@ -31,14 +31,14 @@ void linear_chunk(const float* x, int64_t rows, int64_t K, const scalar_t* w, in
   // 1.0-1.5x slower for bf16.
   constexpr bool kRowTiles = !std::is_same_v<scalar_t, float>;
   for (; kRowTiles && r + 4 <= rows; r += 4) {
-    int64_t c = col_begin;
-    for (; c + 2 <= col_end; c += 2) dot_tile<4, 2>(x + r * K, K, w + c * K, K, K, out + r * N + c, N);
-    for (; c < col_end; ++c) dot_tile<4, 1>(x + r * K, K, w + c * K, K, K, out + r * N + c, N);
+    int64_t c = 0;
+    for (; c + 2 <= width; c += 2) dot_tile<4, 2>(x + r * K, K, w + c * K, K, K, sums + r * width + c, width);
+    for (; c < width; ++c) dot_tile<4, 1>(x + r * K, K, w + c * K, K, K, sums + r * width + c, width);
   }
   for (; r < rows; ++r) {
-    int64_t c = col_begin;
-    for (; c + 8 <= col_end; c += 8) dot_tile<1, 8>(x + r * K, K, w + c * K, K, K, out + r * N + c, N);
-    for (; c < col_end; ++c) dot_tile<1, 1>(x + r * K, K, w + c * K, K, K, out + r * N + c, N);
+    int64_t c = 0;
+    for (; c + 8 <= width; c += 8) dot_tile<1, 8>(x + r * K, K, w + c * K, K, K, sums + r * width + c, width);
+    for (; c < width; ++c) dot_tile<1, 1>(x + r * K, K, w + c * K, K, K, sums + r * width + c, width);
   }
 }
 
@@ -62,23 +62,35 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   const auto input = x.contiguous();
   auto out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  std::vector<float> x_f(M * K), out_f(M * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastgen_cpu_linear", [&] {
-    load_floats(input.data_ptr<scalar_t>(), x_f.data(), M * K);
+    // fp32 inputs are read as they are; 16-bit ones widened once, for every chunk to share.
+    std::vector<float> widened;
+    const float* xs;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      xs = input.data_ptr<float>();
+    } else {
+      widened.resize(M * K);
+      load_floats(input.data_ptr<scalar_t>(), widened.data(), M * K);
+      xs = widened.data();
+    }
     const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t chunks = (N + kChunkCols - 1) / kChunkCols;
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(M * kChunkCols);   // one chunk's [M, width] sums, then rounded into out
       for (int64_t i = begin; i < end; ++i) {
-        linear_chunk(x_f.data(), M, K, w, i * kChunkCols, std::min(N, (i + 1) * kChunkCols), out_f.data(), N);
+        const int64_t col = i * kChunkCols, width = std::min(N - col, kChunkCols);
+        linear_chunk(xs, M, K, w + col * K, width, sums.data());
+        for (int64_t m = 0; m < M; ++m) {
+          float* row = sums.data() + m * width;
+          if (b != nullptr) {
+            for (int64_t j = 0; j < width; ++j) row[j] += static_cast<float>(b[col + j]);
+          }
+          store_floats(row, dst + m * N + col, width);
+        }
       }
     });
-    if (bias.has_value()) {
-      const scalar_t* b = bias->data_ptr<scalar_t>();
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t n = 0; n < N; ++n) out_f[m * N + n] += static_cast<float>(b[n]);
-      }
-    }
-    store_floats(out_f.data(), out.data_ptr<scalar_t>(), M * N);
   });
   return out;
 }
