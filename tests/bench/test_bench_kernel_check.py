@@ -47,7 +47,8 @@ def test_a_backend_is_failed_where_its_outputs_differ_and_passed_where_they_agre
     case = "careless-float32-smollm2-135m-decode_b4_ctx128-"
     assert failed == [case + "write_kv", case + "silu_and_mul", case + "sample"]
     reasons = dict(note.split(" FAILED: ") for note in notes)
-    assert reasons[case + "write_kv"].startswith("AssertionError: differs from kernels.torch: values: 768 of 768 differ, max |diff| ")
+    assert reasons[case + "write_kv"].startswith(
+        "AssertionError: differs from kernels.torch: values: 768 of 768 differ, max |diff| ")
     assert reasons[case + "silu_and_mul"].startswith("AssertionError: differs from kernels.torch: out: ")
     assert "4 of 4 draws outside their rows' kept sets (row 0: token " in reasons[case + "sample"]
     checks = {b["extra_info"]["op"]: b["extra_info"] for b in results["benchmarks"]}

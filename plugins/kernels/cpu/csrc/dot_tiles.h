@@ -45,8 +45,8 @@ inline Vec sum_lanes8(const Vec* a) {
 // vector registers. Inlined by force, as dot_tile is: a call left in place keeps the accumulators
 // in memory (measured 1.2-1.3x slower in the attention's scores).
 template <int kRows, int kCols, bool kPartial, typename scalar_t>
-C10_ALWAYS_INLINE void dot_step(Vec* acc, const float* a, int64_t a_stride, const scalar_t* b, int64_t b_stride, int64_t d,
-                     int64_t count) {
+C10_ALWAYS_INLINE void dot_step(Vec* acc, const float* a, int64_t a_stride, const scalar_t* b, int64_t b_stride,
+                                int64_t d, int64_t count) {
   if constexpr (kRows >= kCols) {
     Vec bv[kCols];
     for (int c = 0; c < kCols; ++c) {
@@ -72,8 +72,8 @@ C10_ALWAYS_INLINE void dot_step(Vec* acc, const float* a, int64_t a_stride, cons
 // kCols rows b_c = b + c * b_stride: each row of b is loaded (and widened) once for all kRows rows
 // of a, and each dot product costs one horizontal sum at the end, not one per vector.
 template <int kRows, int kCols, typename scalar_t>
-C10_ALWAYS_INLINE void dot_tile(const float* a, int64_t a_stride, const scalar_t* b, int64_t b_stride, int64_t n, float* out,
-                     int64_t out_stride) {
+C10_ALWAYS_INLINE void dot_tile(const float* a, int64_t a_stride, const scalar_t* b, int64_t b_stride, int64_t n,
+                                float* out, int64_t out_stride) {
   constexpr int64_t kLanes = Vec::size();
   Vec acc[kRows * kCols];
   for (int i = 0; i < kRows * kCols; ++i) acc[i] = Vec(0.f);
