@@ -288,10 +288,10 @@ Plan plan_items(const int32_t* query_start_loc, const int32_t* seq_lens, const i
     const int64_t context = seq_lens[s] - (end - begin);
     for (int32_t t = begin; t < end; t += kQueryTile) {
       const int32_t t_end = std::min<int32_t>(end, t + kQueryTile);
-      const int64_t last_pos = context + (t_end - begin);
-      const int64_t keys = window > 0 ? std::min<int64_t>(last_pos, window + (t_end - t)) : last_pos;
-      for (int32_t h = 0; h < kv_heads; ++h) items.push_back({s, h, t, t_end, keys * (t_end - t)});
-      total += keys * (t_end - t) * kv_heads;
+      const auto [key_begin, key_end] = key_range(context + (t - begin), context + (t_end - begin) - 1, window);
+      const int64_t cost = (key_end - key_begin) * (t_end - t);
+      for (int32_t h = 0; h < kv_heads; ++h) items.push_back({s, h, t, t_end, cost});
+      total += cost * kv_heads;
     }
   }
   if (threads > 1) {
@@ -301,12 +301,11 @@ Plan plan_items(const int32_t* query_start_loc, const int32_t* seq_lens, const i
     const int64_t whole = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < whole; ++i) {
       const WorkItem item = items[i];   // a copy: the parts are appended to `items`
-      if (item.token_end - item.token_begin != 1 || item.cost < 2 * share) continue;
+      const int64_t parts = item.cost / share;   // a decode's cost: its keys
+      if (item.token_end - item.token_begin != 1 || parts < 2) continue;
       const int64_t pos = seq_lens[item.seq] - 1;
       const auto [key_begin, key_end] = key_range(pos, pos, window);
       const int64_t keys = key_end - key_begin;
-      const int64_t parts = keys / share;
-      if (parts < 2) continue;
       plan.splits.push_back({item.token_begin, item.kv_head, plan.parts, parts});
       for (int64_t p = 0; p < parts; ++p) {
         WorkItem part = item;
