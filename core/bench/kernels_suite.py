@@ -61,8 +61,9 @@ def pytest_configure(config) -> None:
             dtypes=config.getoption("dtype"))
     except FastgenError as e:
         raise pytest.UsageError(str(e)) from None
-    if sel.device.type == "cuda":
-        # CUDA events record on the current device's stream: make it the benchmarked one.
+    if sel.device.type == "cuda" and sel.device.index is not None:
+        # CUDA events record on the current device's stream: make it the benchmarked one
+        # ("cuda" alone already names the current device).
         torch.cuda.set_device(sel.device)
 
 
