@@ -14,6 +14,11 @@ from ._tiling import rows_per_program
 
 
 @triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
                    stride_ct, stride_st, num_rows, num_heads,
                    HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
@@ -37,9 +42,17 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, strid
         second = 2 * i + 1
     x1 = tl.load(x_rows + first, mask=mask, other=0.0)
     x2 = tl.load(x_rows + second, mask=mask, other=0.0)
+    dtype = x1.dtype
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(o_rows + first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(o_rows + second, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    # Rounded where the reference (and transformers) holds values in the model's dtype: cos and
+    # sin, and each product. Left in fp32, a 16-bit result differs from theirs by up to 8 ulps
+    # where the two products nearly cancel (seen on 1 of 2M values at Llama-3-8B's shapes).
+    cos = cos.to(dtype).to(tl.float32)
+    sin = sin.to(dtype).to(tl.float32)
+    out1 = _rounded(x1f * cos, dtype) - _rounded(x2f * sin, dtype)
+    out2 = _rounded(x2f * cos, dtype) + _rounded(x1f * sin, dtype)
+    tl.store(o_rows + first, out1.to(dtype), mask=mask)
+    tl.store(o_rows + second, out2.to(dtype), mask=mask)
     if BLOCK_PASS > 0:   # partial rotary: the dims past R pass through
         d = 2 * HALF_ROT + tl.arange(0, BLOCK_PASS)[None, :]
         pass_mask = row_ok[:, None] & (d < HEAD_DIM)
