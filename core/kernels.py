@@ -28,6 +28,11 @@ class SamplingMetadata:
     any_top_k: bool
     any_top_p: bool
     generators: list[torch.Generator | None]   # [S] per-request seeded generators
+    # The largest top_k among the rows that filter (temperature > 0, top-k or top-p) when each of
+    # them has a top-k (0: no row filters), so no kept set reaches past a row's top_k_bound largest
+    # logits; None when a row filters by top-p alone. A host-side bound: samplers use it without
+    # reading the device.
+    top_k_bound: int | None = None
 
     @classmethod
     def build(cls, seqs: list[Sequence], device: torch.device) -> "SamplingMetadata":
@@ -40,7 +45,15 @@ class SamplingMetadata:
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1 for p in params),
             generators=[s.generator for s in seqs],
+            top_k_bound=_top_k_bound(params),
         )
+
+
+def _top_k_bound(params: list) -> int | None:
+    filtering = [p for p in params if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1)]
+    if any(p.top_k <= 0 for p in filtering):
+        return None
+    return max((p.top_k for p in filtering), default=0)
 
 
 # How close a backend's outputs must come to the reference's on the same inputs, (atol, rtol) by

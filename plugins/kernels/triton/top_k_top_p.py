@@ -32,6 +32,8 @@ from ._tiling import interpreted
 # Keys tested per pass: 16 settle 4 bits of the 32-bit key, so a search takes at most 8 passes
 # over the row (a plain bisection takes 32); the extra compares are cheap next to the reads.
 CUTS = 16
+# The searches run on a row's largest logits when its top-k is at most this share of the vocabulary.
+CANDIDATE_SHARE = 16
 
 
 @triton.jit
@@ -153,6 +155,16 @@ def thresholds(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     cut. -inf for greedy rows and rows without top-k / top-p."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    bound = meta.top_k_bound
+    if rows and bound and bound * CANDIDATE_SHARE <= vocab:
+        # Every filtering row has a top-k, so its cut is found among its `bound` largest logits
+        # alone: the search's passes read those, not the row. Tokens outside them are no larger
+        # than the top-k cut, so the cut keeps the same tokens of the whole row, ties included
+        # (the sampler compares the whole row with it). On an H200 the sample op took 2.4 ms
+        # for one row of 128k tokens, searched in up to 18 passes by one program; torch.topk
+        # spreads its pass over the GPU.
+        logits = logits.topk(bound, dim=-1, sorted=False).values
+        vocab = bound
     if rows:
         # A tile is [BLOCK_V, CUTS] comparisons: smaller tiles than the sampler's.
         block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 512)

@@ -92,6 +92,24 @@ def test_kept_set_equals_the_reference(cuts_of, kind, vocab):
     assert not wrong, f"(row, params, kept, expected kept): {wrong}"
 
 
+@pytest.mark.parametrize("kind", ["random", "ties", "mostly-inf"])
+def test_rows_that_all_take_a_top_k_keep_the_reference_set(cuts_of, kind):
+    # Every filtering row has a top-k of at most 50 in 1500 tokens: kernels.triton searches
+    # among each row's 50 largest logits only (metadata.top_k_bound). Greedy rows and rows that
+    # do not filter sit beside them, as in a served batch.
+    vocab = 1500
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p)
+              for t in TEMPERATURES for k in (1, 5, 50) for p in TOP_P]
+    params += [SamplingParams(temperature=0, top_p=0.5), SamplingParams(temperature=0.8)]
+    assert metadata(params).top_k_bound == 50
+    assert metadata(params + [SamplingParams(temperature=0.7, top_p=0.9)]).top_k_bound is None
+    logits = rows_of(kind, len(params), vocab, seed=7)
+    got, want = kept_by_thresholds(cuts_of, logits, params), expected_kept(logits, params)
+    wrong = [(i, params[i], got[i].sum().item(), want[i].sum().item())
+             for i in range(len(params)) if not torch.equal(got[i], want[i])]
+    assert not wrong, f"(row, params, kept, expected kept): {wrong}"
+
+
 def test_ties_at_the_cut_keep_every_tied_token(cuts_of):
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0, 2.0]])
     kept = kept_by_thresholds(cuts_of, logits, [SamplingParams(temperature=1.0, top_k=2)])
