@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     p.add_argument("--kernels", default="torch",
                    help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
-                        "torch,cpu); NAME+graphs runs NAME with cuda_graphs on (e.g. triton,triton+graphs)")
+                        "torch,cpu); NAME runs every step eagerly (cuda_graphs off), NAME+graphs with "
+                        "cuda_graphs on (e.g. triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -139,6 +140,7 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     if option not in ("", "graphs"):
         raise SystemExit(f"--kernels: {kernels!r}: the one option after + is graphs (cuda_graphs on).")
     status(f"fastgen: loading the engine with kernels.{kernels}")
+    # cuda_graphs explicit either way: its default (on where possible) would blur eager and graphs rows.
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
                     kernels=name, device=args.device, cuda_graphs=option == "graphs")
     if args.threads:

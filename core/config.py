@@ -37,7 +37,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Which plugins do the work (each is the NAME of a KIND.NAME plugin).
     kernels: Annotated[str, _doc(
         "kernel backend plugin (kernels.NAME), or auto: the fastest backend that is ready on the "
-        "device without a build (kernels.cpu once built on a CPU, else kernels.torch)")] = "auto"
+        "device without a build (on a GPU kernels.cuda once built, else kernels.triton; on a CPU "
+        "kernels.cpu once built; else kernels.torch)")] = "auto"
     scheduler: Annotated[str, _doc("scheduler plugin (schedulers.NAME)")] = "splitfuse"
     transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "http"
 
@@ -53,9 +54,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_cache_gb: Annotated[float, _doc("memory given to the KV cache when num_blocks is unset")] = 1.0
 
     # Runtime.
-    cuda_graphs: Annotated[bool, _doc(
+    cuda_graphs: Annotated[bool | None, _doc(
         "replay decode steps of up to max_num_seqs sequences from CUDA graphs, captured at start "
-        "per padded batch size (GPU backends that support it: kernels.triton, kernels.cuda)")] = False
+        "per padded batch size (GPU backends that support it: kernels.triton, kernels.cuda); "
+        "unset: on wherever the device, backend and model allow it")] = None
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(

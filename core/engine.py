@@ -79,8 +79,9 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, config: Config, plugins: PluginManager | None = None,
                  graph_capture: Capture | None = None) -> None:
-        """`graph_capture` records and replays decode steps when `config.cuda_graphs` is on:
-        CUDA graphs unless given (tests give a stand-in that runs on the CPU)."""
+        """`graph_capture` records and replays decode steps when `config.cuda_graphs` is on (by
+        default wherever it can be): CUDA graphs unless given (tests give a stand-in that runs on
+        the CPU)."""
         from .checkpoint import DTYPES, resolve_checkpoint
 
         self.config = config
@@ -142,15 +143,19 @@ class Engine:
         return make_backend(info.cls, self.device, self.config.cache_dir)
 
     def _use_step_graphs(self, capture: Capture, num_blocks: int) -> bool:
-        """Whether decode steps run from CUDA graphs: asked for, and possible here (else says why)."""
-        if not self.config.cuda_graphs:
+        """Whether decode steps run from CUDA graphs: not turned off, and possible here. Asked for
+        (True), it warns why not; by default (None) it is on wherever possible and quietly off
+        elsewhere (a CPU, a backend or model that cannot be captured)."""
+        if self.config.cuda_graphs is False:
             return False
         device_reason = getattr(capture, "unavailable_reason", lambda device: None)(self.device)
         reason = device_reason or StepGraphs.unavailable_reason(self.model, self.backend)
         if reason is None and num_blocks < 2:
             reason = "the KV cache has a single block, and the graphs need one of their own"
-        if reason:
+        if reason and self.config.cuda_graphs:
             log.warning("cuda_graphs is on, but every step runs eagerly: %s.", reason)
+        elif reason:
+            log.debug("cuda_graphs (default): every step runs eagerly: %s.", reason)
         return reason is None
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -89,6 +89,17 @@ class ReferenceFallbackBackend(TorchBackend):
         return self.ops.silu_and_mul(x)
 
 
+def library_name(backend: str, directory: Path) -> str:
+    """The name torch's extension tools build kernels.BACKEND's library under in `directory`, the
+    folder of one build key, whose name it carries."""
+    return f"fastgen_{backend}_{directory.name}"
+
+
+def library_built(backend: str, directory: Path) -> bool:
+    """Whether kernels.BACKEND's library has been built into `directory` (its .so is there)."""
+    return (directory / f"{library_name(backend, directory)}.so").exists()
+
+
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The arguments of `python -m fastgen.plugins.kernels.NAME.build`."""
     parser = argparse.ArgumentParser(prog=f"python -m fastgen.plugins.kernels.{name}.build",

@@ -5,6 +5,7 @@ alone keeps working."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import types
@@ -19,9 +20,13 @@ from fastgen.errors import PluginError
 from fastgen.kernels import choose_auto, make_backend
 from fastgen.plugins.kernels.cpu import build as cpu_build
 from fastgen.plugins.kernels.cpu.backend import CpuBackend
+from fastgen.plugins.kernels.cuda import build as cuda_build
+from fastgen.plugins.kernels.cuda.backend import CudaBackend
 from fastgen.plugins.kernels.torch_ref.backend import TorchBackend
+from fastgen.plugins.kernels.triton.backend import TritonBackend
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
 
 
 class DeviceOnly(TorchBackend):
@@ -192,3 +197,33 @@ def test_auto_takes_kernels_cpu_only_once_it_is_built(tmp_path, monkeypatch):
     expected = CpuBackend if CpuBackend.unavailable_reason(CPU) is None else TorchBackend
     assert choose_auto(classes, CPU, str(tmp_path)) is expected
     assert choose_auto(classes, torch.device("meta"), str(tmp_path)) is TorchBackend
+
+
+def test_on_cuda_auto_ranks_a_built_kernels_cuda_over_kernels_triton_over_the_reference(
+        tmp_path, monkeypatch, caplog):
+    """The ranks alone, which need no GPU: kernels.cuda only once built, kernels.triton at once."""
+    monkeypatch.setattr(cuda_build, "_loaded", None)   # as in a fresh process
+    cache = str(tmp_path)
+    assert TritonBackend.auto_rank(CUDA, cache) > TorchBackend.auto_rank(CUDA, cache)
+    with caplog.at_level(logging.INFO, logger="fastgen.plugins.kernels.cuda"):
+        assert CudaBackend.auto_rank(CUDA, cache) is None
+    assert "python -m fastgen.plugins.kernels.cuda.build" in caplog.text
+    library = cuda_build.build_dir(cache)
+    library.mkdir(parents=True)
+    (library / f"fastgen_cuda_{library.name}.so").write_bytes(b"")
+    assert CudaBackend.auto_rank(CUDA, cache) > TritonBackend.auto_rank(CUDA, cache)
+    # Neither offers itself off a CUDA device: Triton only interprets on a CPU.
+    assert TritonBackend.auto_rank(CPU, cache) is None and CudaBackend.auto_rank(CPU, cache) is None
+
+
+def test_on_cuda_auto_takes_kernels_cuda_once_built_else_kernels_triton(tmp_path, monkeypatch):
+    """choose_auto over the registered built-ins, as if both GPU backends could run here."""
+    for cls in (CudaBackend, TritonBackend):
+        monkeypatch.setattr(cls, "unavailable_reason", classmethod(lambda cls, device: None))
+    monkeypatch.setattr(cuda_build, "_loaded", None)
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    classes = [TorchBackend, CudaBackend, CpuBackend, TritonBackend]
+    assert choose_auto(classes, CUDA, str(tmp_path)) is TritonBackend
+    monkeypatch.setattr(cuda_build, "_loaded", tmp_path / "lib.so")   # loaded in this process
+    assert choose_auto(classes, CUDA, str(tmp_path)) is CudaBackend
+    assert choose_auto(classes, CPU, str(tmp_path)) is TorchBackend

@@ -62,6 +62,19 @@ def test_every_setting_is_a_flag_a_file_key_and_a_keyword(tmp_path):
     assert from_flags == from_file == from_keywords
 
 
+def test_cuda_graphs_is_unset_by_default_and_either_switch_or_key_sets_it(tmp_path):
+    """Unset (None) is the default, on where possible; true and false come from flags, files or keywords."""
+    assert Config().cuda_graphs is None and config_from_args(parse()).cuda_graphs is None
+    assert config_from_args(parse("--cuda-graphs")).cuda_graphs is True
+    assert config_from_args(parse("--no-cuda-graphs")).cuda_graphs is False
+    (tmp_path / "off.toml").write_text("cuda_graphs = false\n")
+    assert config_from_args(parse("--config", str(tmp_path / "off.toml"))).cuda_graphs is False
+    assert config_from_args(parse("--config", str(tmp_path / "off.toml"), "--cuda-graphs")).cuda_graphs is True
+    assert make_config(cuda_graphs=False).cuda_graphs is False and make_config(cuda_graphs=None).cuda_graphs is None
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        make_config(cuda_graphs="sometimes")
+
+
 def test_flags_override_the_config_file(tmp_path):
     (tmp_path / "c.toml").write_text('token_budget = 64\nblock_size = 32\n')
     config = config_from_args(parse("--config", str(tmp_path / "c.toml"), "--token-budget", "128"))

@@ -26,7 +26,8 @@ import torch
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
 from fastgen.plugins.kernels.compiled import (CompileResult, build_ahead, build_parser, compile_all,
-                                              extension_flags, report_check)
+                                              extension_flags, library_built, library_name,
+                                              report_check)
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,7 @@ def build_dir(cache_dir: str | None = None, csrc: Path = CSRC) -> Path:
 def is_built(cache_dir: str | None = None, csrc: Path = CSRC) -> bool:
     """Whether load() would find a library, loaded or on disk, without compiling."""
     directory = build_dir(cache_dir, csrc)
-    return directory.name in _loaded or (directory / f"{_library_name(directory)}.so").exists()
-
-
-def _library_name(directory: Path) -> str:
-    return f"fastgen_cpu_{directory.name}"
+    return directory.name in _loaded or library_built("cpu", directory)
 
 
 def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC) -> Path:
@@ -113,8 +110,8 @@ def load(cache_dir: str | None = None, verbose: bool = False, csrc: Path = CSRC)
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        name = _library_name(directory)
-        if not (directory / f"{name}.so").exists():
+        name = library_name("cpu", directory)
+        if not library_built("cpu", directory):
             log.info("Building the fastgen CPU kernels into %s (first use: about a minute).", directory)
         try:
             # Copies of the flag lists: torch's extension tools append to the ones they are given.

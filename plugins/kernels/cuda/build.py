@@ -26,7 +26,8 @@ import torch
 from fastgen.checkpoint import cache_root
 from fastgen.errors import PluginError
 from fastgen.plugins.kernels.compiled import (CompileResult, build_ahead, build_parser, compile_all,
-                                              extension_flags, report_check)
+                                              extension_flags, library_built, library_name,
+                                              report_check)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ def build_dir(cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir) / "cuda-kernels" / build_key()
 
 
+def is_built(cache_dir: str | None = None) -> bool:
+    """Whether load() would find a library, loaded or on disk, without compiling."""
+    return _loaded is not None or library_built("cuda", build_dir(cache_dir))
+
+
 def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
     """Build (first use) or load the library, registering torch.ops.fastgen_cuda; once per process."""
     global _loaded
@@ -87,8 +93,8 @@ def load(cache_dir: str | None = None, verbose: bool = False) -> Path:
 
         directory = build_dir(cache_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"fastgen_cuda_{directory.name}"
-        if not (directory / f"{name}.so").exists():
+        name = library_name("cuda", directory)
+        if not library_built("cuda", directory):
             log.info("Building the fastgen CUDA kernels into %s (first use: a minute or two).", directory)
         try:
             library = cpp_extension.load(

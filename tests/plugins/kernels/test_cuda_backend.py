@@ -96,6 +96,17 @@ def test_build_lands_in_the_cache_dir_keyed_by_sources(tmp_path):
     assert build.build_dir(str(tmp_path)) == tmp_path / "cuda-kernels" / build.build_key()
 
 
+def test_is_built_where_load_would_compile_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "_loaded", None)   # as in a fresh process
+    assert not build.is_built(str(tmp_path))
+    library = build.build_dir(str(tmp_path))
+    library.mkdir(parents=True)
+    (library / f"fastgen_cuda_{library.name}.so").write_bytes(b"")
+    assert build.is_built(str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", tmp_path / "elsewhere.so")   # loaded once, serves any root
+    assert build.is_built(str(tmp_path / "other"))
+
+
 def test_a_failed_build_is_one_clear_error(tmp_path, monkeypatch):
     from torch.utils import cpp_extension
 

@@ -185,6 +185,37 @@ def test_cuda_graphs_say_why_they_are_off(tiny_llama, caplog):
     assert "kernels.torch cannot be captured in CUDA graphs (it has no graph_key)" in caplog.text
 
 
+def test_cuda_graphs_by_default_are_quietly_off_where_they_cannot_run(tiny_llama, caplog):
+    folder = tiny_llama[0]
+    assert make_config().cuda_graphs is None
+    with caplog.at_level(logging.DEBUG, logger="fastgen.engine"):
+        on_cpu = Engine(make_config(model=str(folder), kernels="torch", device="cpu", num_blocks=8))
+        uncapturable = Engine(make_config(model=str(folder), kernels="torch", device="cpu",
+                                          num_blocks=8), graph_capture=RerunOnReplay())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "CUDA graphs need a CUDA device" in caplog.text   # at debug level only
+    for engine in (on_cpu, uncapturable):
+        assert engine.step_graphs is None and engine.allocator.num_blocks == 8
+        engine.add_request([5, 6, 7], fastgen.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+            assert engine.last_stats.graph_replayed == 0
+
+
+@pytest.mark.skipif(cuda_emulator.available() is not None, reason="the CUDA emulator cannot run here")
+def test_cuda_graphs_by_default_are_on_where_they_can_run_and_false_turns_them_off(checkpoints, plugins):
+    def engine(**graphs):
+        return Engine(make_config(model=str(checkpoints("mistral")), kernels="cuda_emulated",
+                                  device="cpu", max_num_seqs=2, num_blocks=16, **graphs),
+                      plugins=plugins, graph_capture=RerunOnReplay())
+
+    by_default = engine()
+    assert by_default.step_graphs is not None and by_default.step_graphs.captures > 0
+    assert by_default.allocator.num_blocks == 15   # the last block is the graphs' scratch
+    turned_off = engine(cuda_graphs=False)
+    assert turned_off.step_graphs is None and turned_off.allocator.num_blocks == 16
+
+
 def test_a_model_that_plans_on_the_host_is_not_captured(tmp_path):
     # Longrope chooses each sequence's rotary factors from its prompt length, on the host.
     make_checkpoint(tmp_path, "phi3-longrope")
