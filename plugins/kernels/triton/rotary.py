@@ -1,7 +1,7 @@
 """Rotary position embedding: neox (halves) and gpt-j (interleaved pairs) layouts, partial rotary.
 
 A program rotates a run of (token, head) rows of the flattened [T * H] axis, so short heads still
-fill a program.
+fill a program; one launch rotates q and k.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ot, stride_oh,
-                   stride_ct, stride_st, num_rows, num_heads,
-                   HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, program, stride_xt, stride_xh, stride_ot,
+                 stride_oh, stride_ct, stride_st, num_rows, num_heads,
+                 HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    rows = program * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
     token = (rows // num_heads).to(tl.int64)[:, None]                      # [R, 1]
     head = (rows % num_heads)[:, None]
@@ -59,23 +59,43 @@ def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, strid
         tl.store(o_rows + d, tl.load(x_rows + d, mask=pass_mask), mask=pass_mask)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    tokens, heads, dim = x.shape
-    half = cos.shape[-1]
-    out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
-    if tokens:
-        rest = dim - 2 * half
-        rows = rows_per_program(triton.next_power_of_2(dim), 2048)
-        _rotary_kernel[(triton.cdiv(tokens * heads, rows),)](
-            x, out, cos, sin, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), sin.stride(0), tokens * heads, heads,
-            HEAD_DIM=dim, HALF_ROT=half, IS_NEOX=is_neox, ROWS=rows,
-            BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0, num_warps=4)
-    return out
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh,
+                   stride_kot, stride_koh, stride_ct, stride_st, num_tokens, q_heads, k_heads,
+                   HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr, IS_NEOX: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    # The first programs rotate q's (token, head) rows, the rest k's: one launch for both, as
+    # each launch costs tens of microseconds on the host.
+    q_programs = tl.cdiv(num_tokens * q_heads, ROWS)
+    program = tl.program_id(0)
+    if program < q_programs:
+        _rotate_rows(q_ptr, q_out_ptr, cos_ptr, sin_ptr, program, stride_qt, stride_qh,
+                     stride_qot, stride_qoh, stride_ct, stride_st, num_tokens * q_heads, q_heads,
+                     HEAD_DIM, HALF_ROT, IS_NEOX, ROWS, BLOCK_HALF, BLOCK_PASS)
+    else:
+        _rotate_rows(k_ptr, k_out_ptr, cos_ptr, sin_ptr, program - q_programs, stride_kt,
+                     stride_kh, stride_kot, stride_koh, stride_ct, stride_st, num_tokens * k_heads,
+                     k_heads, HEAD_DIM, HALF_ROT, IS_NEOX, ROWS, BLOCK_HALF, BLOCK_PASS)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, H, D], k: [T, Hkv, D] (last dim contiguous); cos/sin: [T, R/2] -> rotated (q, k)."""
-    return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+    tokens, q_heads, dim = q.shape
+    k_heads = k.shape[1]
+    half = cos.shape[-1]
+    q_out = torch.empty(tokens, q_heads, dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(tokens, k_heads, dim, dtype=k.dtype, device=k.device)
+    if tokens:
+        rest = dim - 2 * half
+        rows = rows_per_program(triton.next_power_of_2(dim), 2048)
+        programs = triton.cdiv(tokens * q_heads, rows) + triton.cdiv(tokens * k_heads, rows)
+        _rotary_kernel[(programs,)](
+            q, k, q_out, k_out, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos.stride(0), sin.stride(0), tokens, q_heads, k_heads,
+            HEAD_DIM=dim, HALF_ROT=half, IS_NEOX=is_neox, ROWS=rows,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0, num_warps=4)
+    return q_out, k_out
