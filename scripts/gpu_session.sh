@@ -69,6 +69,8 @@ done
 # it; the setup's parts have caps of their own.
 declare -A CAP=([tests]=170 [kernels]=200 [e2e]=150 [sweep]=100) FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=50)
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
+# GPU_SESSION_KERNEL_MODELS (space-separated), GPU_SESSION_KERNEL_OPS (comma-separated) and
+# GPU_SESSION_KERNEL_K (a -k expression): a smaller kernels step, e.g. to time one change again.
 PYTEST_ARGS=()
 if [ "$DRY" = 1 ]; then
     KERNEL_MODELS=(smollm2-135m); KERNEL_ARGS=(--quick --check)
@@ -79,8 +81,9 @@ else
     unset TRITON_INTERPRET       # compiled Triton on the GPU, never the interpreter
     # Every op but linear: no GPU backend has a linear of its own, so its cases would time
     # cuBLAS three times over in the step's few minutes.
-    KERNEL_MODELS=(llama3-8b smollm2-135m)
-    KERNEL_ARGS=(--dtype bfloat16 --check --ops write_kv,attention,rms_norm,rotary,silu_and_mul,sample)
+    read -r -a KERNEL_MODELS <<< "${GPU_SESSION_KERNEL_MODELS:-llama3-8b smollm2-135m}"
+    KERNEL_ARGS=(--dtype bfloat16 --check --ops "${GPU_SESSION_KERNEL_OPS:-write_kv,attention,rms_norm,rotary,silu_and_mul,sample}")
+    [ -n "${GPU_SESSION_KERNEL_K:-}" ] && KERNEL_ARGS+=(-k "$GPU_SESSION_KERNEL_K")
     E2E_MODELS=(smollm2-135m llama-1b)
     E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
     # The CPU targets were tested where the CI runs; here only what needs the GPU.
