@@ -143,11 +143,21 @@ def _specialise(launch: Launch, backend):
     return signature, constexprs, attrs, options
 
 
+def compile_launch(launch: Launch, target, backend):
+    """`launch` compiled for `target` as Triton's runtime would compile it there (its
+    CompiledKernel: `.asm` holds the PTX and cubin)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = _specialise(launch, backend)
+    return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
 def compile_launches(launches: list[Launch], arch: int) -> list[CompiledLaunch]:
     """Compile each distinct specialisation among `launches` once for sm_`arch`."""
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -174,8 +184,7 @@ def compile_launches(launches: list[Launch], arch: int) -> list[CompiledLaunch]:
                                 ", ".join(f"{k}={v}" for k, v in shown.items()), [launch.case])
         start = time.perf_counter()
         try:
-            kernel = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
-                                    target=target, options=options.__dict__)
+            kernel = compile_launch(launch, target, backend)
             registers, local, static_shared = _resource_usage(kernel.asm["cubin"])
             result.registers, result.spill_bytes = registers, local
             result.shared_bytes = kernel.metadata.shared + static_shared

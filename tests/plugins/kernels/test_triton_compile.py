@@ -117,3 +117,29 @@ def test_the_check_refuses_to_run_under_the_interpreter():
                           timeout=120)
     assert done.returncode == 2
     assert "run it with TRITON_INTERPRET unset" in done.stderr
+
+
+def test_rotary_rounds_each_16bit_product_on_hopper():
+    # Compiled for a GPU, a 16-bit product and the sum after it fuse into one fma (rounded once)
+    # unless the launch turns fusion off; the reference rounds each, and where the products
+    # cancel the two differ by many ulps (3359 of 6144 fp16 values on an H200). The interpreter
+    # does not fuse, so only the compiled code can show it.
+    script = textwrap.dedent("""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from fastgen.plugins.kernels.triton import compile_check as cc
+
+        target = GPUTarget("cuda", 90, 32)
+        backend = make_backend(target)
+        for dtype in ("float16", "bfloat16"):
+            launch = cc.record_cases([dtype], models=["smollm2-135m"], sets=["decode"],
+                                     ops=["rotary"])[0]
+            ptx = cc.compile_launch(launch, target, backend).asm["ptx"]
+            print(dtype, launch.kernel.__name__, "fma" in ptx, ".rn.f16" in ptx or ".rn.bf16" in ptx)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=_compiling_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.split()
+    assert lines == ["float16", "_rotary_kernel", "False", "True",
+                     "bfloat16", "_rotary_kernel", "False", "True"], done.stdout
