@@ -18,6 +18,7 @@ from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbac
 from fastgen.plugins.kernels.query_tiles import query_tiles
 from fastgen.plugins.kernels.sampling_seeds import row_seeds
 from fastgen.plugins.kernels.split_kv import plan_splits
+from fastgen.plugins.kernels.top_k_candidates import top_k_candidates
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
 
 log = logging.getLogger(__name__)
@@ -128,5 +129,17 @@ class CudaBackend(ReferenceFallbackBackend):
 
     def sample(self, logits, meta, generator=None):
         # logits: [S, V] -> [S] int64
+        logits = logits.float()
         seeds = row_seeds(meta, logits.shape[0], logits.device, generator)
-        return self.ops.sample(logits.float(), meta.temperatures, meta.top_k, meta.top_p, seeds)
+        candidates = top_k_candidates(logits, meta)
+        if candidates is None:
+            return self.ops.sample(logits, meta.temperatures, meta.top_k, meta.top_p, seeds)
+        # The cut from each row's largest logits (top_k_candidates.py), applied to the whole row
+        # as the kernel would apply it (its scaled logit, logit / temperature, below the cut is
+        # out); then a draw with no filter left, the same noise per token, so the same token.
+        cuts = self.ops.sample_cuts(candidates, meta.temperatures, meta.top_k, meta.top_p)
+        temperatures = meta.temperatures[:, None]
+        scaled = torch.where(temperatures > 0, logits / temperatures, logits)
+        kept = logits.masked_fill(scaled < cuts[:, None], float("-inf"))
+        return self.ops.sample(kept, meta.temperatures, torch.zeros_like(meta.top_k),
+                               torch.ones_like(meta.top_p), seeds)

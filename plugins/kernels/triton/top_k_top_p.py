@@ -26,14 +26,13 @@ import triton
 import triton.language as tl
 
 from fastgen.kernels import SamplingMetadata
+from fastgen.plugins.kernels.top_k_candidates import top_k_candidates
 
 from ._tiling import interpreted
 
 # Keys tested per pass: 16 settle 4 bits of the 32-bit key, so a search takes at most 8 passes
 # over the row (a plain bisection takes 32); the extra compares are cheap next to the reads.
 CUTS = 16
-# The searches run on a row's largest logits when its top-k is at most this share of the vocabulary.
-CANDIDATE_SHARE = 16
 
 
 @triton.jit
@@ -155,16 +154,9 @@ def thresholds(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     cut. -inf for greedy rows and rows without top-k / top-p."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    bound = meta.top_k_bound
-    if rows and bound and bound * CANDIDATE_SHARE <= vocab:
-        # Every filtering row has a top-k, so its cut is found among its `bound` largest logits
-        # alone: the search's passes read those, not the row. Tokens outside them are no larger
-        # than the top-k cut, so the cut keeps the same tokens of the whole row, ties included
-        # (the sampler compares the whole row with it). On an H200 the sample op took 2.4 ms
-        # for one row of 128k tokens, searched in up to 18 passes by one program; torch.topk
-        # spreads its pass over the GPU.
-        logits = logits.topk(bound, dim=-1, sorted=False).values
-        vocab = bound
+    candidates = top_k_candidates(logits, meta) if rows else None
+    if candidates is not None:   # see top_k_candidates.py: the same cut, found on fewer tokens
+        logits, vocab = candidates, candidates.shape[1]
     if rows:
         # A tile is [BLOCK_V, CUTS] comparisons: smaller tiles than the sampler's.
         block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 512)

@@ -17,11 +17,14 @@ import torch
 
 import cuda_emulator
 import fastgen
+from fastgen import SamplingParams
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.kernels import REFERENCE_TOLERANCE
+from fastgen.plugins.kernels.sampling_seeds import row_seeds
 from kernel_batches import ragged_batch
 from kernel_targets import CPU
+from sampling_inputs import metadata, random_logits
 from tiny_models import make_checkpoint, run_to_completion
 
 REASON = cuda_emulator.available()
@@ -112,6 +115,24 @@ def test_the_backend_splits_few_long_decodes_and_matches_the_reference(reference
     decodes.attn_metadata = reference.prepare(decodes)
     torch.testing.assert_close(out, reference.attention(q, *caches, decodes, 0.1, None),
                                atol=2e-5, rtol=1e-5)
+
+
+def test_rows_that_all_take_a_top_k_draw_what_the_whole_row_search_draws(ops):
+    # The backend finds such rows' cuts among their largest logits (top_k_candidates) and masks
+    # the rest; the op alone searches whole rows. Same seeds, same kept sets: the same tokens.
+    backend = cuda_emulator.EmulatedCudaBackend(CPU)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p)
+              for t in (0.5, 1.0, 2.0) for k in (1, 3, 20) for p in (0.3, 0.9, 1.0)]
+    params += [SamplingParams(temperature=0), SamplingParams(temperature=0.8)]
+    meta = metadata(params)
+    assert meta.top_k_bound == 20
+    logits = random_logits(len(params), 400, seed=3, scale=1.0)
+    logits[::4, 100:130] = logits[::4, 5:6]      # ties with a row's candidates, outside them
+    for seed in range(3):
+        seeds = row_seeds(meta, len(params), CPU, torch.Generator().manual_seed(seed))
+        whole_rows = ops.sample(logits, meta.temperatures, meta.top_k, meta.top_p, seeds)
+        tokens = backend.sample(logits, meta, torch.Generator().manual_seed(seed))
+        assert tokens.tolist() == whole_rows.tolist()
 
 
 # Prompt chunks for the tiled kernel: tiles cut short by the chunk's end (130 = 64 + 64 + 2 new
