@@ -11,9 +11,10 @@
 #   kernels  fastgen bench kernels --check, full shapes, over the backends that run on the device
 #            (each case also checked against kernels.torch on its inputs); one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
-#   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m, then llama-1b, in
-#            bf16: every backend beside transformers generate, prefill and decode tokens/s, and
-#            kernels.triton and .cuda once more with cuda_graphs on (`triton+graphs`)
+#   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m in bf16, greedy: every
+#            backend beside transformers generate, prefill and decode tokens/s, and kernels.triton
+#            and .cuda once more with cuda_graphs on (`triton+graphs`); then llama-1b sampled
+#            (temperature 0.7, top-k 50, top-p 0.9): kernels.torch and the GPU backends with graphs
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
 #            (llama3-8b shapes), to choose its defaults and tune the split rule
@@ -67,7 +68,9 @@ done
 
 # Seconds: each step's cap (all its parts together), and the floor that the parts before it leave
 # it; the setup's parts have caps of their own.
-declare -A CAP=([tests]=170 [kernels]=200 [e2e]=150 [sweep]=100) FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=50)
+# (The 2026-11-27 H200 session's parts took: setup 25, tests 128, kernels 93 + 90, e2e 90 for
+# smollm2-135m, sweep 38.)
+declare -A CAP=([tests]=150 [kernels]=185 [e2e]=160 [sweep]=45) FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=35)
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
 # GPU_SESSION_KERNEL_MODELS (space-separated), GPU_SESSION_KERNEL_OPS (comma-separated) and
 # GPU_SESSION_KERNEL_K (a -k expression): a smaller kernels step, e.g. to time one change again.
@@ -288,18 +291,26 @@ step_kernels() {
     done
 }
 
+# The first model greedy over every backend, eager and with graphs; the next ones sampled (a chat
+# setting: the samplers' top-k / top-p search is in every step) over kernels.torch and the GPU
+# backends with graphs, as `kernels = auto` serves them.
 step_e2e() {
-    local m b t0=$SECONDS kernels=$BACKENDS
+    local m b t0=$SECONDS all=$BACKENDS graphs=torch kernels sampling=()
     if [ "$DRY" = 0 ]; then
-        for b in triton cuda; do [[ ",$BACKENDS," == *",$b,"* ]] && kernels+=",$b+graphs"; done
+        for b in triton cuda; do
+            [[ ",$BACKENDS," == *",$b,"* ]] && { all+=",$b+graphs"; graphs+=",$b+graphs"; }
+        done
     fi
+    kernels=$all
     : > "$OUT/e2e.md"
     for m in "${E2E_MODELS[@]}"; do
         bounded "e2e:$m" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" \
             "$WORK/e2e-$m.md" \
             "$PY" benchmarks/offline_throughput.py --random-model "$m" --device "$DEVICE" \
-            --kernels "$kernels" "${E2E_ARGS[@]}" --attn sdpa --skip-generate-batch \
+            --kernels "$kernels" "${E2E_ARGS[@]}" "${sampling[@]}" --attn sdpa --skip-generate-batch \
             --json "$WORK/e2e-$m.json"
+        kernels=$graphs
+        sampling=(--temperature 0.7 --top-k 50 --top-p 0.9)
         { cat "$WORK/e2e-$m.md"; echo; } >> "$OUT/e2e.md"
         merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
         write_summary
