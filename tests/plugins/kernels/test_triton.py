@@ -14,8 +14,10 @@ import sys
 import pytest
 import torch
 
+from fastgen import SamplingParams
 from kernel_batches import BLOCK_SIZE_DEFAULT, device_fixture, make_backend, ragged_batch
 from kernel_targets import CPU
+from sampling_inputs import metadata, random_logits
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 
@@ -101,6 +103,28 @@ def test_16bit_rotary_rounds_where_the_reference_does(device, dtype, is_neox):
     want = reference.rotary(q, k, cos, sin, is_neox)
     for a, b in zip(got, want):
         assert torch.equal(a, b), f"{(a != b).sum().item()} of {a.numel()} values differ"
+
+
+def test_sampling_draws_the_same_tokens_however_a_row_is_cut_into_chunks(device):
+    # Programs draw chunks of a row and the best chunk wins: the noise is keyed by token, so the
+    # tokens are those of one program per row, ties included (the lowest token wins).
+    from fastgen.plugins.kernels.triton.sampling import sample
+
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5),
+              SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.3, seed=4),
+              SamplingParams(temperature=1.0)]
+    logits = random_logits(len(params), 3000, seed=0, scale=1.0)
+    logits[1, 10] = logits[1, 2500] = 10.0          # a greedy tie across chunks
+    logits[6] = float("-inf")                        # nothing to draw: token 0
+    logits = logits.to(device)
+    for seed in range(3):
+        # Fresh metadata per draw: a seeded request's generator moves on with each.
+        drawn = [sample(logits, metadata(params, device),
+                        torch.Generator(device=device).manual_seed(seed), chunk_tokens=chunk).tolist()
+                 for chunk in (3000, 1024, 4096 * 3)]
+        assert drawn[0] == drawn[1] == drawn[2]
+        assert drawn[0][1] == 10 and drawn[0][6] == 0
 
 
 def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, device):
