@@ -267,6 +267,8 @@ EOF
     local compiled=$([ "$DRY" = 1 ] && echo cpu || echo cuda)
     if [[ ",$BACKENDS," == *",$compiled,"* ]]; then
         bounded "setup:build-$compiled" "$(limit_for setup 180 1)" - "$PY" -m "fastgen.plugins.kernels.$compiled.build"
+        # The open crash of kernels.cuda's argument errors (issue 5): what it is, into session.log.
+        [ "$DRY" = 0 ] && bounded "setup:cuda-errors" 60 - "$PY" scripts/cuda_error_diag.py
     fi
     write_summary
 }
