@@ -134,12 +134,7 @@ class CudaBackend(ReferenceFallbackBackend):
         candidates = top_k_candidates(logits, meta)
         if candidates is None:
             return self.ops.sample(logits, meta.temperatures, meta.top_k, meta.top_p, seeds)
-        # The cut from each row's largest logits (top_k_candidates.py), applied to the whole row
-        # as the kernel would apply it (its scaled logit, logit / temperature, below the cut is
-        # out); then a draw with no filter left, the same noise per token, so the same token.
+        # Each row's cut from its largest logits (top_k_candidates.py); the draw over the whole
+        # row then takes it as found and searches none: the same token as the whole-row search.
         cuts = self.ops.sample_cuts(candidates, meta.temperatures, meta.top_k, meta.top_p)
-        temperatures = meta.temperatures[:, None]
-        scaled = torch.where(temperatures > 0, logits / temperatures, logits)
-        kept = logits.masked_fill(scaled < cuts[:, None], float("-inf"))
-        return self.ops.sample(kept, meta.temperatures, torch.zeros_like(meta.top_k),
-                               torch.ones_like(meta.top_p), seeds)
+        return self.ops.sample(logits, meta.temperatures, meta.top_k, meta.top_p, seeds, cuts)

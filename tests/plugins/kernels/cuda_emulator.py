@@ -112,7 +112,7 @@ class SampleParams(ctypes.Structure):
     _fields_ = [("out", ctypes.c_void_p), ("logits", ctypes.c_void_p), ("temperatures", ctypes.c_void_p),
                 ("top_k", ctypes.c_void_p), ("top_p", ctypes.c_void_p), ("seeds", ctypes.c_void_p),
                 ("num_rows", ctypes.c_int), ("vocab", ctypes.c_int), ("row_stride", ctypes.c_int64),
-                ("cuts", ctypes.c_void_p)]
+                ("cuts", ctypes.c_void_p), ("given_cuts", ctypes.c_void_p)]
 
 
 STRUCTS = (AttentionParams, WriteKVParams, RMSNormParams, RotaryParams, SiluAndMulParams, SampleParams)
@@ -167,16 +167,17 @@ class EmulatedOps:
         self._launch("attention", p, q.dtype)
         return out
 
-    def _sample(self, logits, temperatures, top_k, top_p, seeds, cuts):
+    def _sample(self, logits, temperatures, top_k, top_p, seeds, cuts, given_cuts=None):
         out = torch.empty(logits.shape[0], dtype=torch.int64)
         keep = [t.contiguous() for t in (temperatures, top_k, top_p, seeds)]
+        given = None if given_cuts is None else given_cuts.contiguous()
         p = SampleParams(_ptr(out), _ptr(logits), *map(_ptr, keep), logits.shape[0], logits.shape[1],
-                         logits.stride(0), _ptr(cuts))
+                         logits.stride(0), _ptr(cuts), _ptr(given))
         self._launch("sample", p, torch.float32)
         return out
 
-    def sample(self, logits, temperatures, top_k, top_p, seeds):
-        return self._sample(logits, temperatures, top_k, top_p, seeds, None)
+    def sample(self, logits, temperatures, top_k, top_p, seeds, cuts=None):
+        return self._sample(logits, temperatures, top_k, top_p, seeds, None, cuts)
 
     def sample_cuts(self, logits, temperatures, top_k, top_p):
         cuts = torch.empty(logits.shape[0])

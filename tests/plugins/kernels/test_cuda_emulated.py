@@ -133,6 +133,13 @@ def test_rows_that_all_take_a_top_k_draw_what_the_whole_row_search_draws(ops):
         whole_rows = ops.sample(logits, meta.temperatures, meta.top_k, meta.top_p, seeds)
         tokens = backend.sample(logits, meta, torch.Generator().manual_seed(seed))
         assert tokens.tolist() == whole_rows.tolist()
+    # A cut given to the op is the one it applies: at each row's largest scaled logit, only the
+    # argmax is left to draw, whatever the noise and with no top-k / top-p of its own.
+    free = metadata([SamplingParams(temperature=1.0)] * 8)
+    rows = logits[:8]
+    seeds = row_seeds(free, 8, CPU, torch.Generator().manual_seed(0))
+    drawn = ops.sample(rows, free.temperatures, free.top_k, free.top_p, seeds, rows.max(dim=1).values)
+    assert drawn.tolist() == rows.argmax(dim=1).tolist()
 
 
 # Prompt chunks for the tiled kernel: tiles cut short by the chunk's end (130 = 64 + 64 + 2 new

@@ -94,6 +94,7 @@ struct SampleParams {
   int num_rows, vocab;
   int64_t row_stride;
   float* cuts;                  // [S] or null: each row's top-k / top-p cut (-inf: none), if asked
+  const float* given_cuts;      // [S] or null: each row's cut, found beforehand; then not searched
 };
 
 // Each enqueues its kernel on `stream` (a cudaStream_t) and returns the launch's cudaError_t.

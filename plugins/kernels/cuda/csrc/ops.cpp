@@ -299,10 +299,11 @@ void check_per_row(const char* op, const char* name, const at::Tensor& t, int64_
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-// The sample kernel over the rows; `cuts`, if defined, also receives each row's top-k / top-p cut.
+// The sample kernel over the rows; `cuts`, if defined, also receives each row's top-k / top-p cut;
+// `given_cuts`, if defined, are the rows' cuts, found beforehand (the kernel then searches none).
 at::Tensor run_sample(const char* op, const at::Tensor& logits, const at::Tensor& temperatures,
                       const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& seeds,
-                      const at::Tensor& cuts) {
+                      const at::Tensor& cuts, const at::Tensor& given_cuts) {
   check_cuda_on_one_device(op, {&logits, &temperatures, &top_k, &top_p, &seeds});
   check_dim(op, "logits", logits, 2);
   check_rows(op, "logits", logits);
@@ -312,22 +313,28 @@ at::Tensor run_sample(const char* op, const at::Tensor& logits, const at::Tensor
   check_per_row(op, "top_k", top_k, rows, at::kLong);
   check_per_row(op, "top_p", top_p, rows, at::kFloat);
   check_per_row(op, "seeds", seeds, rows, at::kLong);
+  if (given_cuts.defined()) {
+    check_cuda_on_one_device(op, {&logits, &given_cuts});
+    check_per_row(op, "cuts", given_cuts, rows, at::kFloat);
+  }
 
   auto out = at::empty({rows}, logits.options().dtype(at::kLong));
   const auto temps = temperatures.contiguous(), ks = top_k.contiguous(), ps = top_p.contiguous(),
-             keys = seeds.contiguous();
+             keys = seeds.contiguous(), given = given_cuts.defined() ? given_cuts.contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(logits.device());
   const SampleParams p{out.data_ptr<int64_t>(), logits.data_ptr<float>(), temps.data_ptr<float>(),
                        ks.data_ptr<int64_t>(), ps.data_ptr<float>(), keys.data_ptr<int64_t>(),
                        static_cast<int>(rows), static_cast<int>(logits.size(1)), logits.stride(0),
-                       cuts.defined() ? cuts.data_ptr<float>() : nullptr};
+                       cuts.defined() ? cuts.data_ptr<float>() : nullptr,
+                       given.defined() ? given.data_ptr<float>() : nullptr};
   check_launch(launch_sample(p, current_stream(logits)));
   return out;
 }
 
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_k,
-                  const at::Tensor& top_p, const at::Tensor& seeds) {
-  return run_sample("fastgen_cuda::sample", logits, temperatures, top_k, top_p, seeds, at::Tensor());
+                  const at::Tensor& top_p, const at::Tensor& seeds, const std::optional<at::Tensor>& cuts) {
+  return run_sample("fastgen_cuda::sample", logits, temperatures, top_k, top_p, seeds, at::Tensor(),
+                    cuts.has_value() ? *cuts : at::Tensor());
 }
 
 at::Tensor sample_cuts(const at::Tensor& logits, const at::Tensor& temperatures, const at::Tensor& top_k,
@@ -335,7 +342,7 @@ at::Tensor sample_cuts(const at::Tensor& logits, const at::Tensor& temperatures,
   check_dim("fastgen_cuda::sample_cuts", "logits", logits, 2);
   auto cuts = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
   const auto seeds = at::zeros({logits.size(0)}, logits.options().dtype(at::kLong));
-  run_sample("fastgen_cuda::sample_cuts", logits, temperatures, top_k, top_p, seeds, cuts);
+  run_sample("fastgen_cuda::sample_cuts", logits, temperatures, top_k, top_p, seeds, cuts, at::Tensor());
   return cuts;
 }
 
@@ -367,8 +374,10 @@ TORCH_LIBRARY(fastgen_cuda, m) {
   // x: [T, 2I] -> silu(x[:, :I]) * x[:, I:]: [T, I]
   m.def("silu_and_mul(Tensor x) -> Tensor");
   // logits: [S, V] float32, temperatures [S] float32 (<= 0: greedy), top_k [S] int64 (0: none),
-  // top_p [S] float32 (1: none), seeds [S] int64 (Philox keys) -> next tokens [S] int64
-  m.def("sample(Tensor logits, Tensor temperatures, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
+  // top_p [S] float32 (1: none), seeds [S] int64 (Philox keys) -> next tokens [S] int64; cuts
+  // [S] float32, if given: each row's cut found beforehand (sample_cuts on its top-k candidates)
+  m.def("sample(Tensor logits, Tensor temperatures, Tensor top_k, Tensor top_p, Tensor seeds, "
+        "Tensor? cuts=None) -> Tensor");
   // The same rows -> each row's top-k / top-p cut [S] float32: the smallest scaled logit sample
   // keeps; -inf where nothing is cut (greedy rows too). For tests and kernel authors.
   m.def("sample_cuts(Tensor logits, Tensor temperatures, Tensor top_k, Tensor top_p) -> Tensor");

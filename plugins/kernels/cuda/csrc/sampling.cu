@@ -208,8 +208,10 @@ __global__ void __launch_bounds__(kSampleThreads, 1) sample_kernel(const SampleP
   const float* logits = p.logits + row * p.row_stride;
   const float temperature = p.temperatures[row];
   const bool greedy = temperature <= 0.f;
-  const float cut = greedy ? -INFINITY
-                           : find_cut(logits, p.vocab, temperature, p.top_k[row], p.top_p[row], scratch, histogram);
+  const float cut = greedy                     ? -INFINITY
+                    : p.given_cuts != nullptr ? p.given_cuts[row]
+                                              : find_cut(logits, p.vocab, temperature, p.top_k[row], p.top_p[row],
+                                                         scratch, histogram);
   if (p.cuts != nullptr && threadIdx.x == 0) p.cuts[row] = cut;
   const auto seed = static_cast<uint64_t>(p.seeds[row]);
   float best = -INFINITY;
