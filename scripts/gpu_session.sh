@@ -297,13 +297,12 @@ step_kernels() {
 # setting: the samplers' top-k / top-p search is in every step) over kernels.torch and the GPU
 # backends with graphs, as `kernels = auto` serves them.
 step_e2e() {
-    local m b t0=$SECONDS all=$BACKENDS graphs=torch kernels sampling=()
+    local m b t0=$SECONDS kernels=$BACKENDS graphs=torch sampling=()
     if [ "$DRY" = 0 ]; then
         for b in triton cuda; do
-            [[ ",$BACKENDS," == *",$b,"* ]] && { all+=",$b+graphs"; graphs+=",$b+graphs"; }
+            [[ ",$BACKENDS," == *",$b,"* ]] && { kernels+=",$b+graphs"; graphs+=",$b+graphs"; }
         done
     fi
-    kernels=$all
     : > "$OUT/e2e.md"
     for m in "${E2E_MODELS[@]}"; do
         bounded "e2e:$m" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" \

@@ -5,9 +5,10 @@ Both samplers search a row's cut in passes over the whole row, run by one progra
 per row: on an H200 a 128k-token row took 0.75 ms (kernels.cuda) to 2.4 ms (kernels.triton),
 while the rest of the GPU idled. A row's kept set never reaches past its top_k largest logits, and
 `SamplingMetadata.top_k_bound` says, from the host, when that holds for every filtering row; then
-the search runs on the `top_k_bound + 1` largest logits of each row (torch.topk, which spreads its pass
-over the GPU), and the cut it finds keeps the same tokens of the whole row: every token outside
-them is no larger than the row's k-th largest, so the search treats it as the tokens tied there.
+the search runs on the `top_k_bound + 1` largest logits of each row (torch.topk, which spreads its
+pass over the GPU), and the cut it finds keeps the same tokens of the whole row: every token
+outside them is no larger than the row's k-th largest, so the search treats it as the tokens tied
+there.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, program, stride_xt, stride_xh
     # Rounded where the reference (and transformers) holds values in the model's dtype: cos and
     # sin, and each product. Left in fp32, a 16-bit result differs from theirs by up to 8 ulps
     # where the two products nearly cancel (seen on 1 of 2M values at Llama-3-8B's shapes).
-    cos = cos.to(dtype).to(tl.float32)
-    sin = sin.to(dtype).to(tl.float32)
+    cos = _rounded(cos, dtype)
+    sin = _rounded(sin, dtype)
     out1 = _rounded(x1f * cos, dtype) - _rounded(x2f * sin, dtype)
     out2 = _rounded(x2f * cos, dtype) + _rounded(x1f * sin, dtype)
     tl.store(o_rows + first, out1.to(dtype), mask=mask)
