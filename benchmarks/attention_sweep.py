@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastgen.bench.kernels import (MODELS, BatchShape, best_time, build_batch, decode,  # noqa: E402
                                    mixed, prefill)
 from fastgen.checkpoint import DTYPES  # noqa: E402
-from fastgen.kernels import make_backend  # noqa: E402
+from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
 from fastgen.plugin_manager import load_plugins  # noqa: E402
 
 SHAPES = {s.name: s for s in (decode(1, 8192), decode(64, 1024), prefill(2048), mixed(512, 16, 1024))}
@@ -113,6 +113,7 @@ def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scal
     """The backend's attention on the batch, checked against `expected` and then timed, into result;
     a failure to compile or launch is the result's error."""
     try:
+        configure_kv_cache(backend, k_cache.shape[2], k_cache.shape[3])
         batch.attn_metadata = backend.prepare(batch)
         result.extra = {"num_splits": batch.attn_metadata.num_splits,
                         "tile_tokens": getattr(batch.attn_metadata, "tile_tokens", None)}

@@ -15,7 +15,7 @@ from .block_allocator import BlockAllocator
 from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
-from .kernels import AUTO, SamplingMetadata, choose_auto, make_backend
+from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
 from .model import load_model
@@ -101,6 +101,7 @@ class Engine:
         self.model_name = config.served_model_name or Path(config.model or "SmolLM2-135M-Instruct").stem
 
         self.kv_cache = self._allocate_kv_cache()
+        configure_kv_cache(self.backend, *self.model.kv_cache_spec[1:])
         num_blocks = len(self.kv_cache[0][0])
         capture = graph_capture or CudaGraphCapture()
         use_graphs = self._use_step_graphs(capture, num_blocks)

@@ -101,6 +101,11 @@ class KernelBackend(Protocol):
     # The ops must then read lengths and block tables from the batch's tensors only, never sync
     # with the host, and allocate only through torch.
 
+    # Optional: `configure_kv_cache(num_kv_heads, head_dim)`, called once the model is loaded and
+    # before the first prepare(), with the KV cache's layout (every layer's is the same). A
+    # backend whose plan depends on how many programs a step launches (kernels.triton's split-KV
+    # count, which the heads multiply) reads it here; configure_kv_cache() below calls it.
+
     def prepare(self, batch: Any) -> Any:
         """Derive once per step whatever the attention op needs from the batch metadata."""
         ...
@@ -150,6 +155,13 @@ def linear_of(backend: Any) -> Callable[..., torch.Tensor]:
     """The backend's `linear` op, else torch's F.linear: the matmuls stay plain torch linear
     algebra unless a backend has a faster path for them (kernels.cpu does, for few rows)."""
     return getattr(backend, "linear", F.linear)
+
+
+def configure_kv_cache(backend: Any, num_kv_heads: int, head_dim: int) -> None:
+    """Tell the backend its KV cache's layout, if it asks for it (the optional hook above)."""
+    configure = getattr(backend, "configure_kv_cache", None)
+    if configure is not None:
+        configure(num_kv_heads, head_dim)
 
 
 AUTO = "auto"

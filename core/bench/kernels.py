@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import DTYPES
 from ..errors import FastgenError
-from ..kernels import SamplingMetadata, linear_of, make_backend
+from ..kernels import SamplingMetadata, configure_kv_cache, linear_of, make_backend
 from ..plugin_manager import PluginInfo, load_plugins
 from ..ragged_batch import RaggedBatch
 from ..request import SamplingParams, Sequence
@@ -297,6 +297,7 @@ class KernelCase:
             return lambda: backend.write_kv(key, value, k_cache, v_cache, slots), written
         if self.op == "attention":
             # prepare() runs once per step and attention once per layer: it is not timed.
+            configure_kv_cache(backend, m.num_kv_heads, m.head_dim)
             batch.attn_metadata = backend.prepare(batch)
             q = randn(t, m.num_heads, m.head_dim)
             scale = m.head_dim ** -0.5

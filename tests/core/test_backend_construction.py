@@ -93,6 +93,22 @@ def test_engine_runs_a_backend_that_takes_only_the_device(plugin_manager, tiny_l
     assert [len(o.token_ids) for o in finished] == [3]
 
 
+class TakesKvCache(TorchBackend):
+    name = "takes_kv_cache"
+    told: tuple[int, int] | None = None
+
+    def configure_kv_cache(self, num_kv_heads, head_dim):
+        self.told = (num_kv_heads, head_dim)
+
+
+def test_engine_tells_a_backend_that_asks_its_kv_cache_layout(plugin_manager, tiny_llama, tmp_path):
+    manager = in_process_kernels(plugin_manager, TakesKvCache)
+    engine = Engine(make_config(model=str(tiny_llama[0]), kernels="takes_kv_cache",
+                                cache_dir=str(tmp_path), num_blocks=16), manager)
+    _, kv_heads, head_dim = engine.model.kv_cache_spec
+    assert engine.backend.told == (kv_heads, head_dim) == tuple(engine.kv_cache[0][0].shape[2:])
+
+
 # --- kernels.cpu: the build goes under the engine's cache_dir ---------------------------------
 
 needs_kernels_cpu = pytest.mark.skipif(CpuBackend.unavailable_reason(CPU) is not None,

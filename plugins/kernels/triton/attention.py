@@ -49,10 +49,12 @@ class AttentionPlan:
 
 
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
-                   split_min_keys: int = MIN_SPLIT_KEYS, block_n: int | None = None,
-                   num_warps: int | None = None, num_stages: int | None = None) -> AttentionPlan:
+                   split_min_keys: int = MIN_SPLIT_KEYS, kv_heads: int = 1,
+                   block_n: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> AttentionPlan:
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata;
-    the launch settings given, if any, are kept for paged_attention."""
+    the launch settings given, if any, are kept for paged_attention. `kv_heads`: the model's KV
+    heads per layer, each tile's programs without a split."""
     query_lens = batch.query_lens
     if tile_tokens is None:
         # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: fewer,
@@ -69,7 +71,7 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         tiles = torch.tensor([seq_ids, starts], dtype=torch.int32).to(batch.seq_lens.device)
         tile_seq, tile_start = tiles[0], tiles[1]
     if num_splits is None:
-        num_splits = plan_splits(batch, num_tiles, split_min_keys)
+        num_splits = plan_splits(batch, num_tiles * kv_heads, split_min_keys)
     return AttentionPlan(
         num_tiles=num_tiles, tile_seq=tile_seq, tile_start=tile_start,
         tile_tokens=tokens, num_splits=max(1, num_splits),

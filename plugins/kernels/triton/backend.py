@@ -30,6 +30,9 @@ class TritonBackend:
     attention_block_n: int | None = None
     attention_num_warps: int | None = None
     attention_num_stages: int | None = None
+    # KV heads per layer, from configure_kv_cache(): the split-KV rule counts a step's programs,
+    # one per (tile, KV head). 1 until told, which counts tiles alone.
+    num_kv_heads: int = 1
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -61,9 +64,13 @@ class TritonBackend:
         against kernels.torch's 770; llama-1b 2523 and 4388 against 1163."""
         return 10 if device.type == "cuda" else None
 
+    def configure_kv_cache(self, num_kv_heads: int, head_dim: int) -> None:
+        self.num_kv_heads = num_kv_heads
+
     def prepare(self, batch):
         return self._attention.plan_attention(
-            batch, self.tile_tokens, self.num_kv_splits, block_n=self.attention_block_n,
+            batch, self.tile_tokens, self.num_kv_splits, kv_heads=self.num_kv_heads,
+            block_n=self.attention_block_n,
             num_warps=self.attention_num_warps, num_stages=self.attention_num_stages)
 
     def graph_key(self, plan) -> int | None:

@@ -21,6 +21,7 @@ from sampling_inputs import metadata, random_logits
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 
+from fastgen.plugins.kernels.split_kv import target_programs  # noqa: E402
 from fastgen.plugins.kernels.triton.backend import TritonBackend  # noqa: E402
 
 device = device_fixture("triton")
@@ -57,6 +58,16 @@ def test_split_kv_is_planned_for_few_long_sequences_only(device):
                               device=device)
     assert backend.prepare(few_long).num_splits > 1
     assert backend.prepare(many_short).num_splits == 1
+
+
+def test_split_kv_counts_each_tiles_programs_one_per_kv_head(device):
+    """Two long decodes split while their programs fall short of the device's target; told there
+    are enough KV heads that one program per (sequence, KV head) fills it, they are not split."""
+    backend = make_backend("triton", device)
+    few_long = ragged_batch([(700, 1), (650, 1)], BLOCK_SIZE_DEFAULT, num_blocks=96, device=device)
+    assert backend.prepare(few_long).num_splits > 1
+    backend.configure_kv_cache(num_kv_heads=-(-target_programs(device) // 2), head_dim=64)
+    assert backend.prepare(few_long).num_splits == 1
 
 
 @pytest.mark.parametrize("splits", [2, 5])
