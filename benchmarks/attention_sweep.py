@@ -40,12 +40,16 @@ from fastgen.checkpoint import DTYPES  # noqa: E402
 from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
 from fastgen.plugin_manager import load_plugins  # noqa: E402
 
-SHAPES = {s.name: s for s in (decode(1, 8192), decode(64, 1024), prefill(2048), mixed(512, 16, 1024))}
+SHAPES = {s.name: s for s in (decode(1, 8192), decode(16, 8192), decode(64, 1024), prefill(2048),
+                               mixed(512, 16, 1024))}
 QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 # (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
-DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64, 128) for st in (2, 3)] + [
+# Stages 3 and 4 keep 2 and 4 copies of keys in flight (the sm_90 TTGIR); block_n 128 and stages
+# 2 were never the fastest (NVIDIA H200, 2026-11-27), so they are not timed again.
+DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64) for st in (3, 4)] + [
     (None, 64, 2, 3), (None, 64, 8, 3)]
-PROMPT_SETTINGS = [(t, n, w, 3) for t in (16, 32) for n in (32, 64) for w in (4, 8)]
+PROMPT_SETTINGS = [(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
+    (32, 64, 8, 3)]
 QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
 # Split-KV counts forced on decode shapes (each backend's own launch settings), beside the count the
 # shared rule (plugins/kernels/split_kv.py) picks: the data to tune that rule with.

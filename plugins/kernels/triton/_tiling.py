@@ -1,7 +1,9 @@
-"""Launch shapes shared by the kernels: the row-wise kernels' rows per program, and whether a
-device runs Triton compiled or interpreted."""
+"""Launch shapes shared by the kernels: the row-wise kernels' rows per program, whether a device
+runs Triton compiled or interpreted, and the shared memory a program may use there."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -19,3 +21,19 @@ def rows_per_program(block: int, elements: int = 4096) -> int:
     model's hidden size, many rows of a narrow one (fewer, fuller programs; the interpreter runs
     each program in numpy, so this matters even more there)."""
     return max(1, min(64, elements // block))
+
+
+def max_shared_bytes(device: torch.device) -> int | None:
+    """Shared memory one program may use on a CUDA `device`, as Triton checks at launch; None
+    elsewhere (the interpreter has no limit, and the compile check reports each launch's needs
+    against its target's)."""
+    if device.type != "cuda":
+        return None
+    return _max_shared_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_bytes(index: int) -> int:
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]

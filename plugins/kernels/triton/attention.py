@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..query_tiles import query_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
-from ._tiling import interpreted
+from ._tiling import interpreted, max_shared_bytes
 
 LOG2E = 1.4426950408889634
 
@@ -81,6 +81,57 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
 
 
 @triton.jit
+def _block_ids(table_ptr, keys, hi, CACHE_BLOCK: tl.constexpr):
+    """[N] the cache block of each of `keys` (block 0 for a key at or past `hi`)."""
+    return tl.load(table_ptr + keys // CACHE_BLOCK, mask=keys < hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_ptr, kv_head,
+            q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+            stride_vh, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+            MASKED: tl.constexpr, SLIDING: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One step of the online softmax over BLOCK_N keys, whose cache blocks are `block`. Unmasked,
+    every row sees every key (the caller's promise): no key range check, no -inf to guard."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    offset = keys % CACHE_BLOCK
+    if MASKED:
+        key_ok = keys < hi
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)          # [N, D]
+    if FP32_DOT:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * scale_log2                       # [M, N], in log2 units for exp2
+    if MASKED:
+        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if SLIDING:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    if MASKED:
+        # A row that has seen no visible key yet keeps max -inf: subtract 0 instead, to get 0, not NaN.
+        new_max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    else:
+        new_max_safe = new_max
+    alpha = tl.exp2(running_max - new_max_safe)
+    p = tl.exp2(scores - new_max_safe[:, None])
+    running_sum = running_sum * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, new_max, running_sum
+
+
+@triton.jit
 def _attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
         tile_seq_ptr, tile_start_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -116,51 +167,56 @@ def _attention_kernel(
     q = tl.load(q_ptr + flat[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    # Keys [lo, hi): up to the tile's last token (causal), from the window start of its first.
-    hi = context + tl.minimum(start + TILE_TOKENS, q_len)
+    # Keys [lo, hi): up to the tile's last token (causal), from the window start of its first,
+    # walked in steps of BLOCK_N keys from a multiple of BLOCK_N (the mask drops those below lo).
+    last = tl.minimum(start + TILE_TOKENS, q_len) - 1      # the tile's last token
+    hi = context + last + 1
     lo = 0
     if SLIDING:
         lo = tl.maximum(context + start - window + 1, 0)
-    num_iters = tl.cdiv(hi - lo, BLOCK_N)
-    per_split = tl.cdiv(num_iters, NUM_SPLITS)
-    first_iter = split * per_split
-    last_iter = tl.minimum(first_iter + per_split, num_iters)
+    step_lo = lo // BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(hi, BLOCK_N) - step_lo, NUM_SPLITS)
+    first_step = step_lo + split * per_split
+    end_step = tl.minimum(first_step + per_split, tl.cdiv(hi, BLOCK_N))
+    # Steps every row sees whole, [a, b), need no mask: keys up to the first token's position,
+    # from the window start of the last token's.
+    full_lo = 0
+    if SLIDING:
+        full_lo = tl.maximum(tl.cdiv(context + last - window + 1, BLOCK_N), 0)
+    a = tl.minimum(tl.maximum(full_lo, first_step), end_step)
+    b = tl.minimum(tl.maximum((context + start + 1) // BLOCK_N, a), end_step)
 
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for it in range(first_iter, last_iter):
-        keys = lo + it * BLOCK_N + cols                    # [N] key positions
-        key_ok = keys < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt + keys // CACHE_BLOCK, mask=key_ok,
-                        other=0).to(tl.int64)
-        offset = keys % CACHE_BLOCK
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)          # [N, D]
-        if FP32_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale_log2                       # [M, N], in log2 units for exp2
-        visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
-        if SLIDING:
-            visible = visible & (keys[None, :] > q_pos[:, None] - window)
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        # A row that has seen no visible key yet keeps max -inf: subtract 0 instead, to get 0, not NaN.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp2(running_max - safe_max)
-        p = tl.exp2(scores - safe_max[:, None])
-        running_sum = running_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        running_max = new_max
+    table = block_tables_ptr + seq * stride_bt
+    # Each step's block ids are loaded a step ahead and carried: a K/V load whose address comes
+    # from a load in its own step is one Triton's pipeliner issues only after the step's work, so
+    # no copy would overlap a product (seen in the sm_90 TTGIR, Triton 3.6 and 3.9).
+    block = _block_ids(table, a * BLOCK_N + cols, hi, CACHE_BLOCK)
+    for step in range(a, b):
+        next_block = _block_ids(table, (step + 1) * BLOCK_N + cols, hi, CACHE_BLOCK)
+        acc, running_max, running_sum = _attend(
+            acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
+            v_cache_ptr, kv_head, q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, BLOCK_D, HEAD_DIM, CACHE_BLOCK, False, SLIDING,
+            FP32_DOT)
+        block = next_block
+    # The masked steps: [first_step, a) below the window's edge and [b, end_step) at the diagonal.
+    num_below = a - first_step
+    masked_step = tl.where(num_below > 0, first_step, b)
+    block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK)
+    for i in range(0, num_below + end_step - b):
+        step = masked_step
+        masked_step = tl.where(i + 1 < num_below, first_step + i + 1, b + i + 1 - num_below)
+        next_block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK)
+        acc, running_max, running_sum = _attend(
+            acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
+            v_cache_ptr, kv_head, q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, BLOCK_D, HEAD_DIM, CACHE_BLOCK, True, SLIDING,
+            FP32_DOT)
+        block = next_block
 
     store_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
@@ -199,6 +255,18 @@ def _reduce_splits_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num
              mask=d_ok)
 
 
+def pipeline_stages(block_m: int, block_n: int, block_d: int, itemsize: int,
+                    shared_limit: int | None) -> int:
+    """Triton's default depth, 3 (two steps' keys and values in flight besides the one in use),
+    unless that would not fit the shared memory a program may use (float32 with head size 128 on
+    a 100 KB GPU: RTX 3090, 4090): then 2. Counted as Q plus every stage's K and V tile: what the
+    compiler takes in 16 bits, more than it takes in float32 (sm_86: 104 KB of 128 counted)."""
+    for stages in (3, 2):
+        if shared_limit is None or (block_m + 2 * stages * block_n) * block_d * itemsize <= shared_limit:
+            return stages
+    return 2
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: AttentionPlan, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
@@ -218,7 +286,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = plan.block_n or (64 if block_d <= 64 or interpreted(q.device) else 32)
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
-    stages = {} if plan.num_stages is None else {"num_stages": plan.num_stages}
+    stages = plan.num_stages or pipeline_stages(block_m, block_n, block_d, q.element_size(),
+                                                max_shared_bytes(q.device))
     grid = (plan.num_tiles, kv_heads, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
     tile_seq = plan.tile_seq if plan.tile_seq is not None else plan.seq_lens
@@ -233,7 +302,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
         SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32,
-        num_warps=num_warps, **stages)
+        num_warps=num_warps, num_stages=stages)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](
             part_out, part_max, part_sum, out, tokens, heads, out.stride(0), out.stride(1),

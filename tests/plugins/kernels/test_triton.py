@@ -91,6 +91,38 @@ def test_forced_split_kv_matches_reference(device, splits, window):
     torch.testing.assert_close(outs[0], outs[1], **FLOAT32[device.type])
 
 
+def test_attention_pipelines_less_deep_where_three_stages_would_not_fit():
+    from fastgen.plugins.kernels.triton.attention import pipeline_stages
+
+    ampere_consumer = 101376   # bytes one program may use on an RTX 3090 or 4090 (sm_86, sm_89)
+    # A prompt tile of Llama-3-8B (64 rows, 32 keys a step, head size 128): in 16 bits three
+    # stages fit anywhere; in float32 they fit an H100's 227 KB, not 99 KB.
+    assert pipeline_stages(64, 32, 128, 2, ampere_consumer) == 3
+    assert pipeline_stages(64, 32, 128, 4, ampere_consumer) == 2
+    assert pipeline_stages(64, 32, 128, 4, 232448) == 3
+    assert pipeline_stages(64, 32, 128, 4, None) == 3
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
+def test_short_key_steps_through_every_kind_of_step_match_reference(device, splits, window):
+    """Steps of 16 keys and tiles of 8 tokens: a tile after a long context walks steps below its
+    window's edge (masked), steps every row sees whole (unmasked), and the diagonal (masked)."""
+    backend, reference = make_backend("triton", device), make_backend("torch", device)
+    backend.attention_block_n, backend.tile_tokens, backend.num_kv_splits = 16, 8, splits
+    batch = ragged_batch([(150, 1), (33, 1), (97, 30), (0, 45)], BLOCK_SIZE_DEFAULT, num_blocks=40,
+                         device=device)
+    g = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(40, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
+                        for _ in range(2))
+    q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
+    outs = []
+    for be in (backend, reference):
+        batch.attn_metadata = be.prepare(batch)
+        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
+    torch.testing.assert_close(outs[0], outs[1], **FLOAT32[device.type])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 def test_16bit_rotary_rounds_where_the_reference_does(device, dtype, is_neox):
