@@ -2,12 +2,14 @@
 //
 // One thread block per (query token, group of up to kHeads query heads that share one key/value
 // head, split). The block reads each key and value row once for all its heads (grouped-query
-// attention); its warps stride over the block's share of the keys the token may see (causal within
-// its sequence, optionally a sliding window), kKeysPerStep keys at a time, their K and V rows
-// loaded together so that each warp has many bytes in flight, each warp keeping an online softmax
-// (running max, running sum, weighted value sum) per head; the block merges the warps' states at
-// the end. Every query token finds its sequence from query_start_loc, so decodes and chunks mix
-// freely. Accumulation is fp32 whatever the cache dtype.
+// attention). A warp's lanes are cut into groups of kLanesPerKey lanes that each take one key at a
+// time, a lane holding a 16-byte run of the row, so a score needs a reduction over the group's few
+// lanes, not the warp's 32. The warps stride over the block's share of the keys the token may see
+// (causal within its sequence, optionally a sliding window), each lane group kKeys keys a step,
+// their K and V rows loaded together so that each warp has many bytes in flight; each lane group
+// keeps an online softmax (running max, running sum, weighted value sum) per head, and the groups
+// and then the warps merge theirs at the end. Every query token finds its sequence from
+// query_start_loc, so decodes and chunks mix freely. Accumulation is fp32 whatever the cache dtype.
 //
 // Split-KV (flash-decoding): with num_splits > 1 the keys are cut into that many contiguous parts,
 // so a step of few long decodes still fills the GPU; each block writes its part's unnormalised
@@ -29,11 +31,9 @@ namespace fastgen_cuda {
 namespace {
 
 constexpr int kAttentionWarps = 4;
-// Keys each warp takes per step of its loop, their K and V rows loaded together: enough bytes in
-// flight to cover memory latency with few blocks per SM (a long decode split over the GPU), as
-// many as the registers allow (half for head size 256).
-template <int kHeadDim>
-constexpr int kKeysPerStep = kHeadDim <= 128 ? 8 : 4;
+// Keys each lane group takes per step of its loop, their K and V rows loaded together: enough bytes
+// in flight to cover memory latency with few blocks per SM (a long decode split over the GPU).
+constexpr int kKeysPerStep = 4;
 // prompt_attention_kernel: 16 query rows per warp (the mma's M), keys per step of its loop.
 constexpr int kPromptWarps = kPromptTileTokens / 16;
 constexpr int kTileKeys = 64;
@@ -77,12 +77,19 @@ __device__ __forceinline__ void store_part_state(const AttentionParams& p, int64
   p.part_sum[part_row(p, out_row)] = sum;
 }
 
-// The head dimension a lane holds as its i-th value: each lane a run of kPerLane consecutive
-// dimensions, so a warp reads a row as one contiguous span and a lane its run in few wide loads.
-template <int kPerLane>
-__device__ __forceinline__ int lane_dim(int lane, int i) {
-  return lane * kPerLane + i;
-}
+// How a warp's lanes share a key's row: each lane a run of kPerLane consecutive dimensions, 16 bytes
+// (more where 32 lanes would not cover the head), and kLanesPerKey lanes a key, a power of two so
+// that a group's reduction stays within it. Lanes past the head's end (head size 80, 96 or 112)
+// hold zeros.
+template <typename T, int kHeadDim>
+struct KeyLayout {
+  static constexpr int kRun = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kPerLane = kHeadDim > kRun * kWarpSize ? kHeadDim / kWarpSize : kRun;
+  static constexpr int kLanesUsed = (kHeadDim + kPerLane - 1) / kPerLane;
+  static constexpr int kLanesPerKey = kLanesUsed <= 4 ? 4 : kLanesUsed <= 8 ? 8 : kLanesUsed <= 16 ? 16 : 32;
+  static constexpr int kGroups = kWarpSize / kLanesPerKey;   // keys a warp takes at once
+  static_assert(kLanesUsed <= kWarpSize && kHeadDim % kPerLane == 0, "a head must tile into lane runs");
+};
 
 // kCount consecutive elements from src, read as Words (src aligned to a Word), in fp32.
 template <typename Word, typename T, int kCount>
@@ -96,53 +103,40 @@ __device__ __forceinline__ void load_as(const T* __restrict__ src, float (&dst)[
   for (int i = 0; i < kCount; ++i) dst[i] = to_float(elements[i]);
 }
 
-// kCount consecutive elements from src, in the widest loads (up to 16 bytes) that their size and
-// src's alignment to it allow.
-template <typename T, int kCount>
-__device__ __forceinline__ void load_run(const T* __restrict__ src, float (&dst)[kCount]) {
-  constexpr int kBytes = kCount * static_cast<int>(sizeof(T));
-  if constexpr (kBytes % 16 == 0) {
-    load_as<uint4>(src, dst);
-  } else if constexpr (kBytes % 8 == 0) {
-    load_as<uint2>(src, dst);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kCount; ++i) dst[i] = to_float(src[i]);
-  }
-}
-
-// Each lane's run of kKeys rows of a cache, in fp32. Where the runs tile the head (every
-// size but 80) each lane loads its run whole or, past the head's end, holds zeros; else the last
-// lane's run is cut short.
-template <typename T, int kHeadDim, int kPerLane, int kKeys>
-__device__ __forceinline__ void load_rows(const T* __restrict__ cache, const int64_t (&row)[kKeys],
-                                          int lane, float (&values)[kKeys][kPerLane]) {
+// A lane's run of each of kKeys cache rows (16-byte loads), in fp32; zeros for a lane past the
+// head's end.
+template <typename T, int kPerLane, int kKeys>
+__device__ __forceinline__ void load_runs(const T* __restrict__ cache, const int64_t (&row)[kKeys],
+                                          int dim, bool in_head, float (&values)[kKeys][kPerLane]) {
+  static_assert(kPerLane * sizeof(T) % 16 == 0, "runs are whole 16-byte loads");
 #pragma unroll
   for (int j = 0; j < kKeys; ++j) {
-    if constexpr (kHeadDim % kPerLane == 0) {
-      if (lane_dim<kPerLane>(lane, 0) < kHeadDim) {
-        load_run<T, kPerLane>(cache + row[j] + lane_dim<kPerLane>(lane, 0), values[j]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) values[j][i] = 0.f;
-      }
+    if (in_head) {
+      load_as<uint4>(cache + row[j] + dim, values[j]);
     } else {
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const int d = lane_dim<kPerLane>(lane, i);
-        values[j][i] = d < kHeadDim ? to_float(cache[row[j] + d]) : 0.f;
-      }
+      for (int i = 0; i < kPerLane; ++i) values[j][i] = 0.f;
     }
   }
 }
 
-// kHeadDim and kHeads are template arguments so each lane's share of a row (kPerLane values) and of
-// each head's state lives in registers; for head sizes that are not a multiple of 32 the last lanes
-// hold fewer values or none, and a block whose group has fewer than kHeads heads left idles the rest.
+// Sum over the kLanes lanes of the lane's group (aligned groups of a power-of-two size).
+template <int kLanes>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+  return x;
+}
+
+// kHeadDim and kHeads are template arguments so each lane's run of a row and of each head's state
+// lives in registers; a block whose group has fewer than kHeads heads left idles the rest.
 template <typename T, int kHeadDim, int kHeads>
 __global__ void attention_kernel(const AttentionParams p) {
-  constexpr int kPerLane = (kHeadDim + kWarpSize - 1) / kWarpSize;
-  constexpr int kKeys = kKeysPerStep<kHeadDim>;
+  using Layout = KeyLayout<T, kHeadDim>;
+  constexpr int kPerLane = Layout::kPerLane;
+  constexpr int kLanesPerKey = Layout::kLanesPerKey;
+  constexpr int kKeys = kKeysPerStep;
+  constexpr int kWarpKeys = Layout::kGroups * kKeys;   // keys a warp takes per step
   const T* __restrict__ k_cache = static_cast<const T*>(p.k_cache);
   const T* __restrict__ v_cache = static_cast<const T*>(p.v_cache);
   const int token = blockIdx.x;
@@ -153,6 +147,9 @@ __global__ void attention_kernel(const AttentionParams p) {
   const int num_heads_here = min(kHeads, (kv_head + 1) * group - first_head);
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
+  const int key_group = lane / kLanesPerKey;              // which of the warp's keys
+  const int dim = (lane % kLanesPerKey) * kPerLane;       // the first dimension of the lane's run
+  const bool in_head = dim < kHeadDim;
 
   const int seq = find_sequence(p.query_start_loc, p.num_seqs, token);
   const int q_start = p.query_start_loc[seq];
@@ -173,11 +170,11 @@ __global__ void attention_kernel(const AttentionParams p) {
     const T* q_row = static_cast<const T*>(p.q) + token * p.q_token_stride + (first_head + h) * p.q_head_stride;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane_dim<kPerLane>(lane, i);
-      q_reg[h][i] = h < num_heads_here && d < kHeadDim ? to_float(q_row[d]) * p.scale : 0.f;
+      q_reg[h][i] = h < num_heads_here && in_head ? to_float(q_row[dim + i]) * p.scale : 0.f;
     }
   }
 
+  // Each lane group's softmax state over its keys (the same in every lane of the group).
   float running_max[kHeads], running_sum[kHeads], acc[kHeads][kPerLane];
 #pragma unroll
   for (int h = 0; h < kHeads; ++h) {
@@ -187,18 +184,20 @@ __global__ void attention_kernel(const AttentionParams p) {
     for (int i = 0; i < kPerLane; ++i) acc[h][i] = 0.f;
   }
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  for (int first = begin + warp * kKeys; first < end; first += kAttentionWarps * kKeys) {
-    // Rows of up to kKeys keys; a key past the end reads the first's row and weighs nothing.
+  // The bound is the warp's, not the group's: every lane of the warp takes part in the shuffles.
+  for (int warp_first = begin + warp * kWarpKeys; warp_first < end;
+       warp_first += kAttentionWarps * kWarpKeys) {
+    // The group's kKeys keys; a key past the end reads the part's first row and weighs nothing.
+    const int first = warp_first + key_group * kKeys;
     int64_t row[kKeys];
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
-      const int key = first + j < end ? first + j : first;
-      const int64_t slot = cache_slot(table, p.block_size, key);
-      row[j] = slot * kv_row + kv_head * kHeadDim;
+      const int key = first + j < end ? first + j : begin;
+      row[j] = cache_slot(table, p.block_size, key) * kv_row + kv_head * kHeadDim;
     }
     float k_val[kKeys][kPerLane], v_val[kKeys][kPerLane];
-    load_rows<T, kHeadDim>(k_cache, row, lane, k_val);
-    load_rows<T, kHeadDim>(v_cache, row, lane, v_val);
+    load_runs<T, kPerLane>(k_cache, row, dim, in_head, k_val);
+    load_runs<T, kPerLane>(v_cache, row, dim, in_head, v_val);
     float score[kKeys][kHeads];
 #pragma unroll
     for (int j = 0; j < kKeys; ++j)
@@ -207,7 +206,8 @@ __global__ void attention_kernel(const AttentionParams p) {
         float partial = 0.f;
 #pragma unroll
         for (int i = 0; i < kPerLane; ++i) partial += q_reg[h][i] * k_val[j][i];
-        score[j][h] = first + j < end ? warp_sum(partial) : -INFINITY;
+        partial = group_sum<kLanesPerKey>(partial);
+        score[j][h] = first + j < end ? partial : -INFINITY;
       }
 #pragma unroll
     for (int h = 0; h < kHeads; ++h) {
@@ -233,20 +233,41 @@ __global__ void attention_kernel(const AttentionParams p) {
     }
   }
 
+  // Merge the warp's lane groups, per head: the lanes of one run position across the groups hold
+  // the same dimensions, kLanesPerKey lanes apart.
+#pragma unroll
+  for (int offset = kLanesPerKey; offset < kWarpSize; offset *= 2) {
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      const float other_max = __shfl_xor_sync(0xffffffff, running_max[h], offset);
+      const float other_sum = __shfl_xor_sync(0xffffffff, running_sum[h], offset);
+      const float new_max = fmaxf(running_max[h], other_max);
+      // A group that saw no key holds sum 0, so its factor does not matter.
+      const float mine = __expf(running_max[h] - new_max), theirs = __expf(other_max - new_max);
+      running_sum[h] = running_sum[h] * mine + other_sum * theirs;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        acc[h][i] = acc[h][i] * mine + __shfl_xor_sync(0xffffffff, acc[h][i], offset) * theirs;
+      }
+      running_max[h] = new_max;
+    }
+  }
+
   // Merge the warps, per head: rescale each to the block-wide max, then sum.
   __shared__ float warp_max[kAttentionWarps][kHeads];
   __shared__ float warp_sum_exp[kAttentionWarps][kHeads];
   __shared__ float warp_acc[kAttentionWarps][kHeads][kHeadDim];
+  if (key_group == 0) {
 #pragma unroll
-  for (int h = 0; h < kHeads; ++h) {
-    if (lane == 0) {
-      warp_max[warp][h] = running_max[h];
-      warp_sum_exp[warp][h] = running_sum[h];
-    }
+    for (int h = 0; h < kHeads; ++h) {
+      if (lane == 0) {
+        warp_max[warp][h] = running_max[h];
+        warp_sum_exp[warp][h] = running_sum[h];
+      }
+      if (in_head) {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane_dim<kPerLane>(lane, i);
-      if (d < kHeadDim) warp_acc[warp][h][d] = acc[h][i];
+        for (int i = 0; i < kPerLane; ++i) warp_acc[warp][h][dim + i] = acc[h][i];
+      }
     }
   }
   __syncthreads();
