@@ -4,7 +4,10 @@ Work is cut into tiles: a tile is up to `tile_tokens` consecutive new tokens of 
 decode is a tile of one token). One program handles one tile for one KV head, with the query heads
 of that head's group packed next to the tile's tokens along the M axis (row m: token m // G, head
 m % G), so grouped-query heads read each K/V block once. It walks the keys the tile may see (causal,
-and from the window's start with a sliding window) with an online softmax in float32.
+and from the window's start with a sliding window) with an online softmax in float32: first the
+steps every row of the tile sees whole, without masks, then the masked ones (the diagonal, the
+window's edge). Each step's block ids are loaded a step ahead, so the pipeliner keeps the next
+steps' K/V copies in flight while a step computes.
 
 Split-KV (flash-decoding): when the tiles are too few to fill the GPU and the contexts are long,
 each tile's key range is cut into `num_splits` parts run by separate programs; each writes its

@@ -78,8 +78,8 @@ HEAD_SIZE_CASES = [(d, dim) for d in (torch.float32, torch.bfloat16) for dim in 
 @pytest.mark.parametrize("dtype, dim", HEAD_SIZE_CASES,
                          ids=[f"{str(d)[6:]}-d{dim}" for d, dim in HEAD_SIZE_CASES])
 def test_the_per_token_kernel_matches_the_reference_at_every_head_size(ops, reference, dtype, dim):
-    # Each lane holds a run of the head's dimensions, loaded 4, 8 or 16 bytes at a time where the
-    # runs tile the head, cut short where they do not (80).
+    # A key goes to a group of 4-32 lanes, each a 16-byte run of its row (32 bytes: float32 at
+    # 256), with lanes past the head's end idle (80, 96, 112): each size lays the lanes out anew.
     batch, caches, q = _inputs(dtype, dim=dim, heads=4, kv_heads=2, seed=dim)
     out = ops.attention(q, *caches, batch.query_start_loc, batch.seq_lens, batch.block_tables, dim ** -0.5,
                         0, 2)

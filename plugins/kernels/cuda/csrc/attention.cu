@@ -184,20 +184,27 @@ __global__ void attention_kernel(const AttentionParams p) {
     for (int i = 0; i < kPerLane; ++i) acc[h][i] = 0.f;
   }
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  // The bound is the warp's, not the group's: every lane of the warp takes part in the shuffles.
-  for (int warp_first = begin + warp * kWarpKeys; warp_first < end;
-       warp_first += kAttentionWarps * kWarpKeys) {
-    // The group's kKeys keys; a key past the end reads the part's first row and weighs nothing.
-    const int first = warp_first + key_group * kKeys;
-    int64_t row[kKeys];
+  // The rows of the group's kKeys keys from `first`; a key past the end reads the part's first
+  // row and weighs nothing.
+  auto rows_from = [&](int first, int64_t (&row)[kKeys]) {
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       const int key = first + j < end ? first + j : begin;
       row[j] = cache_slot(table, p.block_size, key) * kv_row + kv_head * kHeadDim;
     }
+  };
+  constexpr int kStride = kAttentionWarps * kWarpKeys;
+  int64_t row[kKeys];
+  rows_from(begin + warp * kWarpKeys + key_group * kKeys, row);
+  // The bound is the warp's, not the group's: every lane of the warp takes part in the shuffles.
+  for (int warp_first = begin + warp * kWarpKeys; warp_first < end; warp_first += kStride) {
+    const int first = warp_first + key_group * kKeys;
     float k_val[kKeys][kPerLane], v_val[kKeys][kPerLane];
     load_runs<T, kPerLane>(k_cache, row, dim, in_head, k_val);
     load_runs<T, kPerLane>(v_cache, row, dim, in_head, v_val);
+    // The next step's rows now, from the block table, so that their lookups are not waited for
+    // after this step's work: the next step's loads can then leave at once.
+    rows_from(first + kStride, row);
     float score[kKeys][kHeads];
 #pragma unroll
     for (int j = 0; j < kKeys; ++j)
