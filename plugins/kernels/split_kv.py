@@ -6,9 +6,10 @@ each walking its whole context: most of the GPU idles while they do. Cutting eac
 parts run by separate programs, then merging their softmax states, fills it. The split is planned
 once per step from host-side metadata (no device sync), from the programs a step launches without
 a split, as the backend counts them: kernels.triton counts (tile, KV head) pairs, the programs it
-launches; kernels.cuda counts tokens, since its per-token kernel gains from more parts than that
+launches; kernels.cuda counts tokens, since its per-token kernel gained from more parts than that
 (NVIDIA H200, llama3-8b, 64 x 1024 keys: 5 splits 284 us, 1 split 342 us; kernels.triton: 143 us
-against 120 us, docs/gpu-runs/2026-11-27-h200/sweep.md).
+against 120 us, docs/gpu-runs/2026-11-27-h200/sweep.md; both kernels changed since, and the
+sweep times them again).
 """
 
 from __future__ import annotations

@@ -23,10 +23,15 @@ def rows_per_program(block: int, elements: int = 4096) -> int:
     return max(1, min(64, elements // block))
 
 
+# The shared memory of the GPU that compile_check compiles for, which meta tensors stand in for.
+META_SHARED_BYTES: int | None = None
+
+
 def max_shared_bytes(device: torch.device) -> int | None:
-    """Shared memory one program may use on a CUDA `device`, as Triton checks at launch; None
-    elsewhere (the interpreter has no limit, and the compile check reports each launch's needs
-    against its target's)."""
+    """Shared memory one program may use on a CUDA `device`, as Triton checks at launch; on meta
+    tensors, the compile check's target's; None elsewhere (the interpreter has no limit)."""
+    if device.type == "meta":
+        return META_SHARED_BYTES
     if device.type != "cuda":
         return None
     return _max_shared_bytes(device.index if device.index is not None else torch.cuda.current_device())

@@ -90,8 +90,20 @@ def recorded_launches(launches: list[Launch], case: str):
         JITFunction.run = original
 
 
-def record_cases(dtypes: list[str], models=None, sets=None, ops=None) -> list[Launch]:
-    """Every launch kernels.triton makes for the benchmark's (full) cases, on meta tensors."""
+def record_cases(dtypes: list[str], models=None, sets=None, ops=None,
+                 arch: int = DEFAULT_ARCH) -> list[Launch]:
+    """Every launch kernels.triton makes for the benchmark's (full) cases, on meta tensors, its
+    launch settings chosen as on an sm_`arch` GPU (the shared memory a program may use)."""
+    from . import _tiling
+
+    _tiling.META_SHARED_BYTES = SHARED_LIMIT.get(arch)
+    try:
+        return _record_cases(dtypes, models, sets, ops)
+    finally:
+        _tiling.META_SHARED_BYTES = None
+
+
+def _record_cases(dtypes: list[str], models, sets, ops) -> list[Launch]:
     from fastgen.bench.kernels import Selection
     from fastgen.plugin_manager import load_plugins
 
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check compiles kernels: run it with TRITON_INTERPRET unset.", file=sys.stderr)
         return 2
-    launches = record_cases(args.dtype.split(","), args.models, args.sets, args.ops)
+    launches = record_cases(args.dtype.split(","), args.models, args.sets, args.ops, args.arch)
     results = compile_launches(launches, args.arch)
     print(format_report(results, args.arch))
     if args.json:

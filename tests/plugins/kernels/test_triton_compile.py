@@ -49,11 +49,13 @@ def launched_kernels() -> set[str]:
     return names
 
 
-def _assert_clean(done: subprocess.CompletedProcess, report: dict, arch: int) -> None:
+def _assert_clean(done: subprocess.CompletedProcess, report: dict, arch: int,
+                  every_kernel: bool = True) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert report["arch"] == arch
     compiled = {launch["kernel"] for launch in report["launches"]}
-    assert compiled == launched_kernels(), "the benchmark cases must reach every kernel"
+    if every_kernel:
+        assert compiled == launched_kernels(), "the benchmark cases must reach every kernel"
     for launch in report["launches"]:
         assert launch["error"] is None and launch["registers"] > 0, launch
         assert launch["spill_bytes"] == 0, launch
@@ -70,10 +72,14 @@ def test_every_kernel_compiles_for_hopper_in_bfloat16(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, dtypes", [(90, "float16,float32"), (80, "bfloat16")])
-def test_every_kernel_compiles_for_other_dtypes_and_ampere(tmp_path, arch, dtypes):
-    done, report = _run_check(tmp_path, "--arch", str(arch), "--dtype", dtypes)
-    _assert_clean(done, report, arch)
+@pytest.mark.parametrize("arch, dtypes, ops", [(90, "float16,float32", None), (80, "bfloat16", None),
+                                               (86, "float32", "attention")])
+def test_every_kernel_compiles_for_other_dtypes_and_ampere(tmp_path, arch, dtypes, ops):
+    # sm_86 (RTX 3090) gives a program 99 KB of shared memory: float32 attention tiles of head
+    # size 128 pipeline less deep there (3 stages would take 104 KB).
+    done, report = _run_check(tmp_path, "--arch", str(arch), "--dtype", dtypes,
+                              *(["--ops", ops] if ops else []))
+    _assert_clean(done, report, arch, every_kernel=ops is None)
 
 
 def test_a_launch_over_the_shared_memory_limit_is_reported(tmp_path):
