@@ -184,12 +184,14 @@ __global__ void attention_kernel(const AttentionParams p) {
     for (int i = 0; i < kPerLane; ++i) acc[h][i] = 0.f;
   }
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  // The rows of the group's kKeys keys from `first`; a key past the end reads the part's first
-  // row and weighs nothing.
+  // The rows of the group's kKeys keys from `first`; a key past the end reads a row the sequence
+  // has (the part's first, or its last visible key's when the part is empty: the lookup before the
+  // loop runs even then) and weighs nothing.
+  const int stand_in = min(begin, end - 1);
   auto rows_from = [&](int first, int64_t (&row)[kKeys]) {
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
-      const int key = first + j < end ? first + j : begin;
+      const int key = first + j < end ? first + j : stand_in;
       row[j] = cache_slot(table, p.block_size, key) * kv_row + kv_head * kHeadDim;
     }
   };
