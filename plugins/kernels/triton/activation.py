@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import rows_per_program
+from ._tiling import FP_FUSION, rows_per_program
 
 
 @triton.jit
@@ -33,5 +33,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         rows = rows_per_program(block)
         _silu_and_mul_kernel[(triton.cdiv(num_rows, rows), triton.cdiv(inter, block))](
             x, out, x.stride(0), out.stride(0), num_rows, inter, ROWS=rows, BLOCK=block,
-            num_warps=min(max(rows * block // 512, 1), 8))
+            num_warps=min(max(rows * block // 512, 1), 8), enable_fp_fusion=FP_FUSION)
     return out

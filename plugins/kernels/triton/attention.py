@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..query_tiles import query_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
-from ._tiling import interpreted, max_shared_bytes
+from ._tiling import FP_FUSION, interpreted, max_shared_bytes
 
 LOG2E = 1.4426950408889634
 
@@ -265,7 +265,8 @@ def pipeline_stages(block_m: int, block_n: int, block_d: int, itemsize: int,
     a 100 KB GPU: RTX 3090, 4090): then 2. Counted as Q plus every stage's K and V tile: what the
     compiler takes in 16 bits, more than it takes in float32 (sm_86: 104 KB of 128 counted)."""
     for stages in (3, 2):
-        if shared_limit is None or (block_m + 2 * stages * block_n) * block_d * itemsize <= shared_limit:
+        needs = (block_m + 2 * stages * block_n) * block_d * itemsize
+        if shared_limit is None or needs <= shared_limit:
             return stages
     return 2
 
@@ -305,10 +306,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
         SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=stages)
+        num_warps=num_warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](
             part_out, part_max, part_sum, out, tokens, heads, out.stride(0), out.stride(1),
             NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-            HEAD_DIM=dim)
+            HEAD_DIM=dim, enable_fp_fusion=FP_FUSION)
     return out

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import rows_per_program
+from ._tiling import FP_FUSION, rows_per_program
 
 
 @triton.jit
@@ -45,4 +45,4 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), tokens * kv_heads, kv_heads,
-        HEAD_DIM=dim, ROWS=rows, BLOCK_D=block_d, num_warps=4)
+        HEAD_DIM=dim, ROWS=rows, BLOCK_D=block_d, num_warps=4, enable_fp_fusion=FP_FUSION)

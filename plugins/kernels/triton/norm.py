@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import rows_per_program
+from ._tiling import FP_FUSION, rows_per_program
 
 
 @triton.jit
@@ -45,5 +45,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             new_residual.stride(0), num_rows, hidden, eps,
             HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block,
-            num_warps=min(max(rows * block // 512, 1), 16))
+            num_warps=min(max(rows * block // 512, 1), 16),
+            enable_fp_fusion=FP_FUSION)
     return out, new_residual

@@ -17,7 +17,7 @@ import triton.language as tl
 from fastgen.kernels import SamplingMetadata
 from fastgen.plugins.kernels.sampling_seeds import row_seeds
 
-from ._tiling import interpreted
+from ._tiling import FP_FUSION, interpreted
 from .top_k_top_p import scaled_logit, thresholds
 
 
@@ -84,7 +84,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](logits, meta.temperatures, cuts, seeds, best_val,
                                               best_idx, logits.stride(0), vocab, chunk_tokens,
-                                              num_chunks, BLOCK_V=block)
+                                              num_chunks, BLOCK_V=block,
+                                              enable_fp_fusion=FP_FUSION)
     # The first chunk holding the row's best key (chunks run in token order, so ties go to the
     # lowest token); a row with nothing above -inf falls back to token 0.
     winner = best_idx.gather(1, best_val.argmax(dim=1, keepdim=True)).squeeze(1).to(torch.int64)
