@@ -70,25 +70,34 @@ def test_split_kv_counts_each_tiles_programs_one_per_kv_head(device):
     assert backend.prepare(few_long).num_splits == 1
 
 
-@pytest.mark.parametrize("splits", [2, 5])
-@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
-def test_forced_split_kv_matches_reference(device, splits, window):
-    backend, reference = make_backend("triton", device), make_backend("torch", device)
-    backend.num_kv_splits = splits
-    # Decodes with long contexts and a chunk: some splits of a short tile have no keys at all.
-    batch = ragged_batch([(200, 1), (75, 1), (3, 1), (30, 20)], BLOCK_SIZE_DEFAULT, num_blocks=32,
-                         device=device)
-    g = torch.Generator().manual_seed(0)   # drawn on the CPU: the same values on every device
-    k_cache, v_cache = (torch.randn(32, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
+def _with_reference(backend, shapes, num_blocks, seed, window):
+    """(backend's attention, the reference's, the batch) on a batch of (cached, new) `shapes`, with
+    random caches (2 KV heads of 64) and queries (4 heads) drawn on the CPU: the same values on
+    every device."""
+    device = backend.device
+    batch = ragged_batch(shapes, BLOCK_SIZE_DEFAULT, num_blocks=num_blocks, device=device)
+    g = torch.Generator().manual_seed(seed)
+    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
                         for _ in range(2))
     q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
     outs = []
-    for be in (backend, reference):
+    for be in (backend, make_backend("torch", device)):
         batch.attn_metadata = be.prepare(batch)
         outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
+    return outs[0], outs[1], batch
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
+def test_forced_split_kv_matches_reference(device, splits, window):
+    backend = make_backend("triton", device)
+    backend.num_kv_splits = splits
+    # Decodes with long contexts and a chunk: some splits of a short tile have no keys at all.
+    actual, expected, batch = _with_reference(backend, [(200, 1), (75, 1), (3, 1), (30, 20)],
+                                              num_blocks=32, seed=0, window=window)
     assert batch.attn_metadata is not None
     assert backend.prepare(batch).num_splits == splits
-    torch.testing.assert_close(outs[0], outs[1], **FLOAT32[device.type])
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 
 def test_attention_pipelines_less_deep_where_three_stages_would_not_fit():
@@ -108,19 +117,11 @@ def test_attention_pipelines_less_deep_where_three_stages_would_not_fit():
 def test_short_key_steps_through_every_kind_of_step_match_reference(device, splits, window):
     """Steps of 16 keys and tiles of 8 tokens: a tile after a long context walks steps below its
     window's edge (masked), steps every row sees whole (unmasked), and the diagonal (masked)."""
-    backend, reference = make_backend("triton", device), make_backend("torch", device)
+    backend = make_backend("triton", device)
     backend.attention_block_n, backend.tile_tokens, backend.num_kv_splits = 16, 8, splits
-    batch = ragged_batch([(150, 1), (33, 1), (97, 30), (0, 45)], BLOCK_SIZE_DEFAULT, num_blocks=40,
-                         device=device)
-    g = torch.Generator().manual_seed(1)
-    k_cache, v_cache = (torch.randn(40, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
-                        for _ in range(2))
-    q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
-    outs = []
-    for be in (backend, reference):
-        batch.attn_metadata = be.prepare(batch)
-        outs.append(be.attention(q, k_cache, v_cache, batch, 0.125, window))
-    torch.testing.assert_close(outs[0], outs[1], **FLOAT32[device.type])
+    actual, expected, _ = _with_reference(backend, [(150, 1), (33, 1), (97, 30), (0, 45)],
+                                          num_blocks=40, seed=1, window=window)
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
