@@ -129,30 +129,40 @@ def test_the_check_refuses_to_run_under_the_interpreter():
     assert "run it with TRITON_INTERPRET unset" in done.stderr
 
 
+# Run in a process of its own (no interpreter) before a test's script: `cc` the compile check,
+# `target` Hopper (sm_90) and `backend` Triton's compiler for it.
+HOPPER = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from fastgen.plugins.kernels.triton import compile_check as cc
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+"""
+
+
+def _printed_compiling_for_hopper(script: str) -> str:
+    """What `script` prints, run after HOPPER in a process that compiles."""
+    done = subprocess.run([sys.executable, "-c", HOPPER + textwrap.dedent(script)],
+                          env=_compiling_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
 def test_rotary_rounds_each_16bit_product_on_hopper():
     # Compiled for a GPU, a 16-bit product and the sum after it fuse into one fma (rounded once)
     # unless the launch turns fusion off; the reference rounds each, and where the products
     # cancel the two differ by many ulps (3359 of 6144 fp16 values on an H200). The interpreter
     # does not fuse, so only the compiled code can show it.
-    script = textwrap.dedent("""
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from fastgen.plugins.kernels.triton import compile_check as cc
-
-        target = GPUTarget("cuda", 90, 32)
-        backend = make_backend(target)
+    printed = _printed_compiling_for_hopper("""
         for dtype in ("float16", "bfloat16"):
             launch = cc.record_cases([dtype], models=["smollm2-135m"], sets=["decode"],
                                      ops=["rotary"])[0]
             ptx = cc.compile_launch(launch, target, backend).asm["ptx"]
             print(dtype, launch.kernel.__name__, "fma" in ptx, ".rn.f16" in ptx or ".rn.bf16" in ptx)
     """)
-    done = subprocess.run([sys.executable, "-c", script], env=_compiling_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.split()
-    assert lines == ["float16", "_rotary_kernel", "False", "True",
-                     "bfloat16", "_rotary_kernel", "False", "True"], done.stdout
+    assert printed.split() == ["float16", "_rotary_kernel", "False", "True",
+                               "bfloat16", "_rotary_kernel", "False", "True"], printed
 
 
 def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper():
@@ -160,14 +170,9 @@ def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper
     # address that comes from a load in its own loop step (the block table) was issued only after
     # the step's products, and each step waited for all copies (num = 0): no copy overlapped a
     # product. Carried a step ahead, the block ids leave the copies of later steps in flight.
-    script = textwrap.dedent("""
+    printed = _printed_compiling_for_hopper("""
         import re
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from fastgen.plugins.kernels.triton import compile_check as cc
 
-        target = GPUTarget("cuda", 90, 32)
-        backend = make_backend(target)
         for kind in ("decode", "prefill"):
             launch = next(l for l in cc.record_cases(["bfloat16"], models=["llama3-8b"],
                                                      sets=[kind], ops=["attention"])
@@ -175,13 +180,10 @@ def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper
             ttgir = cc.compile_launch(launch, target, backend).asm["ttgir"]
             print(kind, ",".join(re.findall(r"ttg.async_wait[^{]*[{]num = (\\d+)", ttgir)))
     """)
-    done = subprocess.run([sys.executable, "-c", script], env=_compiling_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for line in done.stdout.splitlines():
+    for line in printed.splitlines():
         kind, waits = line.split()
         # Two key loops (steps every row sees whole, then the masked ones), each waiting with
         # copies left in flight; a drain (num = 0) after each.
         in_flight = [int(n) for n in waits.split(",") if int(n) > 0]
         assert len(in_flight) == 2, f"{kind}: async_wait nums {waits}"
-    assert len(done.stdout.splitlines()) == 2, done.stdout
+    assert len(printed.splitlines()) == 2, printed
