@@ -118,8 +118,8 @@ def test_the_backend_splits_few_long_decodes_and_matches_the_reference(reference
 
 
 def test_rows_that_all_take_a_top_k_draw_what_the_whole_row_search_draws(ops):
-    # The backend finds such rows' cuts among their largest logits (top_k_candidates) and masks
-    # the rest; the op alone searches whole rows. Same seeds, same kept sets: the same tokens.
+    # The backend finds such rows' cuts among their largest logits (top_k_candidates) and hands
+    # them to the op; the op alone searches whole rows. Same seeds, same kept sets: the same tokens.
     backend = cuda_emulator.EmulatedCudaBackend(CPU)
     params = [SamplingParams(temperature=t, top_k=k, top_p=p)
               for t in (0.5, 1.0, 2.0) for k in (1, 3, 20) for p in (0.3, 0.9, 1.0)]

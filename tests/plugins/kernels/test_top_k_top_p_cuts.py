@@ -80,16 +80,21 @@ def kept_by_thresholds(cuts_of, logits: torch.Tensor, params: list[SamplingParam
     return (scaled >= cuts_on(cuts_of, logits, params)[:, None]) & (scaled > float("-inf"))
 
 
+def assert_kept_as_the_reference(cuts_of, logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Every row keeps exactly the tokens the reference's top-k / top-p rule keeps."""
+    got, want = kept_by_thresholds(cuts_of, logits, params), expected_kept(logits, params)
+    wrong = [(i, params[i], got[i].sum().item(), want[i].sum().item())
+             for i in range(len(params)) if not torch.equal(got[i], want[i])]
+    assert not wrong, f"(row, params, kept, expected kept): {wrong}"
+
+
 @pytest.mark.parametrize("vocab", [37, 1500], ids=lambda v: f"vocab={v}")   # 1500: two tiles
 @pytest.mark.parametrize("kind", ["random", "ties", "mostly-inf"])
 def test_kept_set_equals_the_reference(cuts_of, kind, vocab):
     params = [SamplingParams(temperature=t, top_k=k, top_p=p)
               for t in TEMPERATURES for k in (0, 1, 5, vocab) for p in TOP_P]
     logits = rows_of(kind, len(params), vocab, seed=vocab)
-    got, want = kept_by_thresholds(cuts_of, logits, params), expected_kept(logits, params)
-    wrong = [(i, params[i], got[i].sum().item(), want[i].sum().item())
-             for i in range(len(params)) if not torch.equal(got[i], want[i])]
-    assert not wrong, f"(row, params, kept, expected kept): {wrong}"
+    assert_kept_as_the_reference(cuts_of, logits, params)
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "mostly-inf"])
@@ -104,10 +109,7 @@ def test_rows_that_all_take_a_top_k_keep_the_reference_set(cuts_of, kind):
     assert metadata(params).top_k_bound == 50
     assert metadata(params + [SamplingParams(temperature=0.7, top_p=0.9)]).top_k_bound is None
     logits = rows_of(kind, len(params), vocab, seed=7)
-    got, want = kept_by_thresholds(cuts_of, logits, params), expected_kept(logits, params)
-    wrong = [(i, params[i], got[i].sum().item(), want[i].sum().item())
-             for i in range(len(params)) if not torch.equal(got[i], want[i])]
-    assert not wrong, f"(row, params, kept, expected kept): {wrong}"
+    assert_kept_as_the_reference(cuts_of, logits, params)
 
 
 def test_ties_at_the_cut_keep_every_tied_token(cuts_of):
