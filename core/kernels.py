@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .errors import PluginError
 from .request import Sequence
+from .staging import staging_buffer, to_device
 
 
 @dataclass
@@ -37,17 +38,22 @@ class SamplingMetadata:
     @classmethod
     def build(cls, seqs: list[Sequence], device: torch.device) -> "SamplingMetadata":
         params = [s.params for s in seqs]
+        # Two transfers: [temperatures | top_p] in float32, top_k in int64.
+        floats = staging_buffer(2 * len(params), torch.float32, device)
+        floats.numpy()[:] = [p.temperature for p in params] + [p.top_p for p in params]
+        top_k = staging_buffer(len(params), torch.int64, device)
+        top_k.numpy()[:] = [p.top_k for p in params]
+        temperatures, top_p = to_device(floats, device).split([len(params), len(params)])
         return cls(
-            temperatures=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
+            temperatures=temperatures,
+            top_k=to_device(top_k, device),
+            top_p=top_p,
             all_greedy=all(p.temperature == 0 for p in params),
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1 for p in params),
             generators=[s.generator for s in seqs],
             top_k_bound=_top_k_bound(params),
         )
-
 
 def _top_k_bound(params: list) -> int | None:
     filtering = [p for p in params if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1)]
