@@ -13,6 +13,11 @@ _CONTEXT_TOKENS = 5   # prompt tokens the first window starts with, for leading-
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]) -> None:
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder, called directly: transformers' decode() wraps it in
+        # argument conversion that cost three times the decode itself (about 30 of 40 us a step).
+        # With skip_special_tokens and no clean-up of spaces, the two give the same text.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(
+            tokenizer, "is_fast", False) else None
         self.window = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.window)
@@ -22,6 +27,8 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in stop), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True,
                                      clean_up_tokenization_spaces=False)
 
