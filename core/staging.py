@@ -19,3 +19,10 @@ def staging_buffer(size: int, dtype: torch.dtype, device: torch.device) -> torch
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`host` itself on the CPU, else its copy on `device`, queued without waiting."""
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
+def staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[len(values)] on `device`, through a staging buffer."""
+    host = staging_buffer(len(values), dtype, device)
+    host.numpy()[:] = values
+    return to_device(host, device)

@@ -20,6 +20,7 @@ from fastgen.plugins.kernels.sampling_seeds import row_seeds
 from fastgen.plugins.kernels.split_kv import plan_splits
 from fastgen.plugins.kernels.top_k_candidates import top_k_candidates
 from fastgen.plugins.kernels.torch_ref.attention import paged_attention
+from fastgen.staging import staged
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ class CudaBackend(ReferenceFallbackBackend):
         seq_ids, starts = query_tiles(batch.query_lens, self.prompt_tile_tokens, min_tokens=2)
         tiles = None
         if seq_ids:
-            tiles = torch.tensor([seq_ids, starts], dtype=torch.int32).t().contiguous()
-            tiles = tiles.to(batch.seq_lens.device, non_blocking=True)
+            # [W, 2]: each tile's (sequence, first new token), interleaved.
+            pairs = [v for pair in zip(seq_ids, starts) for v in pair]
+            tiles = staged(pairs, torch.int32, batch.seq_lens.device).view(-1, 2)
         return StepMetadata(batch, num_splits=num_splits, prompt_tiles=tiles)
 
     def graph_key(self, meta: StepMetadata) -> int | None:

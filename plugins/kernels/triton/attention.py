@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgen.staging import staged
+
 from ..query_tiles import query_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
 from ._tiling import FP_FUSION, interpreted, max_shared_bytes
@@ -71,8 +73,8 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
     else:
         seq_ids, starts = query_tiles(query_lens, tokens)
         num_tiles = len(seq_ids)
-        tiles = torch.tensor([seq_ids, starts], dtype=torch.int32).to(batch.seq_lens.device)
-        tile_seq, tile_start = tiles[0], tiles[1]
+        tile_seq, tile_start = staged(seq_ids + starts, torch.int32, batch.seq_lens.device).split(
+            [num_tiles, num_tiles])
     if num_splits is None:
         num_splits = plan_splits(batch, num_tiles * kv_heads, split_min_keys)
     return AttentionPlan(
