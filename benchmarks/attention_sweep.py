@@ -10,7 +10,8 @@ pipelining stages; `auto` is what the backend chooses by itself) runs on the sam
 decode shapes each forced split-KV count (`splits=N`, for kernels.cuda too), beside the count the
 shared rule picks (the `splits` column of `auto`). Its
 output is checked against kernels.torch first: a setting that computes wrong is marked and never
-counted as the best. Then it is timed (CUDA events on a GPU, best of --repeats). The bar is the
+counted as the best. Then it is timed: the median of --repeats calls, on a GPU
+the device time alone, on a cold L2 cache (`fastgen.bench.device_timing`). The bar is the
 issue's target, torch's scaled_dot_product_attention on the same work: the same queries over each
 sequence's keys and values laid out contiguously (no block table), causal, grouped-query.
 
@@ -34,7 +35,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from fastgen.bench.kernels import (MODELS, BatchShape, best_time, build_batch, decode,  # noqa: E402
+from fastgen.bench.kernels import (MODELS, BatchShape, build_batch, decode, median_time,  # noqa: E402
                                    mixed, prefill)
 from fastgen.checkpoint import DTYPES  # noqa: E402
 from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
@@ -126,7 +127,7 @@ def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scal
         result.correct = error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
         if not result.correct:
             result.error = f"max error {error:.3g}"
-        result.seconds = best_time(lambda: backend.attention(q, k_cache, v_cache, batch, scale, window),
+        result.seconds = median_time(lambda: backend.attention(q, k_cache, v_cache, batch, scale, window),
                                    device, repeats)
     except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
         result.correct, result.error = False, _failure(e)
@@ -167,7 +168,7 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
         backend.num_kv_splits = None
     sdpa = Result(shape.name, "torch SDPA (contiguous K/V)")
     try:
-        sdpa.seconds = best_time(sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim,
+        sdpa.seconds = median_time(sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim,
                                            dtype, device), device, repeats)
     except Exception as e:   # noqa: BLE001
         sdpa.correct, sdpa.error = False, _failure(e)

@@ -8,9 +8,9 @@ kernels` and `pytest benchmarks/kernels` both run it.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +23,7 @@ from ..kernels import SamplingMetadata, configure_kv_cache, linear_of, make_back
 from ..plugin_manager import PluginInfo, load_plugins
 from ..ragged_batch import RaggedBatch
 from ..request import SamplingParams, Sequence
+from .device_timing import device_times
 
 OPS = ("write_kv", "attention", "rms_norm", "rotary", "silu_and_mul", "linear", "sample")
 SETS = ("decode", "prefill", "mixed")
@@ -362,38 +363,28 @@ def device_name(device: torch.device) -> str:
 
 # --- timing and the device's ceilings --------------------------------------------------------
 
-_origin: torch.cuda.Event | None = None
-
-
-def cuda_event_clock() -> float:
-    """Seconds of device time since the first call, from CUDA events on the current stream.
-
-    A pytest-benchmark timer: the difference of two calls is the device time of the work queued
-    between them. It waits for its event, so the host never runs ahead of what it measures.
-    """
-    global _origin
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    event.synchronize()
-    if _origin is None:
-        _origin = event
-    return _origin.elapsed_time(event) / 1e3
-
-
-def clock_for(device: torch.device) -> Callable[[], float]:
-    return cuda_event_clock if device.type == "cuda" else time.perf_counter
+def call_times(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn` after one untimed call: device time on a GPU (without
+    the host's launch time, on a cold L2 cache: `device_timing`), wall time elsewhere."""
+    if device.type == "cuda":
+        return device_times(fn, device, repeats)
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Fastest of `repeats` timed calls after one warm-up, in seconds."""
-    clock = clock_for(device)
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        best = min(best, clock() - start)
-    return best
+    """The fastest of `repeats` timed calls (call_times): a ceiling's probe."""
+    return min(call_times(fn, device, repeats))
+
+
+def median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The median of `repeats` timed calls (call_times): a kernel's time."""
+    return statistics.median(call_times(fn, device, repeats))
 
 
 @dataclass(frozen=True)
@@ -559,10 +550,16 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
         agree = f"{len(checked) - differ} of {len(checked)} case(s) agree"
         differs = f", {differ} differ (marked beside their times; the notes say how)" if differ else ""
         lines.append(f"checked against {REFERENCE_BACKEND} on the same inputs: {agree}{differs}")
+    # GPU runs time the device alone (DeviceTimer) and the host's launch cost apart from it.
+    launches = any(info.get("host_seconds") is not None for case in rows.values() for info in case.values())
+    if launches:
+        lines.append("time: device time, kernels back to back on a cold L2 (`fastgen.bench.device_timing`); "
+                     "launch: host time to queue the call (a CUDA graph replays without it)")
     lines += [f"note: {n}" for n in notes]
     header = ["op", "model", "shape", "dtype"]
     for b in backends:
         header += [f"{b} time", f"{b} GB/s", f"{b} TFLOP/s", f"{b} % roof"]
+        header += [f"{b} launch"] if launches else []
         if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:
             header.append(f"{b} vs {REFERENCE_BACKEND}")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * (len(header) - 4)]
@@ -572,12 +569,17 @@ def format_table(results: dict, notes: list[str] = ()) -> str:
         for b in backends:
             r = rows[key].get(b)
             if r is None:
-                cells += ["-"] * 4
+                cells += ["-"] * (5 if launches else 4)
             else:
                 wrong = " (differs)" if r.get("check_ok") is False else ""
-                cells += [format_seconds(r["seconds"]) + wrong, format_number(r["gbps"]),
+                # The host could not queue the call ahead of the GPU: its time includes the host's.
+                waits = " (host waits)" if r.get("host_waits") else ""
+                cells += [format_seconds(r["seconds"]) + wrong + waits, format_number(r["gbps"]),
                           format_number(r["tflops"]) if r["flops"] else "-",
                           f"{format_number(r['pct_ceiling'])}% {r['bound'][:3]}"]
+                if launches:
+                    host = r.get("host_seconds")
+                    cells.append(format_seconds(host) if host is not None else "-")
             if b != REFERENCE_BACKEND and REFERENCE_BACKEND in backends:
                 cells.append(f"{format_number(ref['seconds'] / r['seconds'])}x" if r and ref else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -23,7 +23,8 @@ import pytest
 
 from ..errors import FastgenError
 from .kernel_check import check_case
-from .kernels import (REFERENCE_BACKEND, Selection, achieved, cuda_event_clock, device_name, free_memory,
+from .device_timing import DeviceTimer, device_clock
+from .kernels import (REFERENCE_BACKEND, Selection, achieved, device_name, free_memory,
                       measure_ceilings)
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
@@ -32,6 +33,8 @@ __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
 _SELECTION = pytest.StashKey[Selection]()
 # Fraction of the free memory a case may plan to use: the rest is headroom for the allocator.
 _MEMORY_HEADROOM = 0.8
+# Timed calls per case on a GPU (each one queued behind a spin and an L2 scrub: DeviceTimer).
+GPU_ROUNDS, QUICK_GPU_ROUNDS = 30, 3
 
 
 def pytest_addoption(parser) -> None:
@@ -72,9 +75,10 @@ def pytest_generate_tests(metafunc) -> None:
         return
     sel = metafunc.config.stash[_SELECTION]
     free = free_memory(sel.device)
-    # The benchmark fixture's clock: device time from CUDA events on a GPU, wall time on a CPU.
-    # Quick runs are a smoke test of the suite: a few rounds each, whatever pytest-benchmark's defaults.
-    settings = {"timer": cuda_event_clock} if sel.device.type == "cuda" else {}
+    # The benchmark fixture's clock: device time on a GPU (test_kernel's DeviceTimer), wall time on
+    # a CPU. Quick runs are a smoke test of the suite: a few rounds each, whatever pytest-benchmark's
+    # defaults.
+    settings = {"timer": device_clock} if sel.device.type == "cuda" else {}
     settings.update({"max_time": 0.01, "min_rounds": 3} if sel.quick else {})
     marks = [pytest.mark.benchmark(**settings)] if settings else []
     params = []
@@ -116,7 +120,7 @@ def pytest_benchmark_update_machine_info(config, machine_info) -> None:
             sel.device, tuple(sel.dtypes), sel.quick).as_dict()
 
 
-def test_kernel(benchmark, kernel_case, kernel_ceilings, kernel_reference) -> None:
+def test_kernel(benchmark, kernel_case, kernel_ceilings, kernel_reference, request) -> None:
     run = kernel_case.build()
     run()   # warm-up outside the timing: a JIT backend compiles here
     if kernel_case.device.type == "cuda":
@@ -125,7 +129,15 @@ def test_kernel(benchmark, kernel_case, kernel_ceilings, kernel_reference) -> No
         torch.cuda.synchronize(kernel_case.device)
     benchmark.group = kernel_case.group
     benchmark.extra_info.update(kernel_case.info())
-    benchmark(run)
+    if kernel_case.device.type == "cuda":
+        # A fixed number of rounds: pytest-benchmark would size them by the device time, far
+        # below each round's wall time (its spin, scrub and sync).
+        timer = DeviceTimer(run, kernel_case.device)
+        rounds = QUICK_GPU_ROUNDS if request.config.getoption("quick") else GPU_ROUNDS
+        benchmark.pedantic(timer, rounds=rounds)
+        benchmark.extra_info.update(timer.summary())
+    else:
+        benchmark(run)
     if benchmark.stats is not None:   # None under --benchmark-disable
         benchmark.extra_info.update(achieved(kernel_case.cost, benchmark.stats.stats.median,
                                              kernel_ceilings, kernel_case.dtype))
