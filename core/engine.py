@@ -350,7 +350,7 @@ class Engine:
     def _output(self, seq: Sequence, finished: bool = False) -> RequestOutput:
         detok = self.detokenizers[seq.request_id]
         new_text = detok.take_new_text(finished)
-        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.prompt_len],
+        return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
                              token_ids=seq.output_token_ids,
                              text=detok.text if finished else detok.text[:detok.emitted],
                              new_text=new_text, finished=finished,

@@ -146,10 +146,11 @@ class Sequence:
     recomputed from its tokens later, prompt and generated alike.
     """
 
-    __slots__ = ("request_id", "token_ids", "prompt_len", "params", "num_computed", "block_ids",
-                 "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
-                 "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions",
-                 "logprobs", "prompt_logprobs", "cumulative_logprob")
+    __slots__ = ("request_id", "token_ids", "prompt_token_ids", "prompt_len", "params",
+                 "num_computed", "block_ids", "status", "finish_reason", "arrival_time",
+                 "first_scheduled_time", "first_token_time", "seq_index", "generator",
+                 "stop_text_len", "eos_token_ids", "num_preemptions", "logprobs", "prompt_logprobs",
+                 "cumulative_logprob")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -157,6 +158,9 @@ class Sequence:
             raise RequestError("The prompt is empty; give at least one token.", param="prompt")
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
+        # The prompt alone, one list that every output of the request shares (not a copy per step:
+        # a long prompt's copy cost microseconds per sequence and step).
+        self.prompt_token_ids = list(prompt_token_ids)
         self.prompt_len = len(prompt_token_ids)
         self.params = params
         self.num_computed = 0
