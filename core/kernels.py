@@ -55,6 +55,7 @@ class SamplingMetadata:
             top_k_bound=_top_k_bound(params),
         )
 
+
 def _top_k_bound(params: list) -> int | None:
     filtering = [p for p in params if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1)]
     if any(p.top_k <= 0 for p in filtering):

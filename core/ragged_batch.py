@@ -116,4 +116,3 @@ class RaggedBatch:
             sequences=seqs,
             sampling_seqs=[seqs[i] for i in samples],
         )
-

@@ -2,8 +2,8 @@
 
 Timing a call with an event before and after it, from an idle stream, counts the host's time to
 launch its kernels too: the GPU waits for each launch. A Triton kernel takes 20-40 us of Python to
-launch (NVIDIA H200, 2026-11-27), so a decode over a few thousand keys, a few microseconds of
-device work, timed at 100 us. And a case whose inputs fit in the L2 cache (50 MB on an H100, 60 MB
+launch (NVIDIA H200, 2026-11-27): one sequence's decode over 128 keys, a few microseconds of
+device work, timed at 102 us. And a case whose inputs fit in the L2 cache (50 MB on an H100, 60 MB
 on an H200: one layer's keys and values of one 8192-token sequence of Llama-3-8B are 32 MB) times
 the cache, not the memory, when run again on the same inputs.
 

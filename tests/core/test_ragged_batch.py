@@ -133,9 +133,14 @@ def test_build_does_not_change_the_sequences():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_tensors_land_on_the_device():
-    seq = make_seq(5, 0, [0], first_token=0)
-    batch = RaggedBatch.build([(seq, 5)], 8, torch.device("cuda"))
-    for name in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables",
-                 "slot_mapping", "logits_indices"):
-        assert getattr(batch, name).device.type == "cuda", name
+def test_tensors_land_on_the_cuda_device_with_the_hosts_values():
+    # Copied from pinned staging buffers without waiting: batches built back to back must not
+    # see each other's values (the pinned allocator hands a buffer out again only after its copy).
+    plans = [[(make_seq(40 + i, i, list(range(i, i + 8)), first_token=100 * i), 40),
+              (make_seq(9, 8, [i, i + 1], first_token=50), 1)] for i in range(20)]
+    batches = [RaggedBatch.build(plan, 8, torch.device("cuda")) for plan in plans]
+    for plan, batch in zip(plans, batches):
+        check(batch, expected_metadata(plan, 8), 8)
+        for name in ("input_ids", "positions", "query_start_loc", "seq_lens", "block_tables",
+                     "slot_mapping", "logits_indices"):
+            assert getattr(batch, name).device.type == "cuda", name
