@@ -230,8 +230,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     carries the request's `metrics`."""
 
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
+    prompt_token_ids: list[int]    # one list, shared by every output of the request
+    token_ids: list[int]           # the tokens generated so far, a copy per output
     text: str
     finished: bool = False
     finish_reason: str | None = None

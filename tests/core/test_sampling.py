@@ -35,6 +35,20 @@ def test_max_tokens_ends_with_length(llm, greedy, max_tokens):
         assert out.token_ids == greedy[prompt].token_ids[:max_tokens]
 
 
+
+def test_each_output_holds_its_prompt_and_the_tokens_so_far(llm, greedy):
+    engine = llm.engine
+    prompts = {engine.add_request(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)):
+               engine.tokenize(p) for p in PROMPTS}
+    seen = {rid: [] for rid in prompts}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.prompt_token_ids == prompts[out.request_id]
+            seen[out.request_id].append(list(out.token_ids))
+    for rid, prompt in zip(prompts, PROMPTS):
+        steps = seen[rid]
+        assert steps == [greedy[prompt].token_ids[:n] for n in range(1, 25)]
+
 def test_stop_token_id_ends_with_stop(llm, greedy):
     for prompt in PROMPTS:
         tokens = greedy[prompt].token_ids
