@@ -432,9 +432,14 @@ def fastgen_lines(kernels: str, fg: dict, match: dict | None) -> list[str]:
            if fg.get("graphs_captured") else ""),
     ]
     single = fg["single"]
+    # Where a one-sequence step's time goes: on a GPU its host work is a large share.
+    one = {k: 1e3 * v / max(single["steps"], 1) for k, v in single["split_s"].items()}
     lines.append(f"fastgen (kernels.{kernels}) single request: ttft {single['ttft_s'] * 1e3:.1f} ms, "
                  f"decode {single['decode_s'] * 1e3 / max(single['steps'] - 1, 1):.2f} ms/token "
-                 f"over {single['steps']} steps")
+                 f"over {single['steps']} steps; per step host "
+                 f"{one['schedule_s'] + one['postprocess_s']:.2f} ms (schedule {one['schedule_s']:.2f} "
+                 f"+ postprocess {one['postprocess_s']:.2f}), forward {one['forward_s']:.2f} ms, "
+                 f"sample {one['sample_s']:.2f} ms")
     if match:
         lines.append(f"greedy tokens, fastgen (kernels.{kernels}) vs transformers generate "
                      f"({match['against']}): "
