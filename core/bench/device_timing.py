@@ -8,7 +8,7 @@ on an H200: one layer's keys and values of one 8192-token sequence of Llama-3-8B
 the cache, not the memory, when run again on the same inputs.
 
 So `DeviceTimer` times each call the way the call runs inside a captured CUDA graph or a busy
-stream: it first queues a spin kernel (`torch.cuda._sleep`) and a write over twice the L2's size,
+stream: it first queues a spin kernel (`torch.cuda._sleep`) and a read of twice the L2's size,
 then the events and the call. The host queues the call's launches while the GPU spins, so the
 events measure the kernels back to back, on a cache that holds none of their inputs. The host's
 time to queue the call is kept apart, as the call's launch cost.
@@ -54,7 +54,9 @@ class DeviceTimer:
         self.fn = fn
         self.device = device
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or _DEFAULT_L2_BYTES
-        self._scrub = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+        # Read, not written, between calls: a write would leave the L2 full of dirty lines, whose
+        # write-back the timed call would pay for as it evicts them.
+        self._scrub = torch.zeros(2 * l2, dtype=torch.uint8, device=device)
         self._spin_s = _FIRST_SPIN_S
         self.device_times: list[float] = []
         self.host_times: list[float] = []
@@ -67,7 +69,7 @@ class DeviceTimer:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 torch.cuda._sleep(int(self._spin_s * _CYCLES_PER_S))
-                self._scrub.zero_()
+                self._scrub.sum()
                 t0 = time.perf_counter()
                 start.record()
                 result = self.fn()
