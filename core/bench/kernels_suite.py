@@ -136,6 +136,7 @@ def test_kernel(benchmark, kernel_case, kernel_ceilings, kernel_reference, reque
         rounds = QUICK_GPU_ROUNDS if request.config.getoption("quick") else GPU_ROUNDS
         benchmark.pedantic(timer, rounds=rounds)
         benchmark.extra_info.update(timer.summary())
+        del timer   # it holds `run`, whose inputs the check below must not keep alive
     else:
         benchmark(run)
     if benchmark.stats is not None:   # None under --benchmark-disable
