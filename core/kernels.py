@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .errors import PluginError
 from .request import Sequence
-from .staging import staging_buffer, to_device
+from .staging import staged
 
 
 @dataclass
@@ -39,14 +39,11 @@ class SamplingMetadata:
     def build(cls, seqs: list[Sequence], device: torch.device) -> "SamplingMetadata":
         params = [s.params for s in seqs]
         # Two transfers: [temperatures | top_p] in float32, top_k in int64.
-        floats = staging_buffer(2 * len(params), torch.float32, device)
-        floats.numpy()[:] = [p.temperature for p in params] + [p.top_p for p in params]
-        top_k = staging_buffer(len(params), torch.int64, device)
-        top_k.numpy()[:] = [p.top_k for p in params]
-        temperatures, top_p = to_device(floats, device).split([len(params), len(params)])
+        temperatures, top_p = staged([p.temperature for p in params] + [p.top_p for p in params],
+                                     torch.float32, device).split([len(params), len(params)])
         return cls(
             temperatures=temperatures,
-            top_k=to_device(top_k, device),
+            top_k=staged([p.top_k for p in params], torch.int64, device),
             top_p=top_p,
             all_greedy=all(p.temperature == 0 for p in params),
             any_top_k=any(p.top_k > 0 for p in params),

@@ -93,11 +93,3 @@ class DeviceTimer:
         return {"host_seconds": statistics.median(self.host_times) if self.host_times else None,
                 "host_waits": self.host_waits}
 
-
-def device_times(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    """Device seconds of `repeats` calls of `fn` after one untimed call."""
-    fn()
-    timer = DeviceTimer(fn, device)
-    for _ in range(repeats):
-        timer()
-    return timer.device_times

@@ -23,7 +23,7 @@ from ..kernels import SamplingMetadata, configure_kv_cache, linear_of, make_back
 from ..plugin_manager import PluginInfo, load_plugins
 from ..ragged_batch import RaggedBatch
 from ..request import SamplingParams, Sequence
-from .device_timing import device_times
+from .device_timing import DeviceTimer
 
 OPS = ("write_kv", "attention", "rms_norm", "rotary", "silu_and_mul", "linear", "sample")
 SETS = ("decode", "prefill", "mixed")
@@ -366,9 +366,12 @@ def device_name(device: torch.device) -> str:
 def call_times(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Seconds of `repeats` calls of `fn` after one untimed call: device time on a GPU (without
     the host's launch time, on a cold L2 cache: `device_timing`), wall time elsewhere."""
-    if device.type == "cuda":
-        return device_times(fn, device, repeats)
     fn()
+    if device.type == "cuda":
+        timer = DeviceTimer(fn, device)
+        for _ in range(repeats):
+            timer()
+        return timer.device_times
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
