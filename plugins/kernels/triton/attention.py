@@ -266,11 +266,8 @@ def pipeline_stages(block_m: int, block_n: int, block_d: int, itemsize: int,
     unless that would not fit the shared memory a program may use (float32 with head size 128 on
     a 100 KB GPU: RTX 3090, 4090): then 2. Counted as Q plus every stage's K and V tile: what the
     compiler takes in 16 bits, more than it takes in float32 (sm_86: 104 KB of 128 counted)."""
-    for stages in (3, 2):
-        needs = (block_m + 2 * stages * block_n) * block_d * itemsize
-        if shared_limit is None or needs <= shared_limit:
-            return stages
-    return 2
+    needs = (block_m + 2 * 3 * block_n) * block_d * itemsize
+    return 3 if shared_limit is None or needs <= shared_limit else 2
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
