@@ -40,6 +40,8 @@ class CudaBackend(ReferenceFallbackBackend):
 
     # Split-KV: None chooses per step from the batch shape and the device; a number forces it.
     num_kv_splits: int | None = None
+    # Prompt tiles longest first (query_tiles.py); False keeps batch order, for the sweep to compare.
+    longest_tiles_first: bool = True
 
     def __init__(self, device: torch.device, cache_dir: str | None = None) -> None:
         super().__init__(device)
@@ -97,7 +99,9 @@ class CudaBackend(ReferenceFallbackBackend):
         # Blocks per token and query-head group: few tokens with a long context get their keys split.
         num_splits = self.num_kv_splits or plan_splits(batch, batch.num_tokens)
         # Sequences with more than one new token (prompt chunks) go to the tiled kernel, in tiles.
-        seq_ids, starts = query_tiles(batch.query_lens, self.prompt_tile_tokens, min_tokens=2)
+        seq_ids, starts = query_tiles(
+            batch.query_lens, self.prompt_tile_tokens, min_tokens=2,
+            context_lens=batch.context_lens if self.longest_tiles_first else None)
         tiles = None
         if seq_ids:
             # [W, 2]: each tile's (sequence, first new token), interleaved.

@@ -13,7 +13,9 @@ Split-KV (flash-decoding): when the tiles are too few to fill the GPU and the co
 each tile's key range is cut into `num_splits` parts run by separate programs; each writes its
 unnormalised output with its running max and sum, and a reduce kernel combines them.
 
-The tiles and the split count are planned once per step in `plan_attention`, not per layer.
+The tiles and the split count are planned once per step in `plan_attention`, not per layer. A
+step with prompt chunks lists its tiles longest first (query_tiles.py), and a tile's KV heads are
+adjacent in launch order, so the blocks that walk the most keys start first.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..split_kv import MIN_SPLIT_KEYS, plan_splits
 from ._tiling import FP_FUSION, interpreted, max_shared_bytes
 
 LOG2E = 1.4426950408889634
+MAX_GRID_TILES = 65535
 
 
 @dataclass
@@ -56,10 +59,11 @@ class AttentionPlan:
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
                    split_min_keys: int = MIN_SPLIT_KEYS, kv_heads: int = 1,
                    block_n: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> AttentionPlan:
+                   num_stages: int | None = None, longest_tiles_first: bool = True) -> AttentionPlan:
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata;
     the launch settings given, if any, are kept for paged_attention. `kv_heads`: the model's KV
-    heads per layer, each tile's programs without a split."""
+    heads per layer, each tile's programs without a split. `longest_tiles_first`: the tiles that walk
+    the most keys start first (query_tiles.py), else batch order."""
     query_lens = batch.query_lens
     if tile_tokens is None:
         # GPU: 16 tokens times the query group fill a 16-128 row tile. Interpreter: fewer,
@@ -71,7 +75,8 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
     if tokens == 1:
         num_tiles = len(query_lens)
     else:
-        seq_ids, starts = query_tiles(query_lens, tokens)
+        seq_ids, starts = query_tiles(query_lens, tokens,
+                                      context_lens=batch.context_lens if longest_tiles_first else None)
         num_tiles = len(seq_ids)
         tile_seq, tile_start = staged(seq_ids + starts, torch.int32, batch.seq_lens.device).split(
             [num_tiles, num_tiles])
@@ -147,8 +152,9 @@ def _attention_kernel(
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CACHE_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
         FP32_DOT: tl.constexpr):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # KV heads vary fastest in launch order: a tile's heads start together, in the plan's order.
+    kv_head = tl.program_id(0)
+    tile = tl.program_id(1)
     split = tl.program_id(2)
     if TILE_TOKENS == 1:
         seq = tile
@@ -291,7 +297,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
     stages = plan.num_stages or pipeline_stages(block_m, block_n, block_d, q.element_size(),
                                                 max_shared_bytes(q.device))
-    grid = (plan.num_tiles, kv_heads, splits)
+    if plan.num_tiles > MAX_GRID_TILES:
+        raise ValueError(f"{plan.num_tiles} attention tiles in one step; a launch takes at most "
+                         f"{MAX_GRID_TILES} (a CUDA grid's second dimension): lower max_num_seqs or "
+                         f"the token budget")
+    grid = (kv_heads, plan.num_tiles, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
     tile_seq = plan.tile_seq if plan.tile_seq is not None else plan.seq_lens
     tile_start = plan.tile_start if plan.tile_start is not None else plan.seq_lens

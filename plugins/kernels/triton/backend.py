@@ -30,6 +30,8 @@ class TritonBackend:
     attention_block_n: int | None = None
     attention_num_warps: int | None = None
     attention_num_stages: int | None = None
+    # Prompt tiles longest first (query_tiles.py); False keeps batch order, for the sweep to compare.
+    longest_tiles_first: bool = True
     # KV heads per layer, from configure_kv_cache(): the split-KV rule counts a step's programs,
     # one per (tile, KV head). 1 until told, which counts tiles alone.
     num_kv_heads: int = 1
@@ -71,7 +73,8 @@ class TritonBackend:
         return self._attention.plan_attention(
             batch, self.tile_tokens, self.num_kv_splits, kv_heads=self.num_kv_heads,
             block_n=self.attention_block_n,
-            num_warps=self.attention_num_warps, num_stages=self.attention_num_stages)
+            num_warps=self.attention_num_warps, num_stages=self.attention_num_stages,
+            longest_tiles_first=self.longest_tiles_first)
 
     def graph_key(self, plan) -> int | None:
         # A decode-only step's plan has no tile tensors (tile i is sequence i) and reads lengths

@@ -240,8 +240,9 @@ def test_attention_head_sizes_without_a_kernel_run_the_reference(backend):
     batch.attn_metadata = be.prepare(batch)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, 24)
     be.attention(torch.randn(batch.num_tokens, 4, 64), *[c[..., :64] for c in caches], batch, 0.1, None)
-    # The 7-token chunk (sequence 1, after the decode) in tiles of 4 new tokens.
-    tiles = [[1, 0], [1, 4]]
+    # The 7-token chunk (sequence 1, after the decode) in tiles of 4 new tokens, the one that sees
+    # more keys first.
+    tiles = [[1, 4], [1, 0]]
     assert ops.calls == [("attention", 24, 1, tiles), ("attention", 0, 1, tiles)]
     assert batch.attn_metadata.plan is None   # the kernel path plans nothing
 

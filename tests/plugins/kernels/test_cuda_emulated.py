@@ -164,9 +164,12 @@ def _check_backend_attention(backend, reference, batch, caches, q, window):
 def test_the_backend_tiles_every_prompt_chunk_and_no_decode():
     backend = cuda_emulator.EmulatedCudaBackend(CPU)
     assert backend.prompt_tile_tokens == 64
-    plan = backend.prepare(ragged_batch(PROMPT_SHAPES, 16, NUM_BLOCKS))
-    # The batch puts its decodes first: sequences 0 and 1.
-    assert plan.prompt_tiles.tolist() == [[2, 0], [2, 64], [2, 128], [3, 0], [4, 0]]
+    batch = ragged_batch(PROMPT_SHAPES, 16, NUM_BLOCKS)
+    # The batch puts its decodes first: sequences 0 and 1. The tiles that see the most keys come
+    # first: 217, 130, 128, 64 and 52 keys.
+    assert backend.prepare(batch).prompt_tiles.tolist() == [[4, 0], [2, 128], [2, 64], [2, 0], [3, 0]]
+    backend.longest_tiles_first = False
+    assert backend.prepare(batch).prompt_tiles.tolist() == [[2, 0], [2, 64], [2, 128], [3, 0], [4, 0]]
     assert backend.prepare(ragged_batch([(7, 1), (37, 1)], 16, NUM_BLOCKS)).prompt_tiles is None
 
 

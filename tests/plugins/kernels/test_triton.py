@@ -124,6 +124,25 @@ def test_short_key_steps_through_every_kind_of_step_match_reference(device, spli
     torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 
+@pytest.mark.parametrize("longest_first", [True, False], ids=["longest-first", "batch-order"])
+def test_prompt_tiles_start_longest_first_and_match_reference_in_either_order(device, longest_first):
+    """The plan lists the tiles that walk the most keys first (or in batch order when told), and
+    the kernel reads each tile's sequence and start from it: the output is the same either way."""
+    backend = make_backend("triton", device)
+    backend.tile_tokens, backend.longest_tiles_first = 8, longest_first
+    actual, expected, batch = _with_reference(backend, [(20, 1), (0, 30), (70, 12), (3, 1)],
+                                              num_blocks=24, seed=2, window=None)
+    plan = batch.attn_metadata = backend.prepare(batch)
+    tiles = list(zip(plan.tile_seq.tolist(), plan.tile_start.tolist()))
+    keys = [batch.context_lens[s] + min(start + 8, batch.query_lens[s]) for s, start in tiles]
+    assert len(set(tiles)) == len(tiles) == 8   # tiles of up to 8 new tokens: 1 + 1 + 4 + 2
+    if longest_first:
+        assert keys == sorted(keys, reverse=True) and keys[0] == 82
+    else:
+        assert tiles == sorted(tiles)
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 def test_16bit_rotary_rounds_where_the_reference_does(device, dtype, is_neox):

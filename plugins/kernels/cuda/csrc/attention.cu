@@ -352,9 +352,10 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   alignas(16) __shared__ uint16_t k_tile[kTileKeys * kRow];
   alignas(16) __shared__ uint16_t v_tile[kTileKeys * kRow];
 
-  const int seq = p.prompt_tiles[2 * blockIdx.x];
-  const int tile_start = p.prompt_tiles[2 * blockIdx.x + 1];
-  const int head = blockIdx.y;
+  // Heads vary fastest in launch order: a tile's heads start together, in the tiles' given order.
+  const int seq = p.prompt_tiles[2 * blockIdx.y];
+  const int tile_start = p.prompt_tiles[2 * blockIdx.y + 1];
+  const int head = blockIdx.x;
   const int kv_head = head / (p.num_heads / p.num_kv_heads);
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -555,7 +556,7 @@ void launch(const AttentionParams& params, cudaStream_t stream) {
   AttentionParams p = params;
   if constexpr (!std::is_same_v<T, float> && kHeadDim <= kMaxTiledHeadSize) {
     if (p.num_prompt_tiles > 0) {
-      const dim3 grid(p.num_prompt_tiles, p.num_heads, p.num_splits);
+      const dim3 grid(p.num_heads, p.num_prompt_tiles, p.num_splits);
       prompt_attention_kernel<T, kHeadDim><<<grid, kPromptWarps * kWarpSize, 0, stream>>>(p);
     }
   } else {

@@ -15,6 +15,7 @@ constexpr int kMaxAttentionSplits = 32;
 // Prompt chunks (sequences with more than one new token) run on tensor cores where they can (sm_80
 // or newer, fp16/bf16, head sizes up to kMaxTiledHeadSize), in tiles of this many new tokens.
 constexpr int kPromptTileTokens = 64;
+constexpr int kMaxPromptTiles = 65535;
 constexpr int kMaxTiledHeadSize = 128;
 
 struct AttentionParams {
@@ -38,8 +39,9 @@ struct AttentionParams {
   float* part_sum;              // [num_splits, T, H]
   // The prompt chunks' tiles, [num_prompt_tiles, 2] int32: (sequence, first new token of the tile,
   // counted within the sequence's new tokens, a multiple of kPromptTileTokens), covering every
-  // sequence with more than one new token. With num_prompt_tiles 0 (or where the tiled kernel does
-  // not run: launch_attention decides), every token takes the per-token kernel.
+  // sequence with more than one new token, in the order their blocks should start; at most
+  // kMaxPromptTiles (a grid's second dimension). With num_prompt_tiles 0 (or where the tiled kernel
+  // does not run: launch_attention decides), every token takes the per-token kernel.
   const int* prompt_tiles;
   int num_prompt_tiles;
 };

@@ -154,6 +154,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     check_int32(op, "prompt_tiles", *prompt_tiles);
     TORCH_CHECK(prompt_tiles->size(1) == 2, op, ": prompt_tiles must hold (sequence, first token) pairs, got shape ",
                 prompt_tiles->sizes());
+    TORCH_CHECK(prompt_tiles->size(0) <= kMaxPromptTiles, op, ": at most ", kMaxPromptTiles,
+                " prompt tiles in one call, got ", prompt_tiles->size(0));
     const bool aligned = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0;
     if (prompt_tiles->size(0) > 0 && aligned && tensor_cores(q)) tiles = prompt_tiles->contiguous();
