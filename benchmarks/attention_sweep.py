@@ -8,7 +8,8 @@ and torch's SDPA on the same work.
 For each batch shape, each launch setting (tile tokens for prompt tiles, keys per loop step, warps,
 pipelining stages; `auto` is what the backend chooses by itself) runs on the same inputs, and on
 decode shapes each forced split-KV count (`splits=N`, for kernels.cuda too), beside the count the
-shared rule picks (the `splits` column of `auto`). Its
+shared rule picks (the `splits` column of `auto`), and on shapes with prompt chunks each backend's
+tiles in batch order beside its own order, longest first (`tiles in batch order`). Its
 output is checked against kernels.torch first: a setting that computes wrong is marked and never
 counted as the best. Then it is timed: the median of --repeats calls, on a GPU
 the device time alone, on a cold L2 cache (`fastgen.bench.device_timing`). The bar is the
@@ -41,8 +42,10 @@ from fastgen.checkpoint import DTYPES  # noqa: E402
 from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
 from fastgen.plugin_manager import load_plugins  # noqa: E402
 
-SHAPES = {s.name: s for s in (decode(1, 8192), decode(16, 8192), decode(64, 1024), prefill(2048),
-                               mixed(512, 16, 1024))}
+# The GPU session cuts the sweep at its time limit, keeping the shapes done: the prompt shapes,
+# untuned longest, come second and third.
+SHAPES = {s.name: s for s in (decode(1, 8192), prefill(2048), mixed(512, 16, 1024), decode(16, 8192),
+                               decode(64, 1024))}
 QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 # (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
 # Stages 3 and 4 keep 2 and 4 copies of keys in flight (the sm_90 TTGIR); block_n 128 and stages
@@ -50,7 +53,7 @@ QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64) for st in (3, 4)] + [
     (None, 64, 2, 3), (None, 64, 8, 3)]
 PROMPT_SETTINGS = [(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
-    (32, 64, 8, 3)]
+    (32, 64, 8, 3), (32, 128, 8, 2)]
 QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
 # Split-KV counts forced on decode shapes (each backend's own launch settings), beside the count the
 # shared rule (plugins/kernels/split_kv.py) picks: the data to tune that rule with.
@@ -161,6 +164,12 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
         backends.append(("kernels.cuda", make_backend(cuda, device)))
         results.append(_checked_and_timed(Result(shape.name, "kernels.cuda"), backends[-1][1], *inputs))
     for label, backend in backends:
+        if shape.kind != "decode":
+            # The order prompt tiles start in (query_tiles.py): batch order against longest first.
+            backend.longest_tiles_first = False
+            results.append(_checked_and_timed(Result(shape.name, f"{label} tiles in batch order"),
+                                              backend, *inputs))
+            backend.longest_tiles_first = True
         for splits in split_counts:
             backend.num_kv_splits = splits
             results.append(_checked_and_timed(Result(shape.name, f"{label} splits={splits}"), backend,
