@@ -137,11 +137,21 @@ def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scal
     return result
 
 
-def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
-                repeats) -> list[Result]:
-    registry = load_plugins().registry
-    triton = make_backend(registry.get("kernels", "triton").cls, device)
-    reference = make_backend(registry.get("kernels", "torch").cls, device)
+@dataclass
+class AttentionInputs:
+    """One shape's attention work: the batch, random queries and caches, and the reference's
+    output on them (float32)."""
+
+    batch: object
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    scale: float
+    window: int | None
+    expected: torch.Tensor
+
+
+def attention_inputs(shape: BatchShape, model, dtype, device, reference) -> AttentionInputs:
     g = torch.Generator().manual_seed(0)
     cache_shape = (shape.num_blocks, 16, model.num_kv_heads, model.head_dim)
     k_cache = torch.randn(*cache_shape, generator=g).to(dtype).to(device)
@@ -151,7 +161,17 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
     batch = build_batch(shape, device)
     batch.attn_metadata = reference.prepare(batch)
     expected = reference.attention(q, k_cache, v_cache, batch, scale, model.sliding_window).float()
-    inputs = (batch, q, k_cache, v_cache, scale, model.sliding_window, expected, dtype, device, repeats)
+    return AttentionInputs(batch, q, k_cache, v_cache, scale, model.sliding_window, expected)
+
+
+def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
+                repeats) -> list[Result]:
+    registry = load_plugins().registry
+    triton = make_backend(registry.get("kernels", "triton").cls, device)
+    reference = make_backend(registry.get("kernels", "torch").cls, device)
+    work = attention_inputs(shape, model, dtype, device, reference)
+    inputs = (work.batch, work.q, work.k_cache, work.v_cache, work.scale, work.window, work.expected,
+              dtype, device, repeats)
     results = []
     for setting in [None, *settings]:
         apply(triton, setting)

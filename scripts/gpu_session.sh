@@ -2,7 +2,7 @@
 # A GPU session's checks and measurements (issue 5) in one command, run by the device tool in the
 # repository root, with the wheels that scripts/gpu_wheels.sh put in .whl/ (carry [".whl"]):
 #
-#   bash scripts/gpu_session.sh [tests] [kernels] [e2e] [sweep]    no step named: all four, in order
+#   bash scripts/gpu_session.sh [tests] [kernels] [e2e] [sweep] [profile]    none named: all five
 #
 #   tests    the GPU cases (-k "cuda and not emulated") of tests/plugins/kernels and of the
 #            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
@@ -19,6 +19,9 @@
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
 #            (llama3-8b shapes), to choose its defaults and tune the split rule
+#   profile  benchmarks/profile_attention.py under Nsight Compute (ncu, where it can read the
+#            counters): kernels.triton's, kernels.cuda's and SDPA's kernels on a 2048-token prompt
+#            and an 8192-key decode: throughput against the peaks, occupancy, warp stalls
 #
 # A session has 15 minutes of device time in all, the machine's start (1-2 minutes) and its idle
 # time counted, so the steps share ONE call: the whole command ends within GPU_SESSION_BUDGET_S
@@ -32,6 +35,7 @@
 #   kernels.json pytest-benchmark JSON of all model shapes      kernels.md  its tables
 #   e2e.json     offline_throughput's JSON per model             e2e.md      its tables
 #   sweep.md     the attention settings' table
+# ncu's report goes to session.log whole, and its main lines to summary.md (8 files at most).
 #
 # Dry run on a CPU machine, to check this script: FASTGEN_DEVICE=cpu bash scripts/gpu_session.sh
 # runs the same steps with tiny shapes and quick modes over the backends that run on the CPU,
@@ -62,9 +66,9 @@ else PY=python3
 fi
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e sweep)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e sweep profile)
 for s in "${STEPS[@]}"; do
-    case $s in tests|kernels|e2e|sweep) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e, sweep" >&2; exit 2 ;; esac
+    case $s in tests|kernels|e2e|sweep|profile) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e, sweep, profile" >&2; exit 2 ;; esac
 done
 
 # Seconds: each step's cap (all its parts together), and the floor that the parts before it leave
@@ -73,7 +77,8 @@ done
 # smollm2-135m, sweep 38 for four shapes; it has five now.)
 # The sweep's cap grew with its rows (tile order, a 128-key prompt setting): it rewrites its table
 # after each shape, so a cut keeps the shapes done.
-declare -A CAP=([tests]=150 [kernels]=185 [e2e]=160 [sweep]=90) FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=45)
+declare -A CAP=([tests]=150 [kernels]=185 [e2e]=160 [sweep]=90 [profile]=90)
+declare -A FLOOR=([tests]=90 [kernels]=90 [e2e]=60 [sweep]=45 [profile]=40)
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
 # GPU_SESSION_KERNEL_MODELS (space-separated), GPU_SESSION_KERNEL_OPS (comma-separated) and
 # GPU_SESSION_KERNEL_K (a -k expression): a smaller kernels step, e.g. to time one change again.
@@ -174,6 +179,14 @@ write_summary() {
         for f in kernels e2e sweep; do
             [ -s "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }
         done
+        if [ -s "$WORK/ncu.txt" ]; then
+            echo
+            echo "## Nsight Compute: the main lines (the whole report is in session.log)"
+            echo
+            echo '```'
+            profile_lines "$WORK/ncu.txt"
+            echo '```'
+        fi
     } > "$OUT/summary.md"
 }
 
@@ -334,6 +347,32 @@ step_sweep() {
         return 0
     fi
     bounded sweep "$(limit_for sweep "${CAP[sweep]}" 1)" - "$PY" benchmarks/attention_sweep.py "${args[@]}"
+}
+
+# profile_lines FILE: of ncu's report, each kernel's heading and the lines that say where its time
+# goes, and which call (stderr of profile_attention.py) it belongs to.
+profile_lines() {
+    grep -E '^profiling |^  [^ ].*Context [0-9]+, Stream|^==PROF==|^==ERROR==|Duration|Throughput|Registers Per Thread|Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc|Shared Memory Configuration Size|stall|pipeline|bound|Block Limit' "$1" | head -n 400
+}
+
+step_profile() {
+    local limit
+    limit=$(limit_for profile "${CAP[profile]}" 1)
+    if [ "$DRY" = 1 ]; then
+        # Without a GPU: the same calls under the interpreter, no profiler.
+        bounded profile "$limit" "tee:$WORK/ncu.txt" "$PY" benchmarks/profile_attention.py --quick
+        return
+    fi
+    if ! command -v ncu >/dev/null; then
+        say "profile: skipped, ncu is not on the PATH"
+        return 0
+    fi
+    # Leave the clocks alone (METHOD.md); kernel replay per section pass, only inside the script's
+    # profiler range.
+    bounded profile "$limit" "tee:$WORK/ncu.txt" ncu --clock-control none --profile-from-start off \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        "$PY" benchmarks/profile_attention.py
 }
 
 say "steps ${STEPS[*]} on $DEVICE with $PY; results in $OUT"
