@@ -59,7 +59,8 @@ def calls(shape, model, dtype, device) -> list[tuple[str, object]]:
 
         error = (call().float() - work.expected).abs().max().item()
         if error > TOLERANCE[dtype] * max(1.0, work.expected.abs().max().item()):
-            raise SystemExit(f"kernels.{name} differs from kernels.torch on {shape.name}: max error {error:.3g}")
+            raise SystemExit(f"kernels.{name} differs from kernels.torch on {shape.name}: "
+                             f"max error {error:.3g}")
         found.append((f"kernels.{name}", call))
     found.append(("torch SDPA (contiguous K/V)",
                   sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim, dtype, device)))
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             if profiled:
                 torch.cuda.synchronize(device)
                 torch.cuda.profiler.start()
-            print(f"profiling {label} on {name} ({model.name}, {str(dtype)[6:]})", file=sys.stderr, flush=True)
+            print(f"profiling {label} on {name} ({model.name}, {str(dtype)[6:]})", file=sys.stderr,
+                  flush=True)
             call()
             if profiled:
                 torch.cuda.synchronize(device)

@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=2048, help="new tokens of the one sequence")
     parser.add_argument("--cached", type=int, default=0, help="its cached keys")
     parser.add_argument("--tile", type=int, default=16, help="new tokens per tile")
-    parser.add_argument("--kv-heads", type=int, default=8, help="blocks per tile: KV heads for kernels.triton, query heads for kernels.cuda")
+    parser.add_argument("--kv-heads", type=int, default=8,
+                        help="blocks per tile: KV heads for kernels.triton, query heads for kernels.cuda")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors (H100, H200: 132)")
     parser.add_argument("--blocks-per-sm", type=int, default=3)
     args = parser.parse_args()

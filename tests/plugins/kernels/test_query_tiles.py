@@ -21,7 +21,8 @@ def test_every_new_token_is_in_one_tile_in_either_order(shapes, tile_tokens, min
                      for i in range(min(tile_tokens, query_lens[s] - start)))
     assert covered == [(s, t) for s, n in enumerate(query_lens) if n >= min_tokens for t in range(n)]
     assert all(start % tile_tokens == 0 for start in starts)
-    keys = [tile_keys(context_lens[s], query_lens[s], start, tile_tokens) for s, start in zip(seq_ids, starts)]
+    keys = [tile_keys(context_lens[s], query_lens[s], start, tile_tokens)
+            for s, start in zip(seq_ids, starts)]
     if longest_first:
         assert keys == sorted(keys, reverse=True)
         # Ties keep batch order.

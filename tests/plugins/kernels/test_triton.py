@@ -208,3 +208,17 @@ def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, d
     # The seeded request reproduces itself (samplers' streams differ between backends).
     again = fastgen.LLM(kernels="triton", **settings).generate(prompts, params)
     assert again[1].token_ids == triton_out[1].token_ids
+
+
+def test_more_tiles_than_a_launch_takes_is_a_clear_error(device):
+    """A CUDA grid's second dimension, where the tiles go, holds at most 65535: more would fail
+    to launch with no word of why."""
+    from fastgen.plugins.kernels.triton.attention import MAX_GRID_TILES, paged_attention
+
+    backend = make_backend("triton", device)
+    batch = ragged_batch([(3, 1)], BLOCK_SIZE_DEFAULT, num_blocks=4, device=device)
+    plan = backend.prepare(batch)
+    plan.num_tiles = MAX_GRID_TILES + 1
+    cache = torch.zeros(4, BLOCK_SIZE_DEFAULT, 1, 16, device=device)
+    with pytest.raises(ValueError, match="65536 attention tiles in one step.*lower max_num_seqs"):
+        paged_attention(torch.zeros(1, 1, 16, device=device), cache, cache, plan, 1.0, None)
