@@ -18,6 +18,7 @@ import cuda_emulator
 import fastgen
 from fastgen.config import make_config
 from fastgen.engine import Engine
+from fastgen.plugin_manager import load_plugins
 from fastgen.step_graphs import StepGraphs, padded_size
 from kernel_targets import CPU, kernel_targets, target_id
 from tiny_models import make_checkpoint
@@ -44,12 +45,19 @@ class _EmulatedCuda(cuda_emulator.EmulatedCudaBackend):
         return cuda_emulator.available()
 
 
-# (registered backend name, device, capture, model): real CUDA graphs on a GPU, the stand-in on
-# the CPU, where Triton's interpreter takes long enough (~45 s) for the slow step, with one model.
+
+def capturable(name: str) -> bool:
+    """Whether a registered backend takes part in graph capture (it has `graph_key`)."""
+    return hasattr(load_plugins().registry.get("kernels", name).cls, "graph_key")
+
+
+# (registered backend name, device, capture, model) for every backend that can be captured, third-
+# party ones included: real CUDA graphs on a GPU, the stand-in on the CPU, where Triton's
+# interpreter takes long enough (~45 s) for the slow step, with one model.
 TARGETS = [pytest.param(name, device, None if device.type == "cuda" else RerunOnReplay, arch,
                         id=f"{target_id(name, device)}-{arch}",
                         marks=[pytest.mark.slow] if device.type == "cpu" else [])
-           for name, device in kernel_targets() if name in ("triton", "cuda")
+           for name, device in kernel_targets() if capturable(name)
            for arch in (("mistral", "opt") if device.type == "cuda" else ("mistral",))]
 if cuda_emulator.available() is None:
     TARGETS += [pytest.param("cuda_emulated", CPU, RerunOnReplay, arch, id=f"cuda-emulated-{arch}")
