@@ -228,8 +228,12 @@ class Engine:
 
     # --- the step ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return an output for every request that advanced or finished."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one forward pass; return an output for every request that advanced or finished, or
+        with `finished_only` for the finished ones alone. A running request's output copies its
+        tokens so far, a cost that grows with its length every step: a caller that keeps only the
+        last outputs (LLM.generate) has them not built. A finished output's `new_text` is all the
+        text no output handed out before."""
         if not self.has_unfinished():
             return []
         stats = StepStats()
@@ -253,7 +257,7 @@ class Engine:
         t2 = time.perf_counter()
         next_tokens = self._sample(batch, logits, sampling, prompt_logprobs)
         t3 = time.perf_counter()
-        outputs = self._postprocess(batch, next_tokens)
+        outputs = self._postprocess(batch, next_tokens, finished_only)
         t4 = time.perf_counter()
 
         stats.num_tokens, stats.num_seqs, stats.num_decodes = (
@@ -319,7 +323,8 @@ class Engine:
                     seq.first_scheduled_time = now
             seq.block_ids += self.allocator.allocate(seq.blocks_needed(n, bs))
 
-    def _postprocess(self, batch: RaggedBatch, next_tokens: list[int]) -> list[RequestOutput]:
+    def _postprocess(self, batch: RaggedBatch, next_tokens: list[int],
+                     finished_only: bool = False) -> list[RequestOutput]:
         for seq, n in zip(batch.sequences, batch.query_lens):
             seq.num_computed += n
         outputs = []
@@ -332,7 +337,7 @@ class Engine:
             if reason is not None:
                 self.running.remove(seq)
                 outputs.append(self._finish(seq, reason))
-            else:
+            elif not finished_only:
                 outputs.append(self._output(seq))
         return outputs
 

@@ -42,9 +42,8 @@ class LLM:
             self.engine.add_sequence(seq)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+            for out in self.engine.step(finished_only=True):
+                finished[out.request_id] = out
         return [finished[s.request_id] for s in seqs]
 
     def chat(self, messages: list[dict] | list[list[dict]],

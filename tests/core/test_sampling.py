@@ -49,6 +49,30 @@ def test_each_output_holds_its_prompt_and_the_tokens_so_far(llm, greedy):
         steps = seen[rid]
         assert steps == [greedy[prompt].token_ids[:n] for n in range(1, 25)]
 
+def test_finished_only_steps_return_the_same_last_outputs_and_nothing_before(llm, greedy):
+    """step(finished_only=True), as LLM.generate steps: no output while a request runs, then the
+    one every step would have ended with, its new_text the whole text; a stop string still cuts."""
+    engine = llm.engine
+    stops = {p: pick_stop_string(greedy[p].text) for p in PROMPTS[:2]}
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stops[p]] if p in stops
+                             else []) for p in PROMPTS]
+    finals = {}
+    for finished_only in (False, True):
+        ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step(finished_only=finished_only)
+        finals[finished_only] = [next(o for o in outs if o.request_id == rid and o.finished) for rid in ids]
+        if finished_only:
+            assert len(outs) == len(PROMPTS)
+    for every_step, last_only in zip(finals[False], finals[True]):
+        assert (last_only.token_ids, last_only.text, last_only.finish_reason) == (
+            every_step.token_ids, every_step.text, every_step.finish_reason)
+        assert last_only.new_text == last_only.text
+    assert [o.finish_reason for o in finals[True]] == ["stop", "stop", "length"]
+    assert finals[True][0].text == greedy[PROMPTS[0]].text[:greedy[PROMPTS[0]].text.find(stops[PROMPTS[0]])]
+
+
 def test_stop_token_id_ends_with_stop(llm, greedy):
     for prompt in PROMPTS:
         tokens = greedy[prompt].token_ids
