@@ -80,6 +80,10 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         num_tiles = len(seq_ids)
         tile_seq, tile_start = staged(seq_ids + starts, torch.int32, batch.seq_lens.device).split(
             [num_tiles, num_tiles])
+    if num_tiles > MAX_GRID_TILES:
+        raise ValueError(f"{num_tiles} attention tiles in one step; a launch takes at most "
+                         f"{MAX_GRID_TILES} (a CUDA grid's second dimension): lower max_num_seqs or "
+                         f"the token budget")
     if num_splits is None:
         num_splits = plan_splits(batch, num_tiles * kv_heads, split_min_keys)
     return AttentionPlan(
@@ -297,10 +301,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
     stages = plan.num_stages or pipeline_stages(block_m, block_n, block_d, q.element_size(),
                                                 max_shared_bytes(q.device))
-    if plan.num_tiles > MAX_GRID_TILES:
-        raise ValueError(f"{plan.num_tiles} attention tiles in one step; a launch takes at most "
-                         f"{MAX_GRID_TILES} (a CUDA grid's second dimension): lower max_num_seqs or "
-                         f"the token budget")
     grid = (kv_heads, plan.num_tiles, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
     tile_seq = plan.tile_seq if plan.tile_seq is not None else plan.seq_lens

@@ -21,6 +21,7 @@ from sampling_inputs import metadata, random_logits
 
 pytest.importorskip("triton", reason="kernels.triton needs triton: pip install triton")
 
+from fastgen.plugins.kernels.query_tiles import tile_keys  # noqa: E402
 from fastgen.plugins.kernels.split_kv import target_programs  # noqa: E402
 from fastgen.plugins.kernels.triton.backend import TritonBackend  # noqa: E402
 
@@ -134,7 +135,7 @@ def test_prompt_tiles_start_longest_first_and_match_reference_in_either_order(de
                                               num_blocks=24, seed=2, window=None)
     plan = batch.attn_metadata = backend.prepare(batch)
     tiles = list(zip(plan.tile_seq.tolist(), plan.tile_start.tolist()))
-    keys = [batch.context_lens[s] + min(start + 8, batch.query_lens[s]) for s, start in tiles]
+    keys = [tile_keys(batch.context_lens[s], batch.query_lens[s], start, 8) for s, start in tiles]
     assert len(set(tiles)) == len(tiles) == 8   # tiles of up to 8 new tokens: 1 + 1 + 4 + 2
     if longest_first:
         assert keys == sorted(keys, reverse=True) and keys[0] == 82
@@ -212,13 +213,15 @@ def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, d
 
 def test_more_tiles_than_a_launch_takes_is_a_clear_error(device):
     """A CUDA grid's second dimension, where the tiles go, holds at most 65535: more would fail
-    to launch with no word of why."""
-    from fastgen.plugins.kernels.triton.attention import MAX_GRID_TILES, paged_attention
+    to launch with no word of why. The step's plan says so, before any layer runs."""
+    from fastgen.plugins.kernels.triton.attention import MAX_GRID_TILES
 
     backend = make_backend("triton", device)
-    batch = ragged_batch([(3, 1)], BLOCK_SIZE_DEFAULT, num_blocks=4, device=device)
-    plan = backend.prepare(batch)
-    plan.num_tiles = MAX_GRID_TILES + 1
-    cache = torch.zeros(4, BLOCK_SIZE_DEFAULT, 1, 16, device=device)
+    backend.tile_tokens = 2
+    tokens = 2 * (MAX_GRID_TILES + 1)
+    batch = ragged_batch([(0, tokens)], BLOCK_SIZE_DEFAULT, num_blocks=tokens // BLOCK_SIZE_DEFAULT,
+                         device=device)
     with pytest.raises(ValueError, match="65536 attention tiles in one step.*lower max_num_seqs"):
-        paged_attention(torch.zeros(1, 1, 16, device=device), cache, cache, plan, 1.0, None)
+        backend.prepare(batch)
+    backend.tile_tokens = 4   # half as many tiles: planned
+    assert backend.prepare(batch).num_tiles == tokens // 4
