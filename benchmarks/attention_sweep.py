@@ -116,27 +116,6 @@ def _failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
-def _checked_and_timed(result: Result, backend, batch, q, k_cache, v_cache, scale, window, expected,
-                       dtype, device, repeats) -> Result:
-    """The backend's attention on the batch, checked against `expected` and then timed, into result;
-    a failure to compile or launch is the result's error."""
-    try:
-        configure_kv_cache(backend, k_cache.shape[2], k_cache.shape[3])
-        batch.attn_metadata = backend.prepare(batch)
-        result.extra = {"num_splits": batch.attn_metadata.num_splits,
-                        "tile_tokens": getattr(batch.attn_metadata, "tile_tokens", None)}
-        out = backend.attention(q, k_cache, v_cache, batch, scale, window)
-        error = (out.float() - expected).abs().max().item()
-        result.correct = error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
-        if not result.correct:
-            result.error = f"max error {error:.3g}"
-        result.seconds = median_time(lambda: backend.attention(q, k_cache, v_cache, batch, scale, window),
-                                   device, repeats)
-    except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
-        result.correct, result.error = False, _failure(e)
-    return result
-
-
 @dataclass
 class AttentionInputs:
     """One shape's attention work: the batch, random queries and caches, and the reference's
@@ -149,6 +128,23 @@ class AttentionInputs:
     scale: float
     window: int | None
     expected: torch.Tensor
+
+    def planned_call(self, backend):
+        """(the backend's plan for the batch, a call of its attention on this work with that plan)."""
+        configure_kv_cache(backend, self.k_cache.shape[2], self.k_cache.shape[3])
+        plan = backend.prepare(self.batch)
+
+        def call():
+            self.batch.attn_metadata = plan
+            return backend.attention(self.q, self.k_cache, self.v_cache, self.batch, self.scale,
+                                     self.window)
+        return plan, call
+
+    def mismatch(self, out: torch.Tensor, dtype) -> str | None:
+        """None where `out` agrees with the reference within the dtype's tolerance, else how far."""
+        error = (out.float() - self.expected).abs().max().item()
+        ok = error <= TOLERANCE[dtype] * max(1.0, self.expected.abs().max().item())
+        return None if ok else f"max error {error:.3g}"
 
 
 def attention_inputs(shape: BatchShape, model, dtype, device, reference) -> AttentionInputs:
@@ -164,14 +160,28 @@ def attention_inputs(shape: BatchShape, model, dtype, device, reference) -> Atte
     return AttentionInputs(batch, q, k_cache, v_cache, scale, model.sliding_window, expected)
 
 
+def _checked_and_timed(result: Result, backend, work: AttentionInputs, dtype, device,
+                       repeats) -> Result:
+    """The backend's attention on the work, checked against the reference and then timed, into
+    result; a failure to compile or launch is the result's error."""
+    try:
+        plan, call = work.planned_call(backend)
+        result.extra = {"num_splits": plan.num_splits, "tile_tokens": getattr(plan, "tile_tokens", None)}
+        result.error = work.mismatch(call(), dtype)
+        result.correct = result.error is None
+        result.seconds = median_time(call, device, repeats)
+    except Exception as e:   # noqa: BLE001 - a setting that fails to compile or launch is a finding
+        result.correct, result.error = False, _failure(e)
+    return result
+
+
 def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
                 repeats) -> list[Result]:
     registry = load_plugins().registry
     triton = make_backend(registry.get("kernels", "triton").cls, device)
     reference = make_backend(registry.get("kernels", "torch").cls, device)
     work = attention_inputs(shape, model, dtype, device, reference)
-    inputs = (work.batch, work.q, work.k_cache, work.v_cache, work.scale, work.window, work.expected,
-              dtype, device, repeats)
+    inputs = (work, dtype, device, repeats)
     results = []
     for setting in [None, *settings]:
         apply(triton, setting)

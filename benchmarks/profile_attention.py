@@ -27,11 +27,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attention_sweep import QUICK_SHAPES, SHAPES, TOLERANCE, attention_inputs, sdpa_call  # noqa: E402
+from attention_sweep import QUICK_SHAPES, SHAPES, attention_inputs, sdpa_call  # noqa: E402
 
 from fastgen.bench.kernels import MODELS  # noqa: E402
 from fastgen.checkpoint import DTYPES  # noqa: E402
-from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
+from fastgen.kernels import make_backend  # noqa: E402
 from fastgen.plugin_manager import load_plugins  # noqa: E402
 
 DEFAULT_SHAPES = ("prefill_2048_cached0", "decode_b1_ctx8192")
@@ -49,18 +49,10 @@ def calls(shape, model, dtype, device) -> list[tuple[str, object]]:
         if reason is not None:
             print(f"kernels.{name}: skipped, {reason}", file=sys.stderr)
             continue
-        backend = make_backend(cls, device)
-        configure_kv_cache(backend, work.k_cache.shape[2], work.k_cache.shape[3])
-        plan = backend.prepare(work.batch)
-
-        def call(backend=backend, plan=plan):
-            work.batch.attn_metadata = plan
-            return backend.attention(work.q, work.k_cache, work.v_cache, work.batch, work.scale, work.window)
-
-        error = (call().float() - work.expected).abs().max().item()
-        if error > TOLERANCE[dtype] * max(1.0, work.expected.abs().max().item()):
-            raise SystemExit(f"kernels.{name} differs from kernels.torch on {shape.name}: "
-                             f"max error {error:.3g}")
+        _, call = work.planned_call(make_backend(cls, device))
+        mismatch = work.mismatch(call(), dtype)
+        if mismatch:
+            raise SystemExit(f"kernels.{name} differs from kernels.torch on {shape.name}: {mismatch}")
         found.append((f"kernels.{name}", call))
     found.append(("torch SDPA (contiguous K/V)",
                   sdpa_call(shape, model.num_heads, model.num_kv_heads, model.head_dim, dtype, device)))

@@ -179,7 +179,6 @@ def test_table_puts_backends_side_by_side_with_the_speedup_over_torch():
     assert norm[4:] == ["400.0 us", "2.5", "-", "25% mem", "100.0 us", "10", "-", "100% mem", "4x"]
 
 
-
 def test_gpu_results_show_each_backends_launch_cost_and_mark_timings_the_host_held_up():
     triton, torch_ = _result("triton", "rms_norm", 1e-5), _result("torch", "rms_norm", 2e-5)
     triton["extra_info"].update(host_seconds=3e-5, host_waits=0)
@@ -193,6 +192,7 @@ def test_gpu_results_show_each_backends_launch_cost_and_mark_timings_the_host_he
     row = [c.strip() for c in lines[5].strip("|").split("|")]
     assert row[4:] == ["20.0 us (host waits)", "50", "-", "500% mem", "10.0 us",
                        "10.0 us", "100", "-", "1e+03% mem", "30.0 us", "2x"]
+
 
 class _Broken:
     """A backend whose rms_norm raises, to show one failing case does not hide the others."""
