@@ -70,9 +70,10 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         # larger tiles.
         tile_tokens = 64 if interpreted(batch.seq_lens.device) else 16
     # A decode-only step needs no room for more tokens in a tile: the M axis holds just the group.
-    tokens = 1 if max(query_lens) == 1 else tile_tokens
+    decode_only = max(query_lens) == 1
+    tokens = 1 if decode_only else tile_tokens
     tile_seq = tile_start = None
-    if tokens == 1:
+    if decode_only:
         num_tiles = len(query_lens)
     else:
         seq_ids, starts = query_tiles(query_lens, tokens,
@@ -92,6 +93,13 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
         block_tables=batch.block_tables, block_size=batch.block_size,
         block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def decode_only(plan: AttentionPlan) -> bool:
+    """The step holds decodes only: tile i is sequence i's one token, and the plan lists no tiles
+    (what a CUDA graph of the step can replay). Not `tile_tokens == 1`: a step with prompt chunks
+    may have one-token tiles too, listed."""
+    return plan.tile_seq is None
 
 
 @triton.jit
@@ -155,17 +163,17 @@ def _attention_kernel(
         GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CACHE_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
-        FP32_DOT: tl.constexpr):
+        FP32_DOT: tl.constexpr, TILES_LISTED: tl.constexpr):
     # KV heads vary fastest in launch order: a tile's heads start together, in the plan's order.
     kv_head = tl.program_id(0)
     tile = tl.program_id(1)
     split = tl.program_id(2)
-    if TILE_TOKENS == 1:
-        seq = tile
-        start = 0
-    else:
+    if TILES_LISTED:
         seq = tl.load(tile_seq_ptr + tile)
         start = tl.load(tile_start_ptr + tile)
+    else:
+        seq = tile
+        start = 0
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -303,8 +311,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                 max_shared_bytes(q.device))
     grid = (kv_heads, plan.num_tiles, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
-    tile_seq = plan.tile_seq if plan.tile_seq is not None else plan.seq_lens
-    tile_start = plan.tile_start if plan.tile_start is not None else plan.seq_lens
+    listed = not decode_only(plan)
+    tile_seq = plan.tile_seq if listed else plan.seq_lens
+    tile_start = plan.tile_start if listed else plan.seq_lens
     _attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_max, part_sum,
         tile_seq, tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
@@ -314,7 +323,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), plan.block_tables.stride(0),
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
-        SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32,
+        SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32, TILES_LISTED=listed,
         num_warps=num_warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](

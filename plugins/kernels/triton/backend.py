@@ -79,7 +79,7 @@ class TritonBackend:
     def graph_key(self, plan) -> int | None:
         # A decode-only step's plan has no tile tensors (tile i is sequence i) and reads lengths
         # and block tables from the batch's tensors: only its split count is baked into a launch.
-        return plan.num_splits if plan.tile_tokens == 1 else None
+        return plan.num_splits if self._attention.decode_only(plan) else None
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; slot_mapping: [T]

@@ -144,6 +144,31 @@ def test_prompt_tiles_start_longest_first_and_match_reference_in_either_order(de
     torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_one_token_tiles_with_prompt_chunks_are_listed_and_match_reference(device, window):
+    """A tile of one new token in a step with prompt chunks is still a listed tile (its sequence and
+    start read from the plan), not a decode-only step's implied one: every token of a chunk sees
+    its own causal range, and the step is not one a CUDA graph replays."""
+    backend = make_backend("triton", device)
+    backend.tile_tokens = 1
+    actual, expected, batch = _with_reference(backend, [(20, 1), (9, 13), (0, 5)], num_blocks=8,
+                                              seed=4, window=window)
+    plan = backend.prepare(batch)
+    assert plan.tile_tokens == 1 and plan.num_tiles == batch.num_tokens == 19
+    assert sorted(zip(plan.tile_seq.tolist(), plan.tile_start.tolist())) == (
+        [(0, 0)] + [(1, i) for i in range(13)] + [(2, i) for i in range(5)])
+    assert backend.graph_key(plan) is None
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
+
+
+def test_only_decode_only_steps_have_a_graph_key(device):
+    backend = make_backend("triton", device)
+    decodes = ragged_batch([(20, 1), (3, 1)], BLOCK_SIZE_DEFAULT, num_blocks=4, device=device)
+    chunk = ragged_batch([(20, 1), (3, 2)], BLOCK_SIZE_DEFAULT, num_blocks=4, device=device)
+    assert backend.graph_key(backend.prepare(decodes)) == 1
+    assert backend.graph_key(backend.prepare(chunk)) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 def test_16bit_rotary_rounds_where_the_reference_does(device, dtype, is_neox):
