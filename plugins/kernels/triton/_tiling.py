@@ -23,6 +23,18 @@ def interpreted(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 at or above n (0 for 0), as triton.next_power_of_2 gives it. Host
+    code calls this one: Triton's is a constexpr function, whose wrapper costs a few microseconds a
+    call on the host (~3 us here), several calls a launch, every launch."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (triton.cdiv is a constexpr function too)."""
+    return -(-a // b)
+
+
 def rows_per_program(block: int, elements: int = 4096) -> int:
     """Rows one program handles so that it touches about `elements` values: one row of a wide
     model's hidden size, many rows of a narrow one (fewer, fuller programs; the interpreter runs

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import FP_FUSION, rows_per_program
+from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
 @triton.jit
@@ -29,9 +29,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     num_rows, inter = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)
     if num_rows:
-        block = min(triton.next_power_of_2(inter), 1024)
+        block = min(next_power_of_2(inter), 1024)
         rows = rows_per_program(block)
-        _silu_and_mul_kernel[(triton.cdiv(num_rows, rows), triton.cdiv(inter, block))](
+        _silu_and_mul_kernel[(cdiv(num_rows, rows), cdiv(inter, block))](
             x, out, x.stride(0), out.stride(0), num_rows, inter, ROWS=rows, BLOCK=block,
             num_warps=min(max(rows * block // 512, 1), 8), enable_fp_fusion=FP_FUSION)
     return out

@@ -30,7 +30,7 @@ from fastgen.staging import staged
 
 from ..query_tiles import query_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
-from ._tiling import FP_FUSION, interpreted, max_shared_bytes
+from ._tiling import FP_FUSION, interpreted, max_shared_bytes, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_GRID_TILES = 65535
@@ -303,8 +303,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part_out = part_max = part_sum = out   # unused: the kernel writes `out` directly
     # tl.dot needs at least 16 rows; a decode tile is just the group's heads.
-    block_m = max(16, triton.next_power_of_2(plan.tile_tokens * group))
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = max(16, next_power_of_2(plan.tile_tokens * group))
+    block_d = max(16, next_power_of_2(dim))
     block_n = plan.block_n or (64 if block_d <= 64 or interpreted(q.device) else 32)
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
     stages = plan.num_stages or pipeline_stages(block_m, block_n, block_d, q.element_size(),
@@ -328,6 +328,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](
             part_out, part_max, part_sum, out, tokens, heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            NUM_SPLITS=splits, BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d,
             HEAD_DIM=dim, enable_fp_fusion=FP_FUSION)
     return out

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import FP_FUSION, rows_per_program
+from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
 @triton.jit
@@ -38,10 +38,10 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     tokens, kv_heads, dim = key.shape
     if tokens == 0:
         return
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_power_of_2(dim)
     rows = rows_per_program(block_d, 2048)
     # A cache slot is (block, offset) flattened: the caches are contiguous, so one stride covers it.
-    _write_kv_kernel[(triton.cdiv(tokens * kv_heads, rows),)](
+    _write_kv_kernel[(cdiv(tokens * kv_heads, rows),)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), tokens * kv_heads, kv_heads,

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiling import FP_FUSION, rows_per_program
+from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x) if residual is not None else x
     if num_rows:
-        block = triton.next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         rows = rows_per_program(block)
-        _rms_norm_kernel[(triton.cdiv(num_rows, rows),)](
+        _rms_norm_kernel[(cdiv(num_rows, rows),)](
             x, residual if residual is not None else x, weight, out, new_residual,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             new_residual.stride(0), num_rows, hidden, eps,

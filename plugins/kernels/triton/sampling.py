@@ -17,7 +17,7 @@ import triton.language as tl
 from fastgen.kernels import SamplingMetadata
 from fastgen.plugins.kernels.sampling_seeds import row_seeds
 
-from ._tiling import FP_FUSION, interpreted
+from ._tiling import FP_FUSION, cdiv, interpreted, next_power_of_2
 from .top_k_top_p import scaled_logit, thresholds
 
 
@@ -72,14 +72,14 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
     if not rows:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     interpreter = interpreted(logits.device)
-    block = min(triton.next_power_of_2(vocab), 1024 if interpreter else 4096)
+    block = min(next_power_of_2(vocab), 1024 if interpreter else 4096)
     if chunk_tokens is None:
         # With one program to a row, the sample op took 0.67-0.81 ms for 1 to 256 rows of 128k
         # tokens on an H200, whatever the rows: each row's program was the wait. 8192-token
         # chunks give such a row 16 programs. The interpreter pays per program.
         chunk_tokens = vocab if interpreter else 2 * block
-    chunk_tokens = triton.cdiv(chunk_tokens, block) * block
-    num_chunks = triton.cdiv(vocab, chunk_tokens)
+    chunk_tokens = cdiv(chunk_tokens, block) * block
+    num_chunks = cdiv(vocab, chunk_tokens)
     best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](logits, meta.temperatures, cuts, seeds, best_val,

@@ -28,7 +28,7 @@ import triton.language as tl
 from fastgen.kernels import SamplingMetadata
 from fastgen.plugins.kernels.top_k_candidates import top_k_candidates
 
-from ._tiling import FP_FUSION, interpreted
+from ._tiling import FP_FUSION, interpreted, next_power_of_2
 
 # Keys tested per pass: 16 settle 4 bits of the 32-bit key, so a search takes at most 8 passes
 # over the row (a plain bisection takes 32); the extra compares are cheap next to the reads.
@@ -159,7 +159,7 @@ def thresholds(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         logits, vocab = candidates, candidates.shape[1]
     if rows:
         # A tile is [BLOCK_V, CUTS] comparisons: smaller tiles than the sampler's.
-        block = min(triton.next_power_of_2(vocab), 1024 if interpreted(logits.device) else 512)
+        block = min(next_power_of_2(vocab), 1024 if interpreted(logits.device) else 512)
         _threshold_kernel[(rows,)](logits, meta.temperatures, meta.top_k, meta.top_p, out,
                                    logits.stride(0), vocab, BLOCK_V=block, CUTS=CUTS,
                                    enable_fp_fusion=FP_FUSION)

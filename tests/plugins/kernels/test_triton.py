@@ -250,3 +250,17 @@ def test_more_tiles_than_a_launch_takes_is_a_clear_error(device):
         backend.prepare(batch)
     backend.tile_tokens = 4   # half as many tiles: planned
     assert backend.prepare(batch).num_tiles == tokens // 4
+
+
+def test_host_launch_arithmetic_agrees_with_triton():
+    """The launch wrappers size their grids and blocks with _tiling's plain-int cdiv and
+    next_power_of_2 (Triton's are constexpr functions, slow to call from host code): the same
+    numbers as Triton's."""
+    import triton
+
+    from fastgen.plugins.kernels.triton import _tiling
+
+    for n in range(0, 4200):
+        assert _tiling.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 1000):
+            assert _tiling.cdiv(n, d) == triton.cdiv(n, d), (n, d)
