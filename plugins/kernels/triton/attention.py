@@ -34,6 +34,9 @@ from ._tiling import FP_FUSION, interpreted, max_shared_bytes, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_GRID_TILES = 65535
+# A cache of this many elements or more is addressed with 64-bit offsets; smaller ones with 32-bit
+# offsets, which take fewer instructions for each key's address (NVIDIA sm_90 SASS).
+LARGE_CACHE_ELEMENTS = 2 ** 31
 
 
 @dataclass
@@ -103,49 +106,59 @@ def decode_only(plan: AttentionPlan) -> bool:
 
 
 @triton.jit
-def _block_ids(table_ptr, keys, hi, CACHE_BLOCK: tl.constexpr):
-    """[N] the cache block of each of `keys` (block 0 for a key at or past `hi`)."""
-    return tl.load(table_ptr + keys // CACHE_BLOCK, mask=keys < hi, other=0).to(tl.int64)
+def _block_ids(table_ptr, keys, hi, CACHE_BLOCK: tl.constexpr, LARGE_CACHE: tl.constexpr):
+    """[N] the cache block of each of `keys` (block 0 for a key at or past `hi`); int64 only where
+    a cache's offsets need it."""
+    block = tl.load(table_ptr + keys // CACHE_BLOCK, mask=keys < hi, other=0)
+    if LARGE_CACHE:
+        block = block.to(tl.int64)
+    return block
 
 
 @triton.jit
-def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_ptr, kv_head,
-            q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-            stride_vh, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-            MASKED: tl.constexpr, SLIDING: tl.constexpr, FP32_DOT: tl.constexpr):
+def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_ptr, slot_off,
+            q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+            CACHE_BLOCK: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
+            FP32_DOT: tl.constexpr):
     """One step of the online softmax over BLOCK_N keys, whose cache blocks are `block`. Unmasked,
-    every row sees every key (the caller's promise): no key range check, no -inf to guard."""
+    every row sees every key (the caller's promise): no key range check, no -inf to guard.
+    `slot_off`: each key's offset within its block (slot and KV head), the same every step when
+    steps hold whole blocks; else worked out here."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    offset = keys % CACHE_BLOCK
+    if BLOCK_N % CACHE_BLOCK != 0:
+        slot_off = (keys % CACHE_BLOCK) * stride_cs + head_off
+    # K and V share a layout (paged_attention checks): one row offset addresses both.
+    rows = (block * stride_cb + slot_off)[:, None] + d[None, :]
     if MASKED:
         key_ok = keys < hi
         kv_mask = key_ok[:, None] & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0)          # [N, D]
+    k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)          # [N, D]
     if FP32_DOT:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         scores = tl.dot(q, tl.trans(k))
-    scores = scores * scale_log2                       # [M, N], in log2 units for exp2
+    # Scores stay unscaled; the running max is in log2 units for exp2. Scaling a row's max (the
+    # scale is positive) gives the max of its scaled scores, and each score's scale and shift
+    # below is one fma.
     if MASKED:
         visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if SLIDING:
             visible = visible & (keys[None, :] > q_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1) * scale_log2)
     if MASKED:
         # A row that has seen no visible key yet keeps max -inf: subtract 0 instead, to get 0, not NaN.
         new_max_safe = tl.where(new_max == float("-inf"), 0.0, new_max)
     else:
         new_max_safe = new_max
     alpha = tl.exp2(running_max - new_max_safe)
-    p = tl.exp2(scores - new_max_safe[:, None])
+    p = tl.exp2(scores * scale_log2 - new_max_safe[:, None])
     running_sum = running_sum * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
-                + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
     if FP32_DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -159,11 +172,11 @@ def _attention_kernel(
         tile_seq_ptr, tile_start_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
         scale_log2, window, num_tokens, num_heads,
         stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        stride_cb, stride_cs, stride_ch, stride_bt,
         GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CACHE_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
-        FP32_DOT: tl.constexpr, TILES_LISTED: tl.constexpr):
+        FP32_DOT: tl.constexpr, TILES_LISTED: tl.constexpr, LARGE_CACHE: tl.constexpr):
     # KV heads vary fastest in launch order: a tile's heads start together, in the plan's order.
     kv_head = tl.program_id(0)
     tile = tl.program_id(1)
@@ -213,32 +226,32 @@ def _attention_kernel(
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
+    head_off = kv_head * stride_ch
+    slot_off = (cols % CACHE_BLOCK) * stride_cs + head_off    # steps of whole blocks: every step's
     table = block_tables_ptr + seq * stride_bt
     # Each step's block ids are loaded a step ahead and carried: a K/V load whose address comes
     # from a load in its own step is one Triton's pipeliner issues only after the step's work, so
     # no copy would overlap a product (seen in the sm_90 TTGIR, Triton 3.6 and 3.9).
-    block = _block_ids(table, a * BLOCK_N + cols, hi, CACHE_BLOCK)
+    block = _block_ids(table, a * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
     for step in range(a, b):
-        next_block = _block_ids(table, (step + 1) * BLOCK_N + cols, hi, CACHE_BLOCK)
+        next_block = _block_ids(table, (step + 1) * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
         acc, running_max, running_sum = _attend(
             acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
-            v_cache_ptr, kv_head, q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh,
-            stride_vb, stride_vs, stride_vh, BLOCK_D, HEAD_DIM, CACHE_BLOCK, False, SLIDING,
-            FP32_DOT)
+            v_cache_ptr, slot_off, q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
+            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, False, SLIDING, FP32_DOT)
         block = next_block
     # The masked steps: [first_step, a) below the window's edge and [b, end_step) at the diagonal.
     num_below = a - first_step
     masked_step = tl.where(num_below > 0, first_step, b)
-    block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK)
+    block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
     for i in range(0, num_below + end_step - b):
         step = masked_step
         masked_step = tl.where(i + 1 < num_below, first_step + i + 1, b + i + 1 - num_below)
-        next_block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK)
+        next_block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
         acc, running_max, running_sum = _attend(
             acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
-            v_cache_ptr, kv_head, q_pos, hi, scale_log2, window, stride_kb, stride_ks, stride_kh,
-            stride_vb, stride_vs, stride_vh, BLOCK_D, HEAD_DIM, CACHE_BLOCK, True, SLIDING,
-            FP32_DOT)
+            v_cache_ptr, slot_off, q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
+            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, True, SLIDING, FP32_DOT)
         block = next_block
 
     store_mask = row_ok[:, None] & d_ok[None, :]
@@ -293,6 +306,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
     tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
+    cache_strides = k_cache.stride()
+    if v_cache.stride() != cache_strides or v_cache.shape != k_cache.shape:
+        raise ValueError(f"kernels.triton attention reads K and V at the same offsets: the caches must "
+                         f"share a shape and strides, got {tuple(k_cache.shape)} {cache_strides} and "
+                         f"{tuple(v_cache.shape)} {v_cache.stride()}")
     group = heads // kv_heads
     out = torch.empty(tokens, heads, dim, dtype=q.dtype, device=q.device)
     splits = plan.num_splits
@@ -319,11 +337,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tile_seq, tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
         scale * LOG2E, window or 0, tokens, heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), plan.block_tables.stride(0),
+        *cache_strides[:3], plan.block_tables.stride(0),
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
         SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32, TILES_LISTED=listed,
+        LARGE_CACHE=k_cache.numel() >= LARGE_CACHE_ELEMENTS,
         num_warps=num_warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](

@@ -252,6 +252,33 @@ def test_more_tiles_than_a_launch_takes_is_a_clear_error(device):
     assert backend.prepare(batch).num_tiles == tokens // 4
 
 
+@pytest.mark.parametrize("window", [None, 40], ids=["full", "window40"])
+def test_caches_addressed_with_64_bit_offsets_give_the_same_output(device, window, monkeypatch):
+    """A cache of 2**31 elements or more is addressed with 64-bit offsets, a smaller one with
+    32-bit ones: with the threshold lowered, these small caches take the 64-bit path."""
+    from fastgen.plugins.kernels.triton import attention
+
+    shapes = [(200, 1), (75, 1), (30, 20)]
+    small, expected, _ = _with_reference(make_backend("triton", device), shapes, 32, seed=5, window=window)
+    monkeypatch.setattr(attention, "LARGE_CACHE_ELEMENTS", 1)
+    large, _, _ = _with_reference(make_backend("triton", device), shapes, 32, seed=5, window=window)
+    torch.testing.assert_close(large, expected, **FLOAT32[device.type])
+    assert torch.equal(large, small)
+
+
+def test_k_and_v_caches_of_different_layouts_are_refused(device):
+    """The kernel reads K and V at the same offsets, so caches laid out differently are an error,
+    not wrong values."""
+    backend = make_backend("triton", device)
+    batch = ragged_batch([(20, 1)], BLOCK_SIZE_DEFAULT, num_blocks=4, device=device)
+    batch.attn_metadata = backend.prepare(batch)
+    k_cache = torch.randn(4, BLOCK_SIZE_DEFAULT, 2, 64, device=device)
+    v_cache = torch.randn(4, 2, BLOCK_SIZE_DEFAULT, 64, device=device).transpose(1, 2)
+    q = torch.randn(batch.num_tokens, 4, 64, device=device)
+    with pytest.raises(ValueError, match="must share a shape and strides"):
+        backend.attention(q, k_cache, v_cache, batch, 0.125)
+
+
 def test_host_launch_arithmetic_agrees_with_triton():
     """The launch wrappers size their grids and blocks with _tiling's plain-int cdiv and
     next_power_of_2 (Triton's are constexpr functions, slow to call from host code): the same
