@@ -118,6 +118,25 @@ def test_attention_matches_reference(backend, reference, shapes, heads, window, 
     assert_close(actual, expected, dtype)
 
 
+@pytest.mark.parametrize("block_size", [5, 12, 32])
+def test_attention_matches_reference_with_other_block_sizes(backend, reference, block_size):
+    """Blocks of sizes other than 16, powers of two or not: a key's block and slot within it are
+    the backends' own arithmetic (kernels.cuda divides by a multiply and a shift)."""
+    heads, kv_heads, dim = HEADS["gqa2-d128"]
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in MIXED) + 4
+    shape = (num_blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = random(*shape, dtype=torch.float32, seed=1), random(*shape, dtype=torch.float32, seed=2)
+    q = random(sum(new for _, new in MIXED), heads, dim, dtype=torch.float32, seed=3)
+
+    def attention(be, q, k_cache, v_cache):
+        batch = ragged_batch(MIXED, block_size, num_blocks, device=be.device)
+        batch.attn_metadata = be.prepare(batch)
+        return be.attention(q, k_cache, v_cache, batch, dim ** -0.5, 24)
+
+    actual, expected = run_both(backend, reference, attention, q, k_cache, v_cache)
+    assert_close(actual, expected, torch.float32)
+
+
 def write_kv(be, key, value, shapes, dtype, seed):
     """The caches (random values in every slot first) after `be` wrote key and value [T, Hkv, D]."""
     batch = ragged_batch(shapes, BLOCK_SIZE, NUM_BLOCKS, device=be.device)

@@ -50,10 +50,32 @@ __device__ __forceinline__ int find_sequence(const int* __restrict__ query_start
   return lo;
 }
 
-// The cache slot of a sequence's key, through the sequence's row of the block table.
-__device__ __forceinline__ int64_t cache_slot(const int* __restrict__ table, int block_size, int key) {
-  return static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
-}
+// The cache slot of a sequence's key, through the sequence's row of the block table. The block size
+// is a runtime value, and a division by one takes about 20 instructions a key (sm_90 SASS: a
+// reciprocal and its corrections); this divides by a multiply and a shift, with a multiplier
+// worked out once per thread (the round-up method of Granlund and Montgomery): key / size is
+// (key * multiplier) >> shift, with shift = 31 + ceil(log2(size)) and multiplier =
+// ceil(2^shift / size), exact for every key in [0, 2^31) and every size from 1; the multiplier
+// is below 2^32 (2^31 at most for a power of two, below 2^32 otherwise, as size > 2^(shift - 32)).
+struct CacheBlocks {
+  int size;
+  int shift;
+  uint32_t multiplier;
+
+  __device__ explicit CacheBlocks(int block_size) : size(block_size), shift(31) {
+    while ((1LL << (shift - 31)) < block_size) ++shift;
+    multiplier = static_cast<uint32_t>(((1ULL << shift) + block_size - 1) / block_size);
+  }
+
+  __device__ __forceinline__ int block(int key) const {
+    return static_cast<int>((static_cast<uint64_t>(key) * multiplier) >> shift);
+  }
+
+  __device__ __forceinline__ int64_t slot(const int* __restrict__ table, int key) const {
+    const int b = block(key);
+    return static_cast<int64_t>(table[b]) * size + (key - b * size);
+  }
+};
 
 // A kernel's result for dimension d of output row out_row (token * num_heads + head): without a
 // split, the output itself (o normalised); with one, this block's part (blockIdx.z) of it,
@@ -131,7 +153,7 @@ __device__ __forceinline__ float group_sum(float x) {
 // kHeadDim and kHeads are template arguments so each lane's run of a row and of each head's state
 // lives in registers; a block whose group has fewer than kHeads heads left idles the rest.
 template <typename T, int kHeadDim, int kHeads>
-__global__ void attention_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kAttentionWarps * kWarpSize, 3) attention_kernel(const AttentionParams p) {
   using Layout = KeyLayout<T, kHeadDim>;
   constexpr int kPerLane = Layout::kPerLane;
   constexpr int kLanesPerKey = Layout::kLanesPerKey;
@@ -163,6 +185,7 @@ __global__ void attention_kernel(const AttentionParams p) {
   const int begin = first_key + static_cast<int>(blockIdx.z) * per_split;
   const int end = min(begin + per_split, position + 1);
   const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+  const CacheBlocks blocks(p.block_size);
 
   float q_reg[kHeads][kPerLane];
 #pragma unroll
@@ -192,7 +215,7 @@ __global__ void attention_kernel(const AttentionParams p) {
 #pragma unroll
     for (int j = 0; j < kKeys; ++j) {
       const int key = first + j < end ? first + j : stand_in;
-      row[j] = cache_slot(table, p.block_size, key) * kv_row + kv_head * kHeadDim;
+      row[j] = blocks.slot(table, key) * kv_row + kv_head * kHeadDim;
     }
   };
   constexpr int kStride = kAttentionWarps * kWarpKeys;
@@ -407,19 +430,23 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   const float scale_log2 = p.scale * kLog2e;   // softmax in base 2: exp2f
   const int64_t kv_row = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
   const int* table = p.block_tables + static_cast<int64_t>(seq) * p.max_blocks;
+  const CacheBlocks blocks(p.block_size);
   const uint16_t* k_cache = static_cast<const uint16_t*>(p.k_cache);
   const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
 
   // Keys [first, first + kTileKeys) of a cache into a tile, as one group of asynchronous copies
-  // of 16 bytes; keys past the end are zeros, weighed 0.
+  // of 16 bytes, kCopies a thread (a fixed count: the loop unrolls, and each copy's row and
+  // dimension within the tile are constants of the thread); keys past the end are zeros, weighed 0.
+  constexpr int kThreads = kPromptWarps * kWarpSize;
+  static_assert(kTileKeys * kChunks % kThreads == 0, "a tile's copies must share out evenly");
+  constexpr int kCopies = kTileKeys * kChunks / kThreads;
   auto copy_keys = [&](uint16_t* tile, const uint16_t* cache, int first) {
-    for (int i = threadIdx.x; i < kTileKeys * kChunks; i += blockDim.x) {
+#pragma unroll 1
+    for (int n = 0; n < kCopies; ++n) {
+      const int i = threadIdx.x + n * kThreads;
       const int j = i / kChunks, d = (i % kChunks) * 8, key = first + j;
       int64_t at = 0;
-      if (key < key_end) {
-        const int64_t slot = cache_slot(table, p.block_size, key);
-        at = slot * kv_row + kv_head * kHeadDim + d;
-      }
+      if (key < key_end) at = blocks.slot(table, key) * kv_row + kv_head * kHeadDim + d;
       copy_async_16(&tile[j * kRow + d], cache + at, key < key_end);
     }
     commit_async();
