@@ -187,3 +187,20 @@ def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper
         in_flight = [int(n) for n in waits.split(",") if int(n) > 0]
         assert len(in_flight) == 2, f"{kind}: async_wait nums {waits}"
     assert len(printed.splitlines()) == 2, printed
+
+
+@pytest.mark.parametrize("shape", ["prefill_2048_cached0", "decode_b64_ctx1024"])
+def test_attention_addresses_keys_with_few_integer_instructions_on_hopper(shape):
+    # Each key's K and V rows were addressed apart, in 64-bit arithmetic, with the slot within its
+    # block recomputed every step: 66-74 IMADs in the loop over keys every row sees whole (of
+    # 309-410 instructions, sm_90 SASS). K and V now share one 32-bit offset (64-bit only for a
+    # cache of 2**31 elements or more) whose slot part is computed once: 14-20.
+    script = Path(__file__).parents[3] / "scripts" / "triton_sass_loops.py"
+    done = subprocess.run([sys.executable, str(script), shape], env=_compiling_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    loops = [line for line in done.stdout.splitlines() if line.strip().startswith("loop ")]
+    assert len(loops) == 2, done.stdout   # the unmasked key loop, then the masked one
+    imads = int(loops[0].split("IMAD ")[1].split(",")[0])
+    assert imads <= 32, loops[0]
+    assert "spilled bytes 0" in done.stdout
