@@ -488,24 +488,35 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
     if (first + kTileKeys < key_end) copy_keys(k_tile, k_cache, first + kTileKeys);
     if (!warp_has_rows) continue;
 
-    // Mask and scale; each row's max over this step's keys, across the 4 threads that share it.
+    // Mask; each row's max over this step's keys, across the 4 threads that share it. A step
+    // every row of the tile sees whole (up to the tile's first query, past its last query's
+    // window start) needs no mask: most steps of a long prompt. Scores stay unscaled here: the
+    // scale is positive, so the scaled max is the max scaled, and each score's scale and shift
+    // below is one fma.
+    const bool whole = first + kTileKeys - 1 <= cached + tile_start &&
+                       (p.sliding_window <= 0 || first > last_key - p.sliding_window);
+    if (!whole) {   // a branch, not predicates: a whole step issues none of the mask's work
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, key = first + n * 8 + c + e % 2;
+          const bool visible = key <= position[r] &&
+                               (p.sliding_window <= 0 || key > position[r] - p.sliding_window);
+          if (!visible) score[n][e] = -INFINITY;
+        }
+    }
     float step_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, key = first + n * 8 + c + e % 2;
-        const bool visible = key <= position[r] &&
-                             (p.sliding_window <= 0 || key > position[r] - p.sliding_window);
-        score[n][e] = visible ? score[n][e] * scale_log2 : -INFINITY;
-        step_max[r] = fmaxf(step_max[r], score[n][e]);
-      }
+      for (int e = 0; e < 4; ++e) step_max[e / 2] = fmaxf(step_max[e / 2], score[n][e]);
     float correction[2], base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       step_max[r] = fmaxf(step_max[r], __shfl_xor_sync(0xffffffff, step_max[r], 1));
       step_max[r] = fmaxf(step_max[r], __shfl_xor_sync(0xffffffff, step_max[r], 2));
-      const float new_max = fmaxf(running_max[r], step_max[r]);
+      const float new_max = fmaxf(running_max[r], step_max[r] * scale_log2);
       // A row that has seen no visible key yet keeps max -inf; 0 stands in, so exp2f gives 0s.
       base[r] = new_max == -INFINITY ? 0.f : new_max;
       correction[r] = exp2f(running_max[r] - base[r]);
@@ -516,7 +527,7 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
     for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        score[n][e] = exp2f(score[n][e] - base[e / 2]);
+        score[n][e] = exp2f(fmaf(score[n][e], scale_log2, -base[e / 2]));
         running_sum[e / 2] += score[n][e];   // this thread's columns; summed across the 4 at the end
       }
 #pragma unroll
