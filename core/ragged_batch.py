@@ -94,12 +94,11 @@ class RaggedBatch:
         ints[0] = 0
         ints[1:num_seqs + 1] = ends
         ints[num_seqs + 1:2 * num_seqs + 1] = [c + n for c, n in zip(context_lens, query_lens)]
-        rows: list[int] = []
-        padding = [0] * max_blocks
-        for seq in seqs:
-            rows += seq.block_ids
-            rows += padding[len(seq.block_ids):]
-        ints[2 * num_seqs + 1:] = rows
+        table = ints[2 * num_seqs + 1:].reshape(num_seqs, max_blocks)
+        table.fill(0)
+        for row, seq in zip(table, seqs):
+            blocks = seq.block_array()
+            row[:len(blocks)] = blocks
 
         dev64, dev32 = to_device(host64, device), to_device(host32, device)
         input_ids, positions, slots, logits_indices = dev64.split(

@@ -7,6 +7,7 @@ import itertools
 import time
 
 import msgspec
+import numpy as np
 
 from .errors import RequestError
 
@@ -147,7 +148,8 @@ class Sequence:
     """
 
     __slots__ = ("request_id", "token_ids", "prompt_token_ids", "prompt_len", "params",
-                 "num_computed", "block_ids", "status", "finish_reason", "arrival_time",
+                 "num_computed", "_block_ids", "_block_array", "_block_array_len", "status",
+                 "finish_reason", "arrival_time",
                  "first_scheduled_time", "first_token_time", "seq_index", "generator",
                  "stop_text_len", "eos_token_ids", "num_preemptions", "logprobs", "prompt_logprobs",
                  "cumulative_logprob")
@@ -164,7 +166,9 @@ class Sequence:
         self.prompt_len = len(prompt_token_ids)
         self.params = params
         self.num_computed = 0
-        self.block_ids: list[int] = []
+        self._block_ids: list[int] = []
+        self._block_array: np.ndarray | None = None   # block_array()'s int32 copy, with room to grow
+        self._block_array_len = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.monotonic()
@@ -178,6 +182,32 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []          # one per generated token, when asked for
         self.prompt_logprobs: list[TokenLogprob] = []   # one per prompt token after the first
         self.cumulative_logprob = 0.0   # of the generated tokens, when logprobs are recorded
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The sequence's cache blocks, in order. It grows in place (`+=`, `append`) as tokens
+        need room; to free or change blocks, assign a new list (the engine assigns `[]`)."""
+        return self._block_ids
+
+    @block_ids.setter
+    def block_ids(self, ids: list[int]) -> None:
+        if ids is not self._block_ids:     # `+=` sets the same list back: the copy still holds
+            self._block_array = None
+        self._block_ids = ids
+
+    def block_array(self) -> np.ndarray:
+        """`block_ids` as int32, kept from step to step so that a step converts only the blocks
+        added since the last (a long sequence's whole list cost the batch build ~12 ns a block,
+        every step: 3 ms for 256 sequences of 8192 tokens, on a 2-core CPU)."""
+        ids, array, done = self._block_ids, self._block_array, self._block_array_len
+        if array is None or len(ids) < done:
+            array, done = np.empty(max(16, 2 * len(ids)), np.int32), 0
+        elif len(ids) > len(array):
+            array = np.concatenate([array[:done], np.empty(2 * len(ids) - done, np.int32)])
+        if len(ids) > done:
+            array[done:len(ids)] = ids[done:]
+        self._block_array, self._block_array_len = array, len(ids)
+        return array[:len(ids)]
 
     @property
     def num_pending(self) -> int:

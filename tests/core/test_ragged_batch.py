@@ -132,6 +132,41 @@ def test_build_does_not_change_the_sequences():
     assert (seq.num_computed, seq.block_ids, seq.token_ids) == (2, [3], [0, 1, 2, 3, 4])
 
 
+def test_block_tables_follow_blocks_across_steps_grown_freed_and_replaced():
+    """A sequence's block-table row is kept from step to step and only its new blocks converted:
+    each step's table must still be the sequence's blocks as they are then, when the list grew in
+    place (as the engine adds blocks), when it was freed and given new blocks of the same count
+    (a preemption), and when the list shrank in place."""
+    block_size = 4
+    seq = make_seq(40, 3, [7], first_token=0)
+    other = make_seq(9, 8, [1, 2, 3], first_token=100)
+    steps = []
+
+    def step(n):
+        scheduled = [(seq, n), (other, 1)]
+        check(RaggedBatch.build(scheduled, block_size, CPU), expected_metadata(scheduled, block_size),
+              block_size)
+        steps.append(list(seq.block_ids))
+
+    step(1)
+    seq.num_computed = 4
+    seq.block_ids += [9, 11]            # grown in place, as Engine schedules
+    step(6)
+    seq.block_ids.append(12)
+    seq.num_computed = 10
+    step(4)
+    freed = seq.block_ids
+    seq.block_ids = []                  # preempted: freed, then the same number of other blocks
+    seq.block_ids += [20, 21, 22, 23]
+    seq.num_computed = 0
+    step(13)
+    del seq.block_ids[2:]               # shrunk in place
+    seq.num_computed = 2
+    step(5)
+    assert steps == [[7], [7, 9, 11], [7, 9, 11, 12], [20, 21, 22, 23], [20, 21]]
+    assert freed == [7, 9, 11, 12]      # the freed list is the caller's; the sequence holds a new one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tensors_land_on_the_cuda_device_with_the_hosts_values():
     # Copied from pinned staging buffers without waiting: batches built back to back must not
