@@ -1,6 +1,15 @@
 """Launch settings shared by the kernels: the row-wise kernels' rows per program, whether a device
 runs Triton compiled or interpreted, the shared memory a program may use there, and whether the
-compiler may fuse a multiply and an add into one fma."""
+compiler may fuse a multiply and an add into one fma.
+
+Specialisation: Triton compiles a kernel anew for each combination it sees of integer arguments
+equal to 1 or divisible by 16 and of pointers aligned to 16 bytes. Arguments that change from step
+to step (row and token counts, a block table's width, the step's metadata, which are views at
+offsets into one staging buffer whose alignment moves with the batch's size) are listed in each
+kernel's `do_not_specialize` / `do_not_specialize_on_alignment`, so that no step of a running server
+waits for a compile because its sizes changed (a second or more per kernel on a cold cache).
+`test_triton_compile.py` drives steps of many sizes and checks each kernel compiles once per
+launch setting."""
 
 from __future__ import annotations
 

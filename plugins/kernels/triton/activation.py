@@ -9,7 +9,7 @@ import triton.language as tl
 from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, num_rows, inter,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)

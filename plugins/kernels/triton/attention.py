@@ -166,7 +166,11 @@ def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_
     return acc, new_max, running_sum
 
 
-@triton.jit
+# The step's sizes and metadata (views at offsets into one staging buffer) are not specialised on:
+# see _tiling.py.
+@triton.jit(do_not_specialize=["num_tokens", "stride_bt"],
+            do_not_specialize_on_alignment=["tile_seq_ptr", "tile_start_ptr", "query_start_loc_ptr",
+                                            "seq_lens_ptr", "block_tables_ptr"])
 def _attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
         tile_seq_ptr, tile_start_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -267,7 +271,7 @@ def _attention_kernel(
         tl.store(part_sum_ptr + row, running_sum, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _reduce_splits_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, num_tokens, num_heads,
                           stride_ot, stride_oh,
                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,

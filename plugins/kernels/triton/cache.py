@@ -12,7 +12,7 @@ import triton.language as tl
 from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
                      num_rows, num_kv_heads,

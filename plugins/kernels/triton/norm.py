@@ -9,7 +9,7 @@ import triton.language as tl
 from ._tiling import FP_FUSION, cdiv, next_power_of_2, rows_per_program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
                      stride_x, stride_r, stride_o, stride_nr, num_rows, hidden, eps,
                      HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):

@@ -59,7 +59,7 @@ def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, program, stride_xt, stride_xh
         tl.store(o_rows + d, tl.load(x_rows + d, mask=pass_mask), mask=pass_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh,
                    stride_kot, stride_koh, stride_ct, stride_st, num_tokens, q_heads, k_heads,

@@ -106,7 +106,9 @@ def _highest_cut(row_ptr, vocab, temperature, row_max, lo, count_lo, mass_lo, hi
     return lo, count_lo, mass_lo
 
 
-@triton.jit
+# A step's candidates (top_k_candidates) have as many columns as its largest top-k: not specialised on.
+@triton.jit(do_not_specialize=["stride_l", "vocab"],
+            do_not_specialize_on_alignment=["temperatures_ptr", "top_k_ptr", "top_p_ptr"])
 def _threshold_kernel(logits_ptr, temperatures_ptr, top_k_ptr, top_p_ptr, out_ptr, stride_l,
                       vocab, BLOCK_V: tl.constexpr, CUTS: tl.constexpr):
     row = tl.program_id(0)

@@ -204,3 +204,58 @@ def test_attention_addresses_keys_with_few_integer_instructions_on_hopper(shape)
     imads = int(loops[0].split("IMAD ")[1].split(",")[0])
     assert imads <= 32, loops[0]
     assert "spilled bytes 0" in done.stdout
+
+
+def test_steps_of_any_size_reuse_each_compiled_kernel():
+    # Triton compiles a variant per combination of integer arguments equal to 1 or divisible by 16
+    # and of pointers aligned to 16 bytes. A step's sizes and metadata views change from step to
+    # step; specialised on, they started new compiles in a running server whenever a size first
+    # reached such a value. Driven over steps of many sizes, each kernel must compile once per
+    # launch setting (its constexprs and options), on CPU tensors as a GPU's would be laid out.
+    printed = _printed_compiling_for_hopper("""
+        import collections, sys
+        sys.path[:0] = ["tests", "tests/plugins/kernels"]
+        import torch
+        from fastgen import SamplingParams
+        from fastgen.plugins.kernels.triton.backend import TritonBackend
+        from kernel_batches import ragged_batch
+        from sampling_inputs import metadata, random_logits
+
+        be = TritonBackend(torch.device("cpu"))
+        be.configure_kv_cache(2, 64)
+        heads, kv_heads, dim, hidden = 8, 2, 64, 256
+        k_cache, v_cache = torch.randn(96, 16, kv_heads, dim), torch.randn(96, 16, kv_heads, dim)
+        steps = [[(5, 1)] * n for n in (1, 2, 3, 4, 15, 16, 17)] + [
+            [(0, 16)], [(0, 17)], [(3, 1), (0, 32)], [(3, 1)] * 2 + [(10, 7)], [(100, 1)] * 7 + [(0, 9)],
+            [(40, 1), (200, 1), (0, 33)]]
+        launches = []
+        for shapes in steps:
+            batch = ragged_batch(shapes, 16, 96)
+            t = batch.num_tokens
+            qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+            q, k, v = (x.view(t, -1, dim) for x in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
+            x, w = torch.randn(t, hidden), torch.randn(hidden)
+            batch.attn_metadata = be.prepare(batch)
+            with cc.recorded_launches(launches, str(shapes)):
+                be.rms_norm(x, w, 1e-5, x)
+                q, k = be.rotary(q, k, torch.randn(t, dim // 2), torch.randn(t, dim // 2))
+                be.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+                be.attention(q, k_cache, v_cache, batch, 0.1)
+                be.silu_and_mul(torch.randn(t, 2 * hidden))
+        for rows, top_k in ((1, 5), (3, 40), (16, 7), (17, 64)):
+            params = [SamplingParams(temperature=0.8, top_k=top_k, top_p=0.9, seed=i) for i in range(rows)]
+            with cc.recorded_launches(launches, f"sample {rows}"):
+                be.sample(random_logits(rows, 1000), metadata(params), torch.Generator().manual_seed(0))
+        variants = collections.defaultdict(set)
+        for launch in launches:
+            signature, constexprs, attrs, options = cc._specialise(launch, backend)
+            setting = (launch.kernel.__name__, repr(sorted(launch.kwargs.items())))
+            variants[setting].add((repr(sorted(constexprs.items())), repr(sorted(attrs.items()))))
+        print(len(variants), sorted({name for name, _ in variants}))
+        for (name, setting), found in variants.items():
+            if len(found) > 1:
+                print("VARIANTS", name, setting, len(found))
+    """)
+    assert "VARIANTS" not in printed, printed
+    count, names = printed.split(" ", 1)
+    assert "_attention_kernel" in names and "_threshold_kernel" in names and "_gumbel_argmax_kernel" in names
