@@ -231,7 +231,8 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     head_off = kv_head * stride_ch
-    slot_off = (cols % CACHE_BLOCK) * stride_cs + head_off    # steps of whole blocks: every step's
+    # Each key's offset within its block: the same every step when steps hold whole blocks.
+    slot_off = (cols % CACHE_BLOCK) * stride_cs + head_off
     table = block_tables_ptr + seq * stride_bt
     # Each step's block ids are loaded a step ahead and carried: a K/V load whose address comes
     # from a load in its own step is one Triton's pipeliner issues only after the step's work, so

@@ -435,8 +435,9 @@ __global__ void __launch_bounds__(kPromptWarps * kWarpSize) prompt_attention_ker
   const uint16_t* v_cache = static_cast<const uint16_t*>(p.v_cache);
 
   // Keys [first, first + kTileKeys) of a cache into a tile, as one group of asynchronous copies
-  // of 16 bytes, kCopies a thread (a fixed count: the loop unrolls, and each copy's row and
-  // dimension within the tile are constants of the thread); keys past the end are zeros, weighed 0.
+  // of 16 bytes, kCopies a thread (a fixed count, so a copy's row and dimension within the tile
+  // are divisions by constants; kept a loop: unrolled, the copies' addresses took the kernel to
+  // 255 registers, one block an SM); keys past the end are zeros, weighed 0.
   constexpr int kThreads = kPromptWarps * kWarpSize;
   static_assert(kTileKeys * kChunks % kThreads == 0, "a tile's copies must share out evenly");
   constexpr int kCopies = kTileKeys * kChunks / kThreads;
