@@ -321,7 +321,9 @@ class Engine:
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = now
-            seq.block_ids += self.allocator.allocate(seq.blocks_needed(n, bs))
+            need = seq.blocks_needed(n, bs)
+            if need:   # most steps of a decode need none
+                seq.block_ids += self.allocator.allocate(need)
 
     def _postprocess(self, batch: RaggedBatch, next_tokens: list[int],
                      finished_only: bool = False) -> list[RequestOutput]:
