@@ -10,8 +10,8 @@ reports device 0, and each compiled kernel is a stand-in whose launch does nothi
 timed is everything the host does for a launch except the driver's own call (a few microseconds
 more on a GPU host). The wrapper's part is timed with JITFunction.run itself replaced by nothing.
 
-    python benchmarks/triton_host_cost.py [--model llama3-8b] [--sets decode_b1_ctx128,...]
-        [--shapes decode_b1_ctx128,...] [--ops attention,...] [--calls 2000] [--json FILE]
+    python benchmarks/triton_host_cost.py [--model llama3-8b] [--shapes decode_b1_ctx128,...]
+        [--ops attention,...] [--calls 2000] [--json FILE]
 
 The sampler is left out by default: its host side runs torch ops (top-k) that would run on the GPU
 and here compute on the CPU.
