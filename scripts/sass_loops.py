@@ -46,6 +46,13 @@ def _count(kind: str, body: list[str]) -> int:
     return sum(bool(re.search(r"(^|\s)" + kind, t)) for t in body)
 
 
+def print_loops(instructions: list[tuple[int, str]], kinds: tuple[str, ...] = KINDS) -> None:
+    """A line per loop: its span, its length and the count of each of `kinds` in it."""
+    for start, end, body in loops(instructions):
+        counts = ", ".join(f"{k} {_count(k, body)}" for k in kinds)
+        print(f"  loop {start:#06x}-{end:#06x}: {len(body)} instructions; {counts}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("object")
@@ -62,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for name, instructions in matched.items():
         print(name)
-        for start, end, body in loops(instructions):
-            counts = ", ".join(f"{k} {_count(k, body)}" for k in KINDS)
-            print(f"  loop {start:#06x}-{end:#06x}: {len(body)} instructions; {counts}")
+        print_loops(instructions)
     return 0
 
 

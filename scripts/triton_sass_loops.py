@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)   # compiled, not interpreted, launches
 
-from sass_loops import _count, functions, loops  # noqa: E402
+from sass_loops import functions, print_loops  # noqa: E402
 
 KINDS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "IMAD", "LDGSTS", "LDG", "LDS", "SHFL", "BAR")
 
@@ -59,15 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in launch.kwargs.items() if k.isupper() or k.startswith("num_")}
     print(f"{launch.case}: {settings}")
     print(f"registers {registers}, spilled bytes {spills}, shared bytes {kernel.metadata.shared}")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([compile_check._cuda_tool("cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
+    sass = compile_check.cuobjdump(kernel.asm["cubin"], "-sass")
+    if sass is None:
+        print("cuobjdump was not found (it ships in the triton wheel).", file=sys.stderr)
+        return 2
     for instructions in functions(sass).values():
-        for start, end, body in loops(instructions):
-            counts = ", ".join(f"{k} {_count(k, body)}" for k in KINDS)
-            print(f"  loop {start:#06x}-{end:#06x}: {len(body)} instructions; {counts}")
+        print_loops(instructions, KINDS)
     return 0
 
 

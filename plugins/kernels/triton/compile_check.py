@@ -129,16 +129,24 @@ def _cuda_tool(name: str) -> str | None:
     return bundled if os.path.exists(bundled) else shutil.which(name)
 
 
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
-    """(registers, local bytes, static shared bytes) from cuobjdump, or Nones without it."""
+def cuobjdump(cubin: bytes, option: str) -> str | None:
+    """What cuobjdump `option` (`-sass`, `--dump-resource-usage`) prints of a compiled kernel, or
+    None where no cuobjdump is found."""
     tool = _cuda_tool("cuobjdump")
     if tool is None:
-        return None, None, 0
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None, int]:
+    """(registers, local bytes, static shared bytes) from cuobjdump, or Nones without it."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
+    if text is None:
+        return None, None, 0
     usage = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", text))
     return int(usage.get("REG", 0)), int(usage.get("LOCAL", 0)), int(usage.get("SHARED", 0))
 
