@@ -49,6 +49,7 @@ def test_each_output_holds_its_prompt_and_the_tokens_so_far(llm, greedy):
         steps = seen[rid]
         assert steps == [greedy[prompt].token_ids[:n] for n in range(1, 25)]
 
+
 def test_finished_only_steps_return_the_same_last_outputs_and_nothing_before(llm, greedy):
     """step(finished_only=True), as LLM.generate steps: no output while a request runs, then the
     one every step would have ended with, its new_text the whole text; a stop string still cuts."""

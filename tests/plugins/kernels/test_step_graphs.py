@@ -45,7 +45,6 @@ class _EmulatedCuda(cuda_emulator.EmulatedCudaBackend):
         return cuda_emulator.available()
 
 
-
 def capturable(name: str) -> bool:
     """Whether a registered backend takes part in graph capture (it has `graph_key`)."""
     return hasattr(load_plugins().registry.get("kernels", name).cls, "graph_key")
