@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="torch",
                    help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
                         "torch,cpu); NAME runs every step eagerly (cuda_graphs off), NAME+graphs with "
-                        "cuda_graphs on (e.g. triton,triton+graphs)")
+                        "cuda_graphs on, NAME+overlap with overlap_steps on, both as "
+                        "NAME+graphs+overlap (e.g. triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -133,16 +134,20 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 
 # --- fastgen ---------------------------------------------------------------------------------
 
+KERNEL_OPTIONS = {"graphs", "overlap"}   # --kernels NAME+OPTION: cuda_graphs, overlap_steps
+
 def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
 
-    name, _, option = kernels.partition("+")
-    if option not in ("", "graphs"):
-        raise SystemExit(f"--kernels: {kernels!r}: the one option after + is graphs (cuda_graphs on).")
+    name, *options = kernels.split("+")
+    if set(options) - KERNEL_OPTIONS:
+        raise SystemExit(f"--kernels: {kernels!r}: the options after + are "
+                         f"{' and '.join(sorted(KERNEL_OPTIONS))}.")
     status(f"fastgen: loading the engine with kernels.{kernels}")
     # cuda_graphs explicit either way: its default (on where possible) would blur eager and graphs rows.
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                    kernels=name, device=args.device, cuda_graphs=option == "graphs")
+                    kernels=name, device=args.device, cuda_graphs="graphs" in options,
+                    overlap_steps="overlap" in options)
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)

@@ -58,6 +58,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "replay decode steps of up to max_num_seqs sequences from CUDA graphs, captured at start "
         "per padded batch size (GPU backends that support it: kernels.triton, kernels.cuda); "
         "unset: on wherever the device, backend and model allow it")] = None
+    overlap_steps: Annotated[bool, _doc(
+        "launch each step before reading the previous step's sampled tokens, so that the host's "
+        "scheduling and postprocessing overlap the device's work (a GPU; on a CPU nothing runs "
+        "alongside); a sequence that stops on a token read late has computed one token more, "
+        "which is dropped")] = False
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(

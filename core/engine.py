@@ -21,6 +21,8 @@ from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logp
 from .model import load_model
 from .plugin_manager import PluginManager, load_plugins
 from .ragged_batch import RaggedBatch
+from .scheduler import StepPlan
+from .staging import HostCopy, staged
 from .request import (FinishReason, RequestMetrics, RequestOutput, SamplingParams, Sequence,
                       SequenceStatus)
 from .step_graphs import Capture, CudaGraphCapture, StepGraphs
@@ -65,6 +67,17 @@ class EngineTotals:
         self.preemptions += stats.num_preempted
         for key in self.time:
             self.time[key] += getattr(stats, key)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    batch: RaggedBatch
+    tokens: torch.Tensor            # [S] on the device: the next step's awaited inputs come from it
+    host_tokens: HostCopy           # the same, on their way to the host
+    sampled_logprobs: SampledLogprobs
+    stats: StepStats
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +129,9 @@ class Engine:
             scratch_block=num_blocks - 1, device=self.device, capture=capture) if use_graphs else None
         if self.step_graphs is not None:
             self.step_graphs.capture_ahead()
+        if config.overlap_steps and self.device.type != "cuda":
+            log.warning("overlap_steps on %s: a step's forward pass runs as it is launched, so "
+                        "nothing overlaps, and each output comes a step later.", self.device)
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -124,6 +140,7 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.totals = EngineTotals()
         self.last_stats = StepStats()
+        self._in_flight: LaunchedStep | None = None   # with overlap_steps: launched, tokens unread
         self._request_ids = itertools.count()   # next() is atomic: transports call from their thread
 
     # --- setup -------------------------------------------------------------------------------
@@ -233,37 +250,105 @@ class Engine:
         with `finished_only` for the finished ones alone. A running request's output copies its
         tokens so far, a cost that grows with its length every step: a caller that keeps only the
         last outputs (LLM.generate) has them not built. A finished output's `new_text` is all the
-        text no output handed out before."""
-        if not self.has_unfinished():
+        text no output handed out before.
+
+        With `overlap_steps`, a step is launched before the previous one's tokens are read, and
+        the outputs returned are the previous step's: the host schedules and postprocesses while
+        the device computes."""
+        if not self.has_unfinished() and self._in_flight is None:
             return []
         stats = StepStats()
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule(self.waiting, self.running, self.allocator.num_free)
+        plan = self._schedule(stats)
+        outputs: list[RequestOutput] = []
+        if plan.scheduled and self._in_flight is not None and not self._can_overlap(plan):
+            outputs = self._complete(self._take_in_flight(), finished_only)
+            plan.scheduled = [(seq, n) for seq, n in plan.scheduled if not seq.is_finished]
+        if not plan.scheduled:
+            if plan.preempted:   # a step that only preempted still counts its preemptions
+                stats.schedule_s = time.perf_counter() - t0
+                self._record(stats)
+            return outputs + self._complete(self._take_in_flight(), finished_only)
+        launched = self._launch(plan, stats, t0)   # its awaited inputs come from the step in flight
+        previous, self._in_flight = self._in_flight, launched
+        outputs += self._complete(previous, finished_only)   # read while `launched` computes
+        if not self.config.overlap_steps:
+            outputs += self._complete(self._take_in_flight(), finished_only)
+        return outputs
+
+    def _schedule(self, stats: StepStats) -> StepPlan:
+        """The scheduler's plan for the next step, its preemptions applied. A sequence whose
+        awaited token is certainly its last (by length) is not offered to the scheduler."""
+        running = self.running
+        if self._in_flight is not None:
+            running = [seq for seq in running if not self._ends_when_read(seq)]
+        plan = self.scheduler.schedule(self.waiting, running, self.allocator.num_free)
         self._preempt(plan.preempted)
         stats.num_preempted = len(plan.preempted)
-        if not plan.scheduled:
-            if not plan.preempted:
-                raise FastgenError(f"Scheduler {self.config.scheduler!r} scheduled nothing with "
-                                   f"{len(self.waiting)} waiting and {len(self.running)} running.")
-            stats.schedule_s = time.perf_counter() - t0
-            self._record(stats)  # a step that only preempted still counts its preemptions
-            return []
+        if not plan.scheduled and not plan.preempted and self._in_flight is None:
+            raise FastgenError(f"Scheduler {self.config.scheduler!r} scheduled nothing with "
+                               f"{len(self.waiting)} waiting and {len(self.running)} running.")
+        return plan
+
+    def _ends_when_read(self, seq: Sequence) -> bool:
+        """Whether the tokens `seq` awaits take it to max_tokens or max_model_len."""
+        if not seq.num_awaiting:
+            return False
+        length = len(seq.token_ids) + seq.num_awaiting
+        return length - seq.prompt_len >= seq.params.max_tokens or length >= self.max_model_len
+
+    @staticmethod
+    def _can_overlap(plan: StepPlan) -> bool:
+        """Penalties read a sequence's tokens on the host: with one awaited, the step waits."""
+        return not any(seq.num_awaiting and seq.params.penalized for seq, _ in plan.scheduled)
+
+    def _launch(self, plan: StepPlan, stats: StepStats, t0: float) -> LaunchedStep:
+        """Grow the plan's sequences, build the batch and queue its forward pass and sampling;
+        the sampled tokens are read later (`_complete`)."""
         self._admit_and_grow(plan.scheduled)
         batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
+        if batch.awaited_rows:
+            self._fill_awaited(batch)
         sampling = SamplingMetadata.build(batch.sampling_seqs, self.device)
         prompt_logprobs = extend_for_prompt_logprobs(batch)
         t1 = time.perf_counter()
         logits = self._forward(batch, stats)
         t2 = time.perf_counter()
-        next_tokens = self._sample(batch, logits, sampling, prompt_logprobs)
-        t3 = time.perf_counter()
-        outputs = self._postprocess(batch, next_tokens, finished_only)
-        t4 = time.perf_counter()
-
+        tokens, sampled_logprobs = self._sample(batch, logits, sampling, prompt_logprobs)
+        for seq, n in zip(batch.sequences, batch.query_lens):
+            seq.num_computed += n
+        for seq in batch.sampling_seqs:
+            seq.num_awaiting += 1
         stats.num_tokens, stats.num_seqs, stats.num_decodes = (
             batch.num_tokens, batch.num_seqs, batch.num_decodes)
-        stats.schedule_s, stats.forward_s, stats.sample_s, stats.postprocess_s = (
-            t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        stats.schedule_s, stats.forward_s, stats.sample_s = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return LaunchedStep(batch, tokens, HostCopy(tokens), sampled_logprobs, stats)
+
+    def _fill_awaited(self, batch: RaggedBatch) -> None:
+        """Put the step in flight's sampled tokens, on the device, into the decodes that await them."""
+        previous = self._in_flight
+        row_of = {id(seq): row for row, seq in enumerate(previous.batch.sampling_seqs)}
+        sources = [row_of[id(batch.sequences[i])] for i in batch.awaited_rows]
+        index = staged(batch.awaited_rows + sources, torch.int64, self.device)
+        rows, sources = index.split(len(sources))
+        batch.input_ids[rows] = previous.tokens[sources].to(batch.input_ids.dtype)
+
+    def _take_in_flight(self) -> LaunchedStep | None:
+        launched, self._in_flight = self._in_flight, None
+        return launched
+
+    def _complete(self, launched: LaunchedStep | None, finished_only: bool) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for the device), append them, check stops."""
+        if launched is None:
+            return []
+        t0 = time.perf_counter()
+        next_tokens = launched.host_tokens.tolist()
+        launched.sampled_logprobs.record(next_tokens)
+        t1 = time.perf_counter()
+        outputs = self._postprocess(launched.batch, next_tokens, finished_only)
+        stats = launched.stats
+        stats.sample_s += t1 - t0
+        stats.postprocess_s = time.perf_counter() - t1
         self._record(stats)
         return outputs
 
@@ -279,18 +364,17 @@ class Engine:
         return self.model.forward(batch, self.kv_cache)
 
     def _sample(self, batch: RaggedBatch, logits: torch.Tensor, sampling: SamplingMetadata,
-                prompt_logprobs: PromptLogprobPlan) -> list[int]:
-        """logits: [S + R, V], the sampling rows then the prompt-logprob rows -> next tokens [S].
-        Records the log-probabilities that sequences asked for."""
+                prompt_logprobs: PromptLogprobPlan) -> tuple[torch.Tensor, SampledLogprobs]:
+        """logits: [S + R, V], the sampling rows then the prompt-logprob rows -> next tokens [S] on
+        the device, and the rows whose sampled tokens' log-probabilities are recorded once read.
+        Records the prompt log-probabilities that sequences asked for."""
         seqs = batch.sampling_seqs
         logits, extra = logits[:len(seqs)], logits[len(seqs):]
         if prompt_logprobs:
             prompt_logprobs.record(extra)
         sampled_logprobs = SampledLogprobs(logits, seqs)   # before processing: the model's own
         logits = apply_logits_processors(logits, seqs)
-        next_tokens = self.backend.sample(logits, sampling, self.generator).tolist()
-        sampled_logprobs.record(next_tokens)
-        return next_tokens
+        return self.backend.sample(logits, sampling, self.generator), sampled_logprobs
 
     def _record(self, stats: StepStats) -> None:
         stats.num_running, stats.num_waiting = len(self.running), len(self.waiting)
@@ -327,17 +411,19 @@ class Engine:
 
     def _postprocess(self, batch: RaggedBatch, next_tokens: list[int],
                      finished_only: bool = False) -> list[RequestOutput]:
-        for seq, n in zip(batch.sequences, batch.query_lens):
-            seq.num_computed += n
         outputs = []
         now = time.monotonic()
         for seq, token in zip(batch.sampling_seqs, next_tokens):
+            if seq.is_finished:   # aborted, or stopped by a token read after this step's launch
+                continue
+            seq.num_awaiting -= 1
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = self._check_stop(seq, token)
             if reason is not None:
-                self.running.remove(seq)
+                # Preempted while its token was on the device, it waits: it still ends here.
+                (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
                 outputs.append(self._finish(seq, reason))
             elif not finished_only:
                 outputs.append(self._output(seq))

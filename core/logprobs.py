@@ -54,6 +54,8 @@ class SampledLogprobs:
                                  [self.seqs[i].params.logprobs or 0 for i in self.rows])
         for i, entry in zip(self.rows, entries):
             seq = self.seqs[i]
+            if seq.is_finished:   # stopped before this step's token was read: the token is dropped
+                continue
             seq.cumulative_logprob += entry.logprob
             if seq.params.logprobs is not None:
                 seq.logprobs.append(entry)

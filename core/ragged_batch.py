@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,6 +11,8 @@ import torch
 
 from .request import Sequence
 from .staging import staging_buffer, to_device
+
+AWAITED_TOKEN = -1   # an input token not yet read back from the device; never a valid id
 
 
 @dataclass
@@ -35,6 +37,7 @@ class RaggedBatch:
     sequences: list[Sequence]      # [B]
     sampling_seqs: list[Sequence]  # [S]
     attn_metadata: Any = None      # whatever the kernel backend's prepare() derived, once per step
+    awaited_rows: list[int] = field(default_factory=list)   # decodes whose input is AWAITED_TOKEN
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +65,7 @@ class RaggedBatch:
         num_seqs, num_decodes = len(seqs), sum(1 for n in query_lens if n == 1)
         num_tokens = sum(query_lens)
         # A sequence samples when this step computes its last pending token.
-        samples = [i for i, (s, n) in enumerate(ordered) if s.num_computed + n == len(s.token_ids)]
+        samples = [i for i, (s, n) in enumerate(ordered) if n == s.num_pending]
         max_blocks = max(len(s.block_ids) for s in seqs)
 
         # int64: input_ids [T] | positions [T] | slot_mapping [T] | logits_indices [S]
@@ -71,7 +74,11 @@ class RaggedBatch:
         input_ids, positions, slots = (longs[i * num_tokens:(i + 1) * num_tokens] for i in range(3))
         decodes = seqs[:num_decodes]
         # Decodes one value each, as Python ints: one numpy call per field, not per sequence.
-        input_ids[:num_decodes] = [s.token_ids[s.num_computed] for s in decodes]
+        # A decode whose input token is still on the device (Sequence.num_awaiting) gets
+        # AWAITED_TOKEN, which the engine replaces on the device before the forward pass.
+        input_ids[:num_decodes] = [AWAITED_TOKEN if s.num_awaiting else s.token_ids[s.num_computed]
+                                   for s in decodes]
+        awaited_rows = [i for i, s in enumerate(decodes) if s.num_awaiting]
         positions[:num_decodes] = context_lens[:num_decodes]
         slots[:num_decodes] = [s.block_ids[s.num_computed // block_size] * block_size
                                + s.num_computed % block_size for s in decodes]
@@ -114,4 +121,5 @@ class RaggedBatch:
             block_size=block_size,
             sequences=seqs,
             sampling_seqs=[seqs[i] for i in samples],
+            awaited_rows=awaited_rows,
         )

@@ -148,9 +148,8 @@ class Sequence:
     """
 
     __slots__ = ("request_id", "token_ids", "prompt_token_ids", "prompt_len", "params",
-                 "num_computed", "_block_ids", "_block_array", "_block_array_len", "status",
-                 "finish_reason", "arrival_time",
-                 "first_scheduled_time", "first_token_time", "seq_index", "generator",
+                 "num_computed", "num_awaiting", "_block_ids", "_block_array", "_block_array_len",
+                 "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "seq_index", "generator",
                  "stop_text_len", "eos_token_ids", "num_preemptions", "logprobs", "prompt_logprobs",
                  "cumulative_logprob")
 
@@ -166,6 +165,10 @@ class Sequence:
         self.prompt_len = len(prompt_token_ids)
         self.params = params
         self.num_computed = 0
+        # Tokens sampled on the device and not yet read back (with `overlap_steps`, a step is
+        # scheduled while the last one's tokens are still on their way): counted as pending, so
+        # the next step computes them, and appended to token_ids once read.
+        self.num_awaiting = 0
         self._block_ids: list[int] = []
         self._block_array: np.ndarray | None = None   # block_array()'s int32 copy, with room to grow
         self._block_array_len = 0
@@ -211,7 +214,7 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_awaiting - self.num_computed
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -26,3 +26,23 @@ def staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     host = staging_buffer(len(values), dtype, device)
     host.numpy()[:] = values
     return to_device(host, device)
+
+
+class HostCopy:
+    """A device tensor's values on their way to the host: the copy is queued now, behind the work
+    that computes them, and `tolist()` waits for it alone, so the host can queue more work first."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()

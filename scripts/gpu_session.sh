@@ -8,13 +8,14 @@
 #            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
 #            .cuda against kernels.torch), kernels.cuda's GPU tests, greedy parity with
 #            transformers for every backend on the GPU, the kernel benchmark's device timer, and
-#            the ragged batch's copy from pinned memory
+#            the ragged batch's copy from pinned memory; overlap_steps against steps in turn
 #   kernels  fastgen bench kernels --check, full shapes, over the backends that run on the device
 #            (each case also checked against kernels.torch on its inputs); one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m in bf16, greedy: every
 #            backend beside transformers generate, prefill and decode tokens/s, and kernels.triton
-#            and .cuda once more with cuda_graphs on (`triton+graphs`); then llama-1b sampled
+#            and .cuda with cuda_graphs on (`triton+graphs`) and with overlap_steps besides
+#            (`triton+graphs+overlap`); then llama-1b sampled
 #            (temperature 0.7, top-k 50, top-p 0.9): kernels.torch and the GPU backends with graphs
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
@@ -297,7 +298,8 @@ EOF
 step_tests() {
     bounded tests "$(limit_for tests "${CAP[tests]}" 1)" "tee:$WORK/tests.txt" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
         --junitxml="$OUT/tests.xml" "${PYTEST_ARGS[@]}" tests/plugins/kernels tests/plugins/models/test_llama_parity.py \
-        tests/bench/test_cuda_device_timing.py tests/core/test_ragged_batch.py
+        tests/bench/test_cuda_device_timing.py tests/core/test_ragged_batch.py \
+        tests/core/test_overlap_steps.py
 }
 
 step_kernels() {
@@ -315,15 +317,19 @@ step_kernels() {
     done
 }
 
-# The first model greedy over every backend, eager and with graphs; the next ones sampled (a chat
-# setting: the samplers' top-k / top-p search is in every step) over kernels.torch and the GPU
-# backends with graphs, as `kernels = auto` serves them.
+# The first model greedy over every backend, eager, with graphs, and with graphs and overlap_steps;
+# the next ones sampled (a chat setting: the samplers' top-k / top-p search is in every step) over
+# kernels.torch and the GPU backends with graphs, as `kernels = auto` serves them, and with
+# overlap_steps besides.
 step_e2e() {
     local m b t0=$SECONDS kernels=$BACKENDS graphs=torch sampling=()
     if [ "$DRY" = 0 ]; then
         for b in triton cuda; do
-            [[ ",$BACKENDS," == *",$b,"* ]] && { kernels+=",$b+graphs"; graphs+=",$b+graphs"; }
+            [[ ",$BACKENDS," == *",$b,"* ]] && {
+                kernels+=",$b+graphs,$b+graphs+overlap"; graphs+=",$b+graphs,$b+graphs+overlap"; }
         done
+    else
+        kernels+=",torch+overlap"
     fi
     : > "$OUT/e2e.md"
     for m in "${E2E_MODELS[@]}"; do

@@ -117,7 +117,8 @@ class Simulation:
                     done.append(0)
                     self.expected[seq.request_id].append(1)
                 done[pos] += 1
-        # postprocess, as Engine._postprocess: sample when the last pending token was computed
+        # launch and complete, as Engine._launch and _postprocess do: sample when the last pending
+        # token was computed
         for seq, n in plan.scheduled:
             seq.num_computed += n
             if seq.num_pending:
