@@ -328,10 +328,15 @@ class Engine:
         """Put the step in flight's sampled tokens, on the device, into the decodes that await them."""
         previous = self._in_flight
         row_of = {id(seq): row for row, seq in enumerate(previous.batch.sampling_seqs)}
-        sources = [row_of[id(batch.sequences[i])] for i in batch.awaited_rows]
-        index = staged(batch.awaited_rows + sources, torch.int64, self.device)
-        rows, sources = index.split(len(sources))
-        batch.input_ids[rows] = previous.tokens[sources].to(batch.input_ids.dtype)
+        rows = batch.awaited_rows
+        sources = [row_of[id(batch.sequences[i])] for i in rows]
+        n = len(rows)
+        if rows[-1] == n - 1 and sources == list(range(sources[0], sources[0] + n)):
+            # The usual decode step: the last step's samplers, in the same order, come first.
+            batch.input_ids[:n] = previous.tokens[sources[0]:sources[0] + n]
+            return
+        index = staged(rows + sources, torch.int64, self.device)
+        batch.input_ids[index[:n]] = previous.tokens[index[n:]].to(batch.input_ids.dtype)
 
     def _take_in_flight(self) -> LaunchedStep | None:
         launched, self._in_flight = self._in_flight, None
