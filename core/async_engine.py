@@ -71,8 +71,10 @@ class AsyncEngine:
     # --- requests ----------------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it advances; the last has `finished` set.
+                       request_id: str | None = None,
+                       delta_outputs: bool = False) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it advances; the last has `finished` set. With
+        `delta_outputs`, those before the last carry only what is new (`RequestOutput`).
 
         Leaving the iteration early (a client that went away) aborts the request, which frees
         its blocks at the engine's next step.
@@ -81,6 +83,7 @@ class AsyncEngine:
             state = "shutting down" if self._thread is not None else "not started"
             raise EngineDeadError(f"The engine is not accepting requests (it is {state}).")
         seq = self.engine.make_sequence(prompt, params, request_id)
+        seq.delta_outputs = delta_outputs
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if seq.request_id in self._streams:

@@ -448,13 +448,18 @@ class Engine:
     def _output(self, seq: Sequence, finished: bool = False) -> RequestOutput:
         detok = self.detokenizers[seq.request_id]
         new_text = detok.take_new_text(finished)
+        sent, seq.num_sent = seq.num_sent, seq.num_generated
+        whole = finished or not seq.delta_outputs
+        wants_logprobs = seq.params.logprobs is not None
         return RequestOutput(request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-                             token_ids=seq.output_token_ids,
-                             text=detok.text if finished else detok.text[:detok.emitted],
-                             new_text=new_text, finished=finished,
+                             token_ids=seq.output_token_ids if whole else [],
+                             text=(detok.text if finished else detok.text[:detok.emitted]) if whole else "",
+                             new_text=new_text, new_token_ids=seq.token_ids[seq.prompt_len + sent:],
+                             new_logprobs=seq.logprobs[sent:] if wants_logprobs else None,
+                             finished=finished,
                              finish_reason=seq.finish_reason.value if seq.finish_reason else None,
                              metrics=self._metrics(seq) if finished else None,
-                             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+                             logprobs=list(seq.logprobs) if wants_logprobs and whole else None,
                              prompt_logprobs=(seq.prompt_logprobs
                                               if seq.params.prompt_logprobs is not None else None),
                              cumulative_logprob=(seq.cumulative_logprob

@@ -151,7 +151,7 @@ class Sequence:
                  "num_computed", "num_awaiting", "_block_ids", "_block_array", "_block_array_len",
                  "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time", "seq_index", "generator",
                  "stop_text_len", "eos_token_ids", "num_preemptions", "logprobs", "prompt_logprobs",
-                 "cumulative_logprob")
+                 "cumulative_logprob", "delta_outputs", "num_sent")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -185,6 +185,10 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []          # one per generated token, when asked for
         self.prompt_logprobs: list[TokenLogprob] = []   # one per prompt token after the first
         self.cumulative_logprob = 0.0   # of the generated tokens, when logprobs are recorded
+        # Outputs of a running request carry only what is new (see RequestOutput); the engine's
+        # count of generated tokens handed out in outputs so far.
+        self.delta_outputs = False
+        self.num_sent = 0
 
     @property
     def block_ids(self) -> list[int]:
@@ -260,7 +264,13 @@ class RequestMetrics(msgspec.Struct, kw_only=True):
 
 class RequestOutput(msgspec.Struct, kw_only=True):
     """What a request has produced so far; `finished` is set on the last one, which also
-    carries the request's `metrics`."""
+    carries the request's `metrics`.
+
+    The `new_` fields hold what was added since the request's previous output. The whole fields
+    (`token_ids`, `text`, `logprobs`) copy everything so far, a cost that grows with the request's
+    length every step; a request made with delta outputs (`AsyncEngine.generate(...,
+    delta_outputs=True)`, as the transports do) leaves them empty ([], "", None) until its
+    finished output, which carries them whole."""
 
     request_id: str
     prompt_token_ids: list[int]    # one list, shared by every output of the request
@@ -269,6 +279,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finished: bool = False
     finish_reason: str | None = None
     new_text: str = ""             # text added since the previous output for this request
+    new_token_ids: list[int] = []  # tokens generated since the previous output for this request
+    new_logprobs: list[TokenLogprob] | None = None      # theirs, when asked for
     metrics: RequestMetrics | None = None   # on the finished output only
     logprobs: list[TokenLogprob] | None = None          # [len(token_ids)], when asked for
     prompt_logprobs: list[TokenLogprob] | None = None   # [len(prompt) - 1], when asked for

@@ -157,8 +157,11 @@ class InProcessTarget:
 
     async def stream(self, request: BenchRequest, request_id: str) -> AsyncIterator[TokenUpdate]:
         params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
-        async for out in self.async_engine.generate(request.prompt_token_ids, params, request_id):
-            yield TokenUpdate(len(out.token_ids), out.finished, out.finish_reason)
+        num_tokens = 0
+        async for out in self.async_engine.generate(request.prompt_token_ids, params, request_id,
+                                                    delta_outputs=True):
+            num_tokens += len(out.new_token_ids)
+            yield TokenUpdate(num_tokens, out.finished, out.finish_reason)
 
     def take_steps(self) -> list[StepTrace]:
         return self.recorder.take()

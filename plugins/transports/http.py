@@ -422,16 +422,20 @@ class _Reply:
         self.usage = None if include_usage else UNSET   # chunks carry "usage": null when asked for
         self.token_text = token_text
         self.logprobs = logprobs
-        self.logprobs_sent: dict[int, int] = {}        # choice index -> generated tokens shown
+        self.unsent_logprobs: dict[int, list[TokenLogprob]] = {}   # choice index -> since its last chunk
 
     def start(self, index: int, output: RequestOutput) -> Any | None:
         """The chunk that opens choice `index`, if the format has one."""
         return None
 
-    def new_logprobs(self, index: int, output: RequestOutput) -> list[TokenLogprob]:
-        sent = self.logprobs_sent.get(index, 0)
-        self.logprobs_sent[index] = len(output.logprobs or ())
-        return (output.logprobs or [])[sent:]
+    def keep(self, index: int, output: RequestOutput) -> None:
+        """Keep an output's new logprobs for choice `index`'s next chunk (an output that adds no
+        text yet sends none)."""
+        if output.new_logprobs:
+            self.unsent_logprobs.setdefault(index, []).extend(output.new_logprobs)
+
+    def take_logprobs(self, index: int) -> list[TokenLogprob]:
+        return self.unsent_logprobs.pop(index, [])
 
 
 class _CompletionReply(_Reply):
@@ -475,7 +479,7 @@ class _CompletionReply(_Reply):
                                 self._format(index, self._prompt_entries(index, output)))
 
     def chunk(self, index: int, output: RequestOutput) -> Completion:
-        entries = [(e.token_id, e) for e in self.new_logprobs(index, output)]
+        entries = [(e.token_id, e) for e in self.take_logprobs(index)]
         return self._completion(index, output.new_text, output.finish_reason,
                                 self._format(index, entries))
 
@@ -507,7 +511,7 @@ class _ChatReply(_Reply):
 
     def chunk(self, index: int, output: RequestOutput) -> ChatCompletionChunk:
         return self._chunk(index, Delta(content=output.new_text or None), output.finish_reason,
-                           self._logprobs(self.new_logprobs(index, output)))
+                           self._logprobs(self.take_logprobs(index)))
 
     def _logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         if not self.logprobs:
@@ -740,7 +744,7 @@ class OpenAIServer:
                 if params.seed is not None and i:
                     choice = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
                 jobs.append((f"{reply.id}-{len(jobs)}", ids, choice))
-        streams = [self.metrics.timed(self.engine.generate(ids, choice, request_id))
+        streams = [self.metrics.timed(self.engine.generate(ids, choice, request_id, delta_outputs=True))
                    for request_id, ids, choice in jobs]
         ids_here = {request_id for request_id, _, _ in jobs}
         self.in_flight |= ids_here
@@ -786,6 +790,7 @@ class OpenAIServer:
                         await response.write(_sse(first))
                 if output.finished:
                     finals[index] = output
+                reply.keep(index, output)
                 if output.finished or output.new_text:
                     await response.write(_sse(reply.chunk(index, output)))
             if response is None:

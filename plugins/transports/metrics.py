@@ -142,11 +142,11 @@ class ServerMetrics:
 
     async def timed(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """`outputs` unchanged, observing the inter-token latency between those that add tokens."""
-        last_time, num_tokens = None, 0
+        last_time = None
         async for output in outputs:
-            if len(output.token_ids) > num_tokens:
+            if output.new_token_ids:
                 now = time.monotonic()
                 if last_time is not None:
                     self.inter_token_latency.observe(now - last_time)
-                last_time, num_tokens = now, len(output.token_ids)
+                last_time = now
             yield output

@@ -51,7 +51,7 @@ import fastgen
 from fastgen.async_engine import AsyncEngine
 from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
-from fastgen.request import RequestOutput, SamplingParams
+from fastgen.request import RequestOutput, SamplingParams, TokenLogprob
 
 from ._common import UNSET, Message, Unset, render_chat, sampling_params
 
@@ -93,10 +93,10 @@ _decoder = msgspec.json.Decoder(StdinRequest)
 _encoder = msgspec.json.Encoder()
 
 
-def _with_logprobs(line: dict, out: RequestOutput, sent: int) -> dict:
-    """The line, with the logprobs of the tokens from `sent` on when the request asked for them."""
-    if out.logprobs is not None:
-        line["logprobs"] = out.logprobs[sent:]
+def _with_logprobs(line: dict, out: RequestOutput, logprobs: list[TokenLogprob] | None) -> dict:
+    """The line, with `logprobs` (of the line's tokens) when the request asked for them."""
+    if logprobs is not None:
+        line["logprobs"] = logprobs
     if out.prompt_logprobs is not None and out.finished:
         line["prompt_logprobs"] = out.prompt_logprobs
     if out.cumulative_logprob is not None and out.finished:
@@ -318,25 +318,31 @@ class StdinTransport:
     async def _serve_request(self, request: StdinRequest, prompt: str | list[int],
                              params: SamplingParams) -> None:
         try:
-            sent = 0     # token ids already written on stream lines
-            async for out in self.engine.generate(prompt, params):
+            # Tokens (and their logprobs) of outputs that added no text yet: the next line's.
+            unsent: list[int] = []
+            unsent_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+            async for out in self.engine.generate(prompt, params, delta_outputs=True):
+                unsent += out.new_token_ids
+                if unsent_logprobs is not None:
+                    unsent_logprobs += out.new_logprobs or []
                 if not out.finished:
                     if request.stream and out.new_text:
                         self._write(_with_logprobs({"id": request.id, "text": out.new_text,
-                                                    "token_ids": out.token_ids[sent:],
-                                                    "finished": False}, out, sent))
-                        sent = len(out.token_ids)
+                                                    "token_ids": unsent, "finished": False},
+                                                   out, unsent_logprobs))
+                        unsent = []
+                        unsent_logprobs = [] if unsent_logprobs is not None else None
                     continue
                 if request.stream:
                     self._write(_with_logprobs({"id": request.id, "text": out.new_text,
-                                                "token_ids": out.token_ids[sent:], "finished": True,
+                                                "token_ids": unsent, "finished": True,
                                                 "finish_reason": out.finish_reason,
-                                                "usage": out.usage}, out, sent))
+                                                "usage": out.usage}, out, unsent_logprobs))
                 else:
                     self._write(_with_logprobs({"id": request.id, "text": out.text,
                                                 "token_ids": out.token_ids,
                                                 "finish_reason": out.finish_reason,
-                                                "usage": out.usage}, out, 0))
+                                                "usage": out.usage}, out, out.logprobs))
         except FastgenError as e:   # RequestError (prompt too long, ...), EngineDeadError, a failed step
             self._write_error(request.id, str(e))
         except Exception as e:

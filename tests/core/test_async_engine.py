@@ -40,6 +40,7 @@ async def collect(async_engine: AsyncEngine, prompt, params: SamplingParams, req
     final = outputs[-1]
     assert final.finished and not any(out.finished for out in outputs[:-1])
     assert "".join(out.new_text for out in outputs) == final.text
+    assert [t for out in outputs for t in out.new_token_ids] == final.token_ids
     for before, after in zip(outputs, outputs[1:]):
         assert after.token_ids[:len(before.token_ids)] == before.token_ids
     return final
@@ -88,6 +89,30 @@ def test_concurrent_generate_matches_offline(engine, llm):
     assert [out.text for out in got] == [out.text for out in expected]
     assert [out.finish_reason for out in got] == [out.finish_reason for out in expected]
     assert [out.usage for out in got] == [out.usage for out in expected]
+
+
+def test_delta_outputs_carry_what_is_new_and_the_last_carries_the_whole(engine, llm):
+    params = [SamplingParams(max_tokens=10 + i, temperature=0, logprobs=1 if i % 2 else None)
+              for i in range(len(PROMPTS))]
+    expected = llm.generate(PROMPTS, params)
+
+    async def outputs_of(async_engine, prompt, sp):
+        return [out async for out in async_engine.generate(prompt, sp, delta_outputs=True)]
+
+    async def body(async_engine):
+        return await asyncio.gather(*(outputs_of(async_engine, p, sp) for p, sp in zip(PROMPTS, params)))
+
+    for outputs, whole, sp in zip(run(engine, body), expected, params):
+        *running, final = outputs
+        assert running and all(o.token_ids == [] and o.text == "" and o.logprobs is None
+                               for o in running)
+        assert final.finished and final.token_ids == whole.token_ids and final.text == whole.text
+        assert [t for o in outputs for t in o.new_token_ids] == whole.token_ids
+        assert "".join(o.new_text for o in outputs) == whole.text
+        if sp.logprobs is not None:
+            assert [e for o in outputs for e in o.new_logprobs] == final.logprobs == whole.logprobs
+        else:
+            assert all(o.new_logprobs is None for o in outputs) and final.logprobs is None
 
 
 @pytest.mark.parametrize("how", ["break", "cancel"])
