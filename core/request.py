@@ -150,8 +150,9 @@ class Sequence:
     __slots__ = ("request_id", "token_ids", "prompt_token_ids", "prompt_len", "params",
                  "num_computed", "num_awaiting", "_block_ids", "_block_array", "_block_array_len",
                  "status", "finish_reason", "arrival_time", "first_scheduled_time",
-                 "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids", "num_preemptions", "logprobs", "prompt_logprobs",
-                 "cumulative_logprob", "delta_outputs", "num_sent")
+                 "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids",
+                 "num_preemptions", "logprobs", "prompt_logprobs", "cumulative_logprob",
+                 "delta_outputs", "num_sent")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
