@@ -91,11 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="torch",
                    help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
                         "torch,cpu); NAME runs every step eagerly (cuda_graphs off), NAME+graphs with "
-                        "cuda_graphs on, NAME+overlap with overlap_steps on, both as "
-                        "NAME+graphs+overlap (e.g. triton,triton+graphs)")
+                        "cuda_graphs on, NAME+overlap with overlap_steps on, NAME+nocache with "
+                        "prefix_caching off, together as NAME+graphs+overlap (e.g. "
+                        "triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens every prompt begins with, the same in all (a system prompt); "
+                        "fastgen's prefix cache computes them once a run")
     p.add_argument("--attn", default="sdpa,eager",
                    help="transformers attn_implementation values to try, comma separated")
     p.add_argument("--skip-generate-batch", action="store_true",
@@ -134,7 +138,8 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 
 # --- fastgen ---------------------------------------------------------------------------------
 
-KERNEL_OPTIONS = {"graphs", "overlap"}   # --kernels NAME+OPTION: cuda_graphs, overlap_steps
+# --kernels NAME+OPTION: cuda_graphs on, overlap_steps on, prefix_caching off
+KERNEL_OPTIONS = {"graphs", "overlap", "nocache"}
 
 def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
@@ -147,7 +152,7 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     # cuda_graphs explicit either way: its default (on where possible) would blur eager and graphs rows.
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
                     kernels=name, device=args.device, cuda_graphs="graphs" in options,
-                    overlap_steps="overlap" in options)
+                    overlap_steps="overlap" in options, prefix_caching="nocache" not in options)
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)
@@ -159,7 +164,12 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     llm.generate([p[:64] for p in prompts[:4]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    prefill_wall = best_prefill(partial(llm.generate, prompts, one_token), engine.device, args.repeat,
+
+    def generate(params):   # every run computes its prompts: none are found in the prefix cache
+        llm.reset_prefix_cache()
+        return llm.generate(prompts, params)
+
+    prefill_wall = best_prefill(partial(generate, one_token), engine.device, args.repeat,
                                 f"fastgen (kernels.{kernels})")
 
     status(f"fastgen: {len(prompts)} requests x {args.prompt_len} prompt + {args.gen_len} generated")
@@ -167,6 +177,7 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     for _ in range(args.repeat):
         before_steps, before_tokens = engine.totals.steps, engine.totals.tokens
         before_time = dict(engine.totals.time)
+        llm.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         wall = time.perf_counter() - t0
@@ -211,6 +222,7 @@ def fastgen_single(engine, prompt: list[int], params) -> dict:
     while engine.has_unfinished():
         engine.step()
     steps0, time0 = engine.totals.steps, dict(engine.totals.time)
+    engine.reset_prefix_cache()
     t0 = time.perf_counter()
     engine.add_request(prompt, params)
     t_first = None
@@ -381,7 +393,9 @@ def report(args, fgs: dict[str, dict], hf: dict, cb: dict | None, matches: dict[
         f"{k} {v}" for k, v in sampling.items() if v is not None)
     lines = [
         f"## Offline throughput: {args.requests} requests x {args.prompt_len} prompt + {args.gen_len} "
-        f"generated tokens ({draws}), {model}",
+        f"generated tokens ({draws}"
+        + (f"; the first {args.shared_prefix} prompt tokens the same in all" if args.shared_prefix else "")
+        + f"), {model}",
         "",
         f"{device_name(device)}; torch {torch.__version__}, dtype {args.dtype}, "
         f"fastgen token_budget {args.token_budget}; best of {args.repeat} runs; "
@@ -480,6 +494,8 @@ def run(args, folder, device: torch.device) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = AutoConfig.from_pretrained(folder).vocab_size
     prompts = make_prompts(tokenizer, vocab, args.requests, args.prompt_len, args.seed)
+    for p in prompts[1:]:
+        p[:args.shared_prefix] = prompts[0][:args.shared_prefix]
 
     fgs = {kernels: bench_fastgen(args, prompts, kernels) for kernels in args.kernels.split(",")}
     hf = bench_hf_generate(args, folder, dtype, prompts, device)

@@ -52,6 +52,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     num_blocks: Annotated[int | None, _doc(
         "KV cache blocks; default: as many as kv_cache_gb holds")] = None
     kv_cache_gb: Annotated[float, _doc("memory given to the KV cache when num_blocks is unset")] = 1.0
+    prefix_caching: Annotated[bool, _doc(
+        "keep the KV blocks of computed prompts (and answers) after their requests end, and let "
+        "a new request whose tokens begin the same way start from them instead of computing "
+        "them again (whole blocks; not for requests asking for prompt logprobs)")] = True
 
     # Runtime.
     cuda_graphs: Annotated[bool | None, _doc(

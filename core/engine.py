@@ -38,6 +38,7 @@ class StepStats:
     num_seqs: int = 0
     num_decodes: int = 0
     num_preempted: int = 0
+    num_cached_tokens: int = 0  # prompt tokens admitted sequences found in the prefix cache
     num_running: int = 0        # sequences running after the step (finished ones gone)
     num_waiting: int = 0        # sequences waiting after the step (preempted ones included)
     blocks_used: int = 0
@@ -57,6 +58,7 @@ class StepStats:
 class EngineTotals:
     steps: int = 0
     tokens: int = 0
+    cached_tokens: int = 0   # prompt tokens taken from the prefix cache instead of computed
     preemptions: int = 0
     time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("schedule_s", "forward_s", "sample_s", "postprocess_s"), 0.0))
@@ -64,6 +66,7 @@ class EngineTotals:
     def add(self, stats: StepStats) -> None:
         self.steps += 1
         self.tokens += stats.num_tokens
+        self.cached_tokens += stats.num_cached_tokens
         self.preemptions += stats.num_preempted
         for key in self.time:
             self.time[key] += getattr(stats, key)
@@ -240,6 +243,11 @@ class Engine:
             self.running.remove(seq)
         return self._finish(seq, FinishReason.ABORT)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks call it so that a repeated prompt is computed
+        again); the blocks of running sequences stay theirs."""
+        self.allocator.forget_cached()
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -305,8 +313,8 @@ class Engine:
     def _launch(self, plan: StepPlan, stats: StepStats, t0: float) -> LaunchedStep:
         """Grow the plan's sequences, build the batch and queue its forward pass and sampling;
         the sampled tokens are read later (`_complete`)."""
-        self._admit_and_grow(plan.scheduled)
-        batch = RaggedBatch.build(plan.scheduled, self.config.block_size, self.device)
+        scheduled = self._admit_and_grow(plan.scheduled, stats)
+        batch = RaggedBatch.build(scheduled, self.config.block_size, self.device)
         if batch.awaited_rows:
             self._fill_awaited(batch)
         sampling = SamplingMetadata.build(batch.sampling_seqs, self.device)
@@ -350,6 +358,8 @@ class Engine:
         next_tokens = launched.host_tokens.tolist()
         launched.sampled_logprobs.record(next_tokens)
         t1 = time.perf_counter()
+        if self.config.prefix_caching:   # before stops free the blocks: they stay findable
+            self._cache_computed_blocks(launched.batch.sequences)
         outputs = self._postprocess(launched.batch, next_tokens, finished_only)
         stats = launched.stats
         stats.sample_s += t1 - t0
@@ -394,15 +404,21 @@ class Engine:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
             seq.num_computed = 0
+            seq.num_cached_blocks = 0
             seq.status = SequenceStatus.WAITING
             seq.num_preemptions += 1
         # Back to the front, oldest first, so they resume before newer requests.
         for seq in sorted(seqs, key=lambda s: s.seq_index, reverse=True):
             self.waiting.appendleft(seq)
 
-    def _admit_and_grow(self, scheduled: list[tuple[Sequence, int]]) -> None:
+    def _admit_and_grow(self, scheduled: list[tuple[Sequence, int]],
+                        stats: StepStats) -> list[tuple[Sequence, int]]:
+        """Admit the plan's waiting sequences (each starting from its cached prefix, if any) and
+        give every scheduled sequence the blocks its tokens need; the plan with each sequence's
+        tokens to compute now (fewer where a cached prefix covers them)."""
         bs = self.config.block_size
         now = time.monotonic()
+        grown = []
         for seq, n in scheduled:
             if seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
@@ -410,9 +426,41 @@ class Engine:
                 seq.status = SequenceStatus.RUNNING
                 if seq.first_scheduled_time is None:
                     seq.first_scheduled_time = now
+                if self.config.prefix_caching:
+                    n = self._start_from_cached_prefix(seq, n, stats)
             need = seq.blocks_needed(n, bs)
             if need:   # most steps of a decode need none
                 seq.block_ids += self.allocator.allocate(need)
+            grown.append((seq, n))
+        return grown
+
+    def _start_from_cached_prefix(self, seq: Sequence, n: int, stats: StepStats) -> int:
+        """Give a sequence being admitted (no blocks, nothing computed) the cached blocks of its
+        longest cached prefix, as computed; the tokens of its `n` planned that are left to do.
+        The scheduler planned its blocks as if none were cached: it needs no more than that."""
+        if seq.params.prompt_logprobs is not None:   # those need the prompt's logits
+            return n
+        bs = self.config.block_size
+        # The last token is always computed: its logits give the next token.
+        blocks = self.allocator.cached_prefix(seq.block_keys((len(seq.token_ids) - 1) // bs, bs))
+        seq.num_cached_blocks = len(blocks)
+        if not blocks:
+            return n
+        seq.block_ids = blocks
+        seq.num_computed = len(blocks) * bs
+        stats.num_cached_tokens += seq.num_computed
+        return min(n, seq.num_pending)
+
+    def _cache_computed_blocks(self, seqs: list[Sequence]) -> None:
+        """Put the whole blocks the sequences have computed in the prefix cache."""
+        bs = self.config.block_size
+        for seq in seqs:
+            whole = min(seq.num_computed, len(seq.token_ids)) // bs
+            if whole > seq.num_cached_blocks and not seq.is_finished:
+                keys = seq.block_keys(whole, bs)
+                for i in range(seq.num_cached_blocks, whole):
+                    self.allocator.cache(seq.block_ids[i], keys[i])
+                seq.num_cached_blocks = whole
 
     def _postprocess(self, batch: RaggedBatch, next_tokens: list[int],
                      finished_only: bool = False) -> list[RequestOutput]:

@@ -46,6 +46,10 @@ class LLM:
                 finished[out.request_id] = out
         return [finished[s.request_id] for s in seqs]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prompts computed so far: a repeated one is computed again."""
+        self.engine.reset_prefix_cache()
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate answers to conversations, each a list of {"role", "content"} messages."""

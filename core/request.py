@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import time
+from array import array
 
 import msgspec
 import numpy as np
@@ -152,7 +154,7 @@ class Sequence:
                  "status", "finish_reason", "arrival_time", "first_scheduled_time",
                  "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids",
                  "num_preemptions", "logprobs", "prompt_logprobs", "cumulative_logprob",
-                 "delta_outputs", "num_sent")
+                 "delta_outputs", "num_sent", "_block_keys", "num_cached_blocks")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -190,6 +192,8 @@ class Sequence:
         # count of generated tokens handed out in outputs so far.
         self.delta_outputs = False
         self.num_sent = 0
+        self._block_keys: list[bytes] = []   # block_keys()' keys, of whole blocks from the first
+        self.num_cached_blocks = 0   # leading blocks the engine has put in the prefix cache
 
     @property
     def block_ids(self) -> list[int]:
@@ -232,6 +236,16 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def block_keys(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """Prefix-cache keys of the first `num_blocks` whole blocks of token_ids: each a digest
+        of the block's tokens and the key before it, so equal keys mean equal prefixes. Kept,
+        so a sequence hashes each block once."""
+        keys = self._block_keys
+        for i in range(len(keys), num_blocks):
+            tokens = array("q", self.token_ids[i * block_size:(i + 1) * block_size]).tobytes()
+            keys.append(hashlib.blake2b((keys[-1] if keys else b"") + tokens, digest_size=16).digest())
+        return keys[:num_blocks]
 
     def blocks_needed(self, num_new: int, block_size: int) -> int:
         """Blocks to add so that `num_new` more tokens fit after the computed ones."""

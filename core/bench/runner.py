@@ -153,6 +153,7 @@ class InProcessTarget:
     async def start(self) -> None:
         from ..async_engine import AsyncEngine
 
+        self.engine.reset_prefix_cache()   # each load starts with nothing cached
         self.async_engine = AsyncEngine(self.engine).start()
 
     async def stream(self, request: BenchRequest, request_id: str) -> AsyncIterator[TokenUpdate]:
@@ -197,8 +198,10 @@ async def _send(target: Target, request: BenchRequest, request_id: str, origin: 
 
 
 async def warm_up(target: Target, requests: list[BenchRequest], count: int = 2) -> None:
-    """Send `count` of the workload's prompts for 2 tokens each, concurrently; nothing is kept."""
-    warm = [BenchRequest(r.index, r.prompt_token_ids, min(2, r.max_tokens)) for r in requests[:count]]
+    """Send `count` of the workload's prompts for 2 tokens each, concurrently; nothing is kept.
+    Each is sent reversed, so that no prefix cache holds the start of a prompt the run sends."""
+    warm = [BenchRequest(r.index, r.prompt_token_ids[::-1], min(2, r.max_tokens))
+            for r in requests[:count]]
     await asyncio.gather(*(_send(target, r, f"warmup-{i}", time.perf_counter())
                            for i, r in enumerate(warm)))
     target.take_steps()

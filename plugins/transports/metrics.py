@@ -76,6 +76,9 @@ class ServerMetrics:
         self.num_preemptions = Counter(
             "fastgen_num_preemptions", "Sequences preempted (their blocks freed, to be recomputed).",
             registry=r)
+        self.prefix_cache_hit_tokens = Counter(
+            "fastgen_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache, not "
+            "computed.", registry=r)
         self.prompt_tokens = Counter(
             "fastgen_prompt_tokens", "Prompt tokens of the finished requests.", registry=r)
         self.generation_tokens = Counter(
@@ -112,6 +115,8 @@ class ServerMetrics:
         self._set_state(stats.num_running, stats.num_waiting, stats.blocks_used, stats.blocks_free)
         if stats.num_preempted:
             self.num_preemptions.inc(stats.num_preempted)
+        if stats.num_cached_tokens:
+            self.prefix_cache_hit_tokens.inc(stats.num_cached_tokens)
         self.step_token_budget_utilization.observe(stats.num_tokens / engine.config.token_budget)
 
     @fastgen.hookimpl

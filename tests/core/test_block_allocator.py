@@ -23,6 +23,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.owners: dict[int, list[int]] = {}   # owner -> the blocks it holds
         self.freed: list[list[int]] = []          # block lists whose owner has let go
         self.next_owner = 0
+        self.cached: dict[int, int] = {}          # prefix-cache key -> block
 
     def owned_counts(self) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -44,12 +45,38 @@ class AllocatorMachine(RuleBasedStateMachine):
                 self.allocator.allocate(n)
             assert snapshot(self.allocator) == before
             return
+        uncached_free = self.allocator.num_free - sum(b not in owned for b in self.cached.values())
         blocks = self.allocator.allocate(n)
         assert len(blocks) == n
         assert len(set(blocks)) == n, f"the same block handed out twice in one call: {blocks}"
         assert not set(blocks) & set(owned), f"handed out blocks someone owns: {blocks}"
         assert all(0 <= b < self.allocator.num_blocks for b in blocks)
+        evicted = {k for k, b in self.cached.items() if b in blocks}
+        assert len(evicted) == max(0, n - uncached_free), "cached content evicted while plain blocks were free"
+        for key in evicted:
+            del self.cached[key]
         self.add_owner(blocks)
+
+    @precondition(lambda self: any(self.owners.values()))
+    @rule(data=st.data(), key=st.integers(0, 5))
+    def cache(self, data, key):
+        owner = data.draw(st.sampled_from(sorted(o for o, b in self.owners.items() if b)))
+        block = data.draw(st.sampled_from(self.owners[owner]))
+        self.allocator.cache(block, key)
+        if key not in self.cached and block not in self.cached.values():
+            self.cached[key] = block
+
+    @rule(keys=st.lists(st.integers(0, 5), max_size=4))
+    def take_cached_prefix(self, keys):
+        expected = []
+        for key in keys:
+            if key not in self.cached:
+                break
+            expected.append(self.cached[key])
+        blocks = self.allocator.cached_prefix(keys)
+        assert blocks == expected
+        if blocks:
+            self.add_owner(blocks)
 
     @precondition(lambda self: self.owners)
     @rule(data=st.data())
@@ -86,6 +113,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         owned = self.owned_counts()
         for b in range(self.allocator.num_blocks):
             assert self.allocator.ref_count(b) == owned.get(b, 0)
+
+    @invariant()
+    def cache_holds_what_was_cached_and_not_evicted(self):
+        assert self.allocator.num_cached == len(self.cached)
+        assert self.allocator.cached_prefix([]) == []
 
     @invariant()
     def free_plus_owned_is_pool(self):
@@ -156,3 +188,32 @@ def test_block_ids_outside_the_pool_are_refused():
 def test_pool_must_hold_a_block():
     with pytest.raises(ValueError):
         BlockAllocator(0)
+
+
+def test_cached_blocks_are_handed_out_last_the_least_recently_freed_first():
+    allocator = BlockAllocator(4)
+    blocks = allocator.allocate(3)
+    for key, block in enumerate(blocks):
+        allocator.cache(block, key)
+    allocator.free([blocks[1]])
+    allocator.free([blocks[0], blocks[2]])      # freed: 1, then 0 and 2
+    assert allocator.num_free == 4 and allocator.num_cached == 3
+    (plain,) = allocator.allocate(1)
+    assert plain not in blocks and allocator.num_cached == 3
+    assert allocator.allocate(1) == [blocks[1]]  # the least recently freed goes first
+    assert allocator.num_cached == 2
+    assert allocator.cached_prefix([0, 1, 2]) == [blocks[0]]   # key 1's block is gone
+    assert allocator.cached_prefix([2]) == [blocks[2]] and allocator.ref_count(blocks[2]) == 1
+    assert allocator.num_free == 0
+
+
+def test_only_held_blocks_are_cached_and_first_keys_stay():
+    allocator = BlockAllocator(2)
+    a, b = allocator.allocate(2)
+    allocator.cache(a, "x")
+    allocator.cache(b, "x")       # the key keeps its first block
+    allocator.cache(a, "y")       # the block keeps its first key
+    assert allocator.cached_prefix(["x"]) == [a] and allocator.cached_prefix(["y"]) == []
+    allocator.free([a, a, b])
+    with pytest.raises(ValueError, match="free"):
+        allocator.cache(b, "z")

@@ -261,7 +261,14 @@ def abort_engine(tiny_llama):
 
 
 def held_blocks(engine) -> int:
-    return sum(len(s.block_ids) for s in engine.sequences.values())
+    """Blocks the engine's sequences hold, each once (prompts with a common beginning share the
+    prefix cache's blocks), after checking each block's reference count is its holders'."""
+    holders: dict[int, int] = {}
+    for seq in engine.sequences.values():
+        for b in seq.block_ids:
+            holders[b] = holders.get(b, 0) + 1
+    assert all(engine.allocator.ref_count(b) == n for b, n in holders.items())
+    return len(holders)
 
 
 def test_abort_returns_every_block(scheduler_cls, abort_engine):

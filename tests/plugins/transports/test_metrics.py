@@ -122,11 +122,12 @@ def test_metrics_observe_the_engine_only_while_serving(engine):
 def test_each_server_has_its_own_registry_and_engine(engine):
     first, second = ServerMetrics(engine), ServerMetrics(engine)   # the global registry would refuse this
     stats = StepStats(num_tokens=16, num_preempted=2, num_running=3, num_waiting=4, blocks_used=5,
-                      blocks_free=59)
+                      blocks_free=59, num_cached_tokens=48)
     first.on_step_finished(engine=object(), stats=stats)   # another engine's step: not counted
     first.on_step_finished(engine=engine, stats=stats)
     values = parse(first.render().decode())
     assert values["fastgen_num_preemptions_total"] == 2
+    assert values["fastgen_prefix_cache_hit_tokens_total"] == 48
     assert (values["fastgen_num_requests_running"], values["fastgen_num_requests_waiting"]) == (3, 4)
     assert (values["fastgen_kv_blocks_used"], values["fastgen_kv_blocks_free"]) == (5, 59)
     assert values["fastgen_step_token_budget_utilization_count"] == 1
@@ -147,6 +148,8 @@ def test_preemptions_and_request_times_come_from_the_engine(tiny_llama):
     values = parse(metrics.render().decode())
     preempted = sum(out.metrics.num_preemptions for out in outputs)
     assert preempted > 0 and values["fastgen_num_preemptions_total"] == preempted
+    # The preempted request resumes from its own blocks where the prefix cache kept them.
+    assert values["fastgen_prefix_cache_hit_tokens_total"] == llm.engine.totals.cached_tokens
     for out in outputs:
         m = out.metrics
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
