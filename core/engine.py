@@ -256,9 +256,9 @@ class Engine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one forward pass; return an output for every request that advanced or finished, or
         with `finished_only` for the finished ones alone. A running request's output copies its
-        tokens so far, a cost that grows with its length every step: a caller that keeps only the
-        last outputs (LLM.generate) has them not built. A finished output's `new_text` is all the
-        text no output handed out before.
+        tokens so far (unless it asked for delta outputs), a cost that grows with its length every
+        step: a caller that keeps only the last outputs (LLM.generate) has them not built. A
+        finished output's `new_text` is all the text no output handed out before.
 
         With `overlap_steps`, a step is launched before the previous one's tokens are read, and
         the outputs returned are the previous step's: the host schedules and postprocesses while
