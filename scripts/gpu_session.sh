@@ -8,7 +8,8 @@
 #            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
 #            .cuda against kernels.torch), kernels.cuda's GPU tests, greedy parity with
 #            transformers for every backend on the GPU, the kernel benchmark's device timer, and
-#            the ragged batch's copy from pinned memory; overlap_steps against steps in turn
+#            the ragged batch's copy from pinned memory; overlap_steps against steps in turn;
+#            prefix-cached prompts against transformers
 #   kernels  fastgen bench kernels --check, full shapes, over the backends that run on the device
 #            (each case also checked against kernels.torch on its inputs); one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
@@ -299,7 +300,7 @@ step_tests() {
     bounded tests "$(limit_for tests "${CAP[tests]}" 1)" "tee:$WORK/tests.txt" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
         --junitxml="$OUT/tests.xml" "${PYTEST_ARGS[@]}" tests/plugins/kernels tests/plugins/models/test_llama_parity.py \
         tests/bench/test_cuda_device_timing.py tests/core/test_ragged_batch.py \
-        tests/core/test_overlap_steps.py
+        tests/core/test_overlap_steps.py tests/core/test_prefix_caching.py
 }
 
 step_kernels() {

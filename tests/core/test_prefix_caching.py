@@ -78,11 +78,17 @@ def test_a_next_turn_reuses_the_last_turns_answer_too(folder):
     assert tokens == [o.token_ids for o in run(make_engine(folder, caching=False), [next_turn])]
 
 
-def test_cached_prefixes_give_transformers_greedy_tokens(tiny_llama, folder):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_prefixes_give_transformers_greedy_tokens(tiny_llama, folder, device):
+    """On a GPU with the backend `kernels = auto` picks there (its attention reads shared blocks)."""
     model = tiny_llama[1]
     system = random_ids(40, 6)
     prompts = [system + random_ids(n, 7 + n) for n in (3, 20, 37)]
-    engine = make_engine(folder)
+    engine = make_engine(folder, device=device)
     run(engine, [system + random_ids(2, 99)])            # warms the cache with the shared part
     outs = run(engine, prompts)
     assert engine.totals.cached_tokens == 3 * 32
