@@ -55,7 +55,9 @@ def stream(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
     return outputs
 
 
-def greedy_outputs(folder: str, prompts: list[list[int]]) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def greedy(folder, prompts) -> list[list[int]]:
+    """Each prompt's 12 greedy tokens, steps in turn."""
     engine = make_engine(folder, overlap=False)
     outs = stream(engine, [(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
                            for p in prompts])
@@ -93,10 +95,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 @pytest.mark.parametrize("num_blocks", [None, 9], ids=["roomy-pool", "tiny-pool"])
 @pytest.mark.parametrize("case", ["greedy lengths", "stop tokens", "seeded sampling with logprobs",
                                   "penalties beside plain requests", "eos"])
-def test_overlapped_steps_give_every_request_the_outputs_of_steps_in_turn(folder, prompts, case,
-                                                                         num_blocks, device):
+def test_overlapped_steps_give_every_request_the_outputs_of_steps_in_turn(folder, prompts, greedy,
+                                                                         case, num_blocks, device):
     """On a GPU with the backend `kernels = auto` picks there, CUDA graphs on."""
-    requests = request_sets(prompts, greedy_outputs(folder, prompts))[case]
+    requests = request_sets(prompts, greedy)[case]
     in_turn = stream(make_engine(folder, overlap=False, num_blocks=num_blocks, device=device),
                      requests)
     overlapped_engine = make_engine(folder, overlap=True, num_blocks=num_blocks, device=device)
@@ -156,11 +158,11 @@ def test_a_step_is_launched_before_the_last_steps_tokens_are_read(folder, prompt
 
 
 def test_the_async_engine_streams_overlapped_steps_and_drops_a_request_left_mid_flight(folder,
-                                                                                      prompts):
+                                                                                      prompts, greedy):
     from test_async_engine import collect, run
 
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    expected = greedy_outputs(folder, prompts)
+    expected = greedy
 
     async def leave_after_three_tokens(async_engine):
         long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
