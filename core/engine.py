@@ -237,11 +237,12 @@ class Engine:
         seq = self.sequences.get(request_id)
         if seq is None:
             return None
-        if seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        else:
-            self.running.remove(seq)
+        self._dequeue(seq)
         return self._finish(seq, FinishReason.ABORT)
+
+    def _dequeue(self, seq: Sequence) -> None:
+        """Take `seq` out of `waiting` or `running`, whichever holds it."""
+        (self.waiting if seq.status is SequenceStatus.WAITING else self.running).remove(seq)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks call it so that a repeated prompt is computed
@@ -475,8 +476,7 @@ class Engine:
                 seq.first_token_time = now
             reason = self._check_stop(seq, token)
             if reason is not None:
-                # Preempted while its token was on the device, it waits: it still ends here.
-                (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
+                self._dequeue(seq)   # preempted while its token was on the device, it waits
                 outputs.append(self._finish(seq, reason))
             elif not finished_only:
                 outputs.append(self._output(seq))

@@ -1,5 +1,5 @@
 """What every transport does the same way: chat messages into prompt tokens, request fields into
-`SamplingParams`.
+`SamplingParams`, a stream's pieces held until they have text.
 
 A transport declares its request body as a msgspec Struct whose sampling fields carry the names
 of `SamplingParams`' fields and default to UNSET; `sampling_params(request)` takes the ones the
@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from fastgen.errors import RequestError
-from fastgen.request import SamplingParams
+from fastgen.request import RequestOutput, SamplingParams, TokenLogprob
 from fastgen.tokenizer import apply_chat_template
 
 Unset = msgspec.UnsetType
@@ -81,3 +81,23 @@ def sampling_params(request: Any, **overrides: Any) -> SamplingParams:
             given[name] = value
     given.update(overrides)
     return SamplingParams(**given)
+
+
+class Unsent:
+    """The new tokens and logprobs of a request's delta outputs not yet written to its client: an
+    output that adds no text (a character split across tokens) writes nothing, and its pieces go
+    with the next piece written."""
+
+    def __init__(self, logprobs: bool) -> None:
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids += output.new_token_ids
+        if self.logprobs is not None:
+            self.logprobs += output.new_logprobs or []
+
+    def take(self) -> tuple[list[int], list[TokenLogprob] | None]:
+        taken = self.token_ids, self.logprobs
+        self.token_ids, self.logprobs = [], None if self.logprobs is None else []
+        return taken

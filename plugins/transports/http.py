@@ -45,7 +45,7 @@ from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
 from fastgen.request import RequestOutput, SamplingParams, TokenLogprob
 
-from ._common import UNSET, Message, Unset, render_chat, sampling_params
+from ._common import UNSET, Message, Unset, Unsent, render_chat, sampling_params
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class _Reply:
         self.usage = None if include_usage else UNSET   # chunks carry "usage": null when asked for
         self.token_text = token_text
         self.logprobs = logprobs
-        self.unsent_logprobs: dict[int, list[TokenLogprob]] = {}   # choice index -> since its last chunk
+        self.unsent: dict[int, Unsent] = {}   # choice index -> what its next chunk carries
 
     def start(self, index: int, output: RequestOutput) -> Any | None:
         """The chunk that opens choice `index`, if the format has one."""
@@ -431,11 +431,10 @@ class _Reply:
     def keep(self, index: int, output: RequestOutput) -> None:
         """Keep an output's new logprobs for choice `index`'s next chunk (an output that adds no
         text yet sends none)."""
-        if output.new_logprobs:
-            self.unsent_logprobs.setdefault(index, []).extend(output.new_logprobs)
+        self.unsent.setdefault(index, Unsent(logprobs=True)).add(output)
 
     def take_logprobs(self, index: int) -> list[TokenLogprob]:
-        return self.unsent_logprobs.pop(index, [])
+        return self.unsent[index].take()[1] if index in self.unsent else []
 
 
 class _CompletionReply(_Reply):

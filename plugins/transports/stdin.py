@@ -53,7 +53,7 @@ from fastgen.config import Config
 from fastgen.errors import FastgenError, RequestError
 from fastgen.request import RequestOutput, SamplingParams, TokenLogprob
 
-from ._common import UNSET, Message, Unset, render_chat, sampling_params
+from ._common import UNSET, Message, Unset, Unsent, render_chat, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -318,26 +318,22 @@ class StdinTransport:
     async def _serve_request(self, request: StdinRequest, prompt: str | list[int],
                              params: SamplingParams) -> None:
         try:
-            # Tokens (and their logprobs) of outputs that added no text yet: the next line's.
-            unsent: list[int] = []
-            unsent_logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+            unsent = Unsent(params.logprobs is not None)
             async for out in self.engine.generate(prompt, params, delta_outputs=True):
-                unsent += out.new_token_ids
-                if unsent_logprobs is not None:
-                    unsent_logprobs += out.new_logprobs or []
+                unsent.add(out)
                 if not out.finished:
                     if request.stream and out.new_text:
+                        token_ids, logprobs = unsent.take()
                         self._write(_with_logprobs({"id": request.id, "text": out.new_text,
-                                                    "token_ids": unsent, "finished": False},
-                                                   out, unsent_logprobs))
-                        unsent = []
-                        unsent_logprobs = [] if unsent_logprobs is not None else None
+                                                    "token_ids": token_ids, "finished": False},
+                                                   out, logprobs))
                     continue
                 if request.stream:
+                    token_ids, logprobs = unsent.take()
                     self._write(_with_logprobs({"id": request.id, "text": out.new_text,
-                                                "token_ids": unsent, "finished": True,
+                                                "token_ids": token_ids, "finished": True,
                                                 "finish_reason": out.finish_reason,
-                                                "usage": out.usage}, out, unsent_logprobs))
+                                                "usage": out.usage}, out, logprobs))
                 else:
                     self._write(_with_logprobs({"id": request.id, "text": out.text,
                                                 "token_ids": out.token_ids,
