@@ -15,7 +15,9 @@
 #include <initializer_list>
 #include <iterator>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -23,43 +25,73 @@
 namespace fastgen_cuda {
 namespace {
 
+// Argument errors: each message is built here as one std::string, the only argument handed to
+// TORCH_CHECK, so no iostream code is compiled into this library. On the GPU machines (gcc 13.3,
+// torch 2.11.0+cu130) c10::str's ostream, instantiated here to print a number, crashed the process
+// (SIGSEGV in std::ostream::_M_insert<long>, cuda-gdb) where torch's own errors raised;
+// tests/plugins/kernels/test_cuda_compile.py keeps the object free of it.
+void append(std::string& s, const char* x) { s += x; }
+void append(std::string& s, const std::string& x) { s += x; }
+void append(std::string& s, at::ScalarType x) { s += c10::toString(x); }
+void append(std::string& s, const c10::Device& x) { s += x.str(); }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& s, T x) { s += std::to_string(x); }
+template <typename T>
+void append(std::string& s, c10::ArrayRef<T> xs) {   // as torch prints sizes: [4, 64]
+  s += '[';
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (i) s += ", ";
+    append(s, xs[i]);
+  }
+  s += ']';
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
+#define FASTGEN_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
+
 DType dtype_of(const char* op, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported; use float32, float16 or bfloat16");
+    default: FASTGEN_CHECK(false, op, ": dtype ", t.scalar_type(), " is not supported; use float32, float16 or bfloat16");
   }
 }
 
 void check_cuda_on_one_device(const char* op, std::initializer_list<const at::Tensor*> tensors) {
   const auto device = (*tensors.begin())->device();
   for (const auto* t : tensors) {
-    TORCH_CHECK(t->is_cuda(), op, ": every tensor must be on a CUDA device, got one on ", t->device());
-    TORCH_CHECK(t->device() == device, op, ": every tensor must be on one device, got ", device, " and ",
-                t->device());
+    FASTGEN_CHECK(t->is_cuda(), op, ": every tensor must be on a CUDA device, got one on ", t->device());
+    FASTGEN_CHECK(t->device() == device, op, ": every tensor must be on one device, got ", device, " and ",
+                  t->device());
   }
 }
 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  FASTGEN_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
 void check_same_dtype(const char* op, const char* what, std::initializer_list<const at::Tensor*> tensors) {
   const auto dtype = (*tensors.begin())->scalar_type();
   for (const auto* t : tensors) {
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", what, " must share one dtype, got ", dtype, " and ",
-                t->scalar_type());
+    FASTGEN_CHECK(t->scalar_type() == dtype, op, ": ", what, " must share one dtype, got ", dtype, " and ",
+                  t->scalar_type());
   }
 }
 
 void check_int32(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  FASTGEN_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
 }
 
 void check_rows(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, " must be contiguous in its last dimension, got strides ",
-              t.strides());
+  FASTGEN_CHECK(t.stride(-1) == 1, op, ": ", name, " must be contiguous in its last dimension, got strides ",
+                t.strides());
 }
 
 void check_launch(int error) { C10_CUDA_CHECK(static_cast<cudaError_t>(error)); }
@@ -82,19 +114,19 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
   check_dim(op, "key", key, 3);
   check_dim(op, "k_cache", k_cache, 4);
   check_dim(op, "slot_mapping", slot_mapping, 1);
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping must be int64, got ",
-              slot_mapping.scalar_type());
-  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must have key's shape ", key.sizes(), ", got ",
-              value.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(slot_mapping.size(0) == key.size(0), op, ": slot_mapping must hold one slot per token (",
-              key.size(0), "), got ", slot_mapping.size(0));
-  TORCH_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), op,
-              ": key's heads and head size ", key.sizes().slice(1), " must match the cache's ",
-              k_cache.sizes().slice(2));
+  FASTGEN_CHECK(slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping must be int64, got ",
+                slot_mapping.scalar_type());
+  FASTGEN_CHECK(value.sizes() == key.sizes(), op, ": value must have key's shape ", key.sizes(), ", got ",
+                value.sizes());
+  FASTGEN_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
+                ", got ", v_cache.sizes());
+  FASTGEN_CHECK(slot_mapping.size(0) == key.size(0), op, ": slot_mapping must hold one slot per token (",
+                key.size(0), "), got ", slot_mapping.size(0));
+  FASTGEN_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), op,
+                ": key's heads and head size ", key.sizes().slice(1), " must match the cache's ",
+                k_cache.sizes().slice(2));
   check_same_dtype(op, "key, value and the caches", {&key, &value, &k_cache, &v_cache});
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  FASTGEN_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
   check_rows(op, "key", key);
   check_rows(op, "value", value);
 
@@ -123,26 +155,26 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   check_int32(op, "block_tables", block_tables);
   check_rows(op, "q", q);
   check_same_dtype(op, "q and the caches", {&q, &k_cache, &v_cache});
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  FASTGEN_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have k_cache's shape ", k_cache.sizes(),
+                ", got ", v_cache.sizes());
+  FASTGEN_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
   const int64_t num_seqs = seq_lens.size(0);
-  TORCH_CHECK(query_start_loc.size(0) == num_seqs + 1, op, ": query_start_loc must hold B+1 = ", num_seqs + 1,
-              " offsets, got ", query_start_loc.size(0));
-  TORCH_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must hold one row per sequence (",
-              num_seqs, "), got ", block_tables.size(0));
+  FASTGEN_CHECK(query_start_loc.size(0) == num_seqs + 1, op, ": query_start_loc must hold B+1 = ", num_seqs + 1,
+                " offsets, got ", query_start_loc.size(0));
+  FASTGEN_CHECK(block_tables.size(0) == num_seqs, op, ": block_tables must hold one row per sequence (",
+                num_seqs, "), got ", block_tables.size(0));
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, op, ": the caches' head size ", k_cache.size(3),
-              " must match q's ", head_dim);
-  TORCH_CHECK(num_heads % num_kv_heads == 0, op, ": query heads (", num_heads,
-              ") must be a multiple of key/value heads (", num_kv_heads, ")");
+  FASTGEN_CHECK(k_cache.size(3) == head_dim, op, ": the caches' head size ", k_cache.size(3),
+                " must match q's ", head_dim);
+  FASTGEN_CHECK(num_heads % num_kv_heads == 0, op, ": query heads (", num_heads,
+                ") must be a multiple of key/value heads (", num_kv_heads, ")");
   const auto* sizes_end = std::end(kAttentionHeadSizes);
-  TORCH_CHECK(std::find(std::begin(kAttentionHeadSizes), sizes_end, head_dim) != sizes_end, op,
-              ": head size ", head_dim, " has no kernel; supported: ",
-              c10::ArrayRef<int>(kAttentionHeadSizes));
+  FASTGEN_CHECK(std::find(std::begin(kAttentionHeadSizes), sizes_end, head_dim) != sizes_end, op,
+                ": head size ", head_dim, " has no kernel; supported: ",
+                c10::ArrayRef<int>(kAttentionHeadSizes));
 
-  TORCH_CHECK(num_splits >= 1 && num_splits <= kMaxAttentionSplits, op, ": num_splits must be in [1, ",
-              kMaxAttentionSplits, "], got ", num_splits);
+  FASTGEN_CHECK(num_splits >= 1 && num_splits <= kMaxAttentionSplits, op, ": num_splits must be in [1, ",
+                kMaxAttentionSplits, "], got ", num_splits);
 
   // Prompt tiles run on tensor cores, which the kernel's instruction needs from sm_80 on, and copy
   // cache rows 16 bytes at a time; older GPUs, and caches that do not start on 16 bytes (views at
@@ -152,10 +184,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     check_cuda_on_one_device(op, {&q, &*prompt_tiles});
     check_dim(op, "prompt_tiles", *prompt_tiles, 2);
     check_int32(op, "prompt_tiles", *prompt_tiles);
-    TORCH_CHECK(prompt_tiles->size(1) == 2, op, ": prompt_tiles must hold (sequence, first token) pairs, got shape ",
-                prompt_tiles->sizes());
-    TORCH_CHECK(prompt_tiles->size(0) <= kMaxPromptTiles, op, ": at most ", kMaxPromptTiles,
-                " prompt tiles in one call, got ", prompt_tiles->size(0));
+    FASTGEN_CHECK(prompt_tiles->size(1) == 2, op, ": prompt_tiles must hold (sequence, first token) pairs, got shape ",
+                  prompt_tiles->sizes());
+    FASTGEN_CHECK(prompt_tiles->size(0) <= kMaxPromptTiles, op, ": at most ", kMaxPromptTiles,
+                  " prompt tiles in one call, got ", prompt_tiles->size(0));
     const bool aligned = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0;
     if (prompt_tiles->size(0) > 0 && aligned && tensor_cores(q)) tiles = prompt_tiles->contiguous();
@@ -204,8 +236,8 @@ void check_rms_norm_args(const char* op, const at::Tensor& x, const at::Tensor& 
   check_dim(op, "x", x, 2);
   check_dim(op, "weight", weight, 1);
   check_rows(op, "x", x);
-  TORCH_CHECK(weight.size(0) == x.size(1), op, ": weight must hold one value per feature (", x.size(1),
-              "), got ", weight.size(0));
+  FASTGEN_CHECK(weight.size(0) == x.size(1), op, ": weight must hold one value per feature (", x.size(1),
+                "), got ", weight.size(0));
   check_same_dtype(op, "x and weight", {&x, &weight});
 }
 
@@ -236,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   check_rms_norm_args(op, x, weight);
   check_cuda_on_one_device(op, {&x, &residual});
   check_rows(op, "residual", residual);
-  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(), ", got ",
-              residual.sizes());
+  FASTGEN_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", x.sizes(), ", got ",
+                residual.sizes());
   check_same_dtype(op, "x and residual", {&x, &residual});
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   auto residual_out = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -256,14 +288,14 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   check_rows(op, "q", q);
   check_rows(op, "k", k);
   check_same_dtype(op, "q and k", {&q, &k});
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": k must be [T, Hkv, D] with q's T and D ",
-              "(q has shape ", q.sizes(), "), got ", k.sizes());
-  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", cos.sizes(), ", got ",
-              sin.sizes());
-  TORCH_CHECK(cos.size(0) == q.size(0), op, ": cos and sin must hold one row per token (", q.size(0), "), got ",
-              cos.size(0));
-  TORCH_CHECK(2 * cos.size(1) <= q.size(2), op, ": cos and sin cover ", 2 * cos.size(1),
-              " rotary dims, more than the head size ", q.size(2));
+  FASTGEN_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), op, ": k must be [T, Hkv, D] with q's T and D ",
+                "(q has shape ", q.sizes(), "), got ", k.sizes());
+  FASTGEN_CHECK(sin.sizes() == cos.sizes(), op, ": sin must have cos's shape ", cos.sizes(), ", got ",
+                sin.sizes());
+  FASTGEN_CHECK(cos.size(0) == q.size(0), op, ": cos and sin must hold one row per token (", q.size(0), "), got ",
+                cos.size(0));
+  FASTGEN_CHECK(2 * cos.size(1) <= q.size(2), op, ": cos and sin cover ", 2 * cos.size(1),
+                " rotary dims, more than the head size ", q.size(2));
 
   const auto dtype = dtype_of(op, q);
   const auto c = cos.to(at::kFloat).contiguous();
@@ -284,7 +316,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   check_cuda_on_one_device(op, {&x});
   check_dim(op, "x", x, 2);
   check_rows(op, "x", x);
-  TORCH_CHECK(x.size(1) % 2 == 0, op, ": x must be [T, 2I], got an odd width ", x.size(1));
+  FASTGEN_CHECK(x.size(1) % 2 == 0, op, ": x must be [T, 2I], got an odd width ", x.size(1));
 
   const auto dtype = dtype_of(op, x);
   auto out = at::empty({x.size(0), x.size(1) / 2}, x.options());
@@ -297,8 +329,8 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 void check_per_row(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType dtype) {
   check_dim(op, name, t, 1);
-  TORCH_CHECK(t.size(0) == rows, op, ": ", name, " must hold one value per row (", rows, "), got ", t.size(0));
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  FASTGEN_CHECK(t.size(0) == rows, op, ": ", name, " must hold one value per row (", rows, "), got ", t.size(0));
+  FASTGEN_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
 // The sample kernel over the rows; `cuts`, if defined, also receives each row's top-k / top-p cut;
@@ -309,7 +341,7 @@ at::Tensor run_sample(const char* op, const at::Tensor& logits, const at::Tensor
   check_cuda_on_one_device(op, {&logits, &temperatures, &top_k, &top_p, &seeds});
   check_dim(op, "logits", logits, 2);
   check_rows(op, "logits", logits);
-  TORCH_CHECK(logits.scalar_type() == at::kFloat, op, ": logits must be float32, got ", logits.scalar_type());
+  FASTGEN_CHECK(logits.scalar_type() == at::kFloat, op, ": logits must be float32, got ", logits.scalar_type());
   const int64_t rows = logits.size(0);
   check_per_row(op, "temperatures", temperatures, rows, at::kFloat);
   check_per_row(op, "top_k", top_k, rows, at::kLong);
