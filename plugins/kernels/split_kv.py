@@ -6,10 +6,12 @@ each walking its whole context: most of the GPU idles while they do. Cutting eac
 parts run by separate programs, then merging their softmax states, fills it. The split is planned
 once per step from host-side metadata (no device sync), from the programs a step launches without
 a split, as the backend counts them: kernels.triton counts (tile, KV head) pairs, the programs it
-launches; kernels.cuda counts tokens, since its per-token kernel gained from more parts than that
-(NVIDIA H200, llama3-8b, 64 x 1024 keys: 5 splits 284 us, 1 split 342 us; kernels.triton: 143 us
-against 120 us, docs/gpu-runs/2026-11-27-h200/sweep.md; both kernels changed since, and the
-sweep times them again).
+launches; kernels.cuda counts tokens, and aims at one program per multiprocessor where
+kernels.triton aims at two, each kernel where it ran fastest over the split counts (NVIDIA H100,
+llama3-8b bf16, 2026-11-28, docs/gpu-runs/2026-11-28-h100/sweep.md): one sequence of 8192 keys,
+kernels.triton 21.3 us at 32 splits against 23.2 at 16, kernels.cuda 29.5 against 33.8; 16 of
+8192, kernels.cuda 212 us at 8 (one per multiprocessor) against 224 at 16; 64 of 1024,
+kernels.cuda 128-131 us at 1 to 4 against 134 at 5.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import torch
 KEYS_PER_SPLIT = 256
 # No split below this context: short ranges finish fast anyway.
 MIN_SPLIT_KEYS = 512
-MAX_SPLITS = 16
+MAX_SPLITS = 32        # kernels.cuda's most (kMaxAttentionSplits)
 
 
-def target_programs(device: torch.device) -> int:
-    """How many programs keep the device busy: a few waves of its multiprocessors; a small number
-    elsewhere (the interpreter, meta tensors), so tests exercise split-KV with short contexts when
-    they force it."""
+def target_programs(device: torch.device, per_multiprocessor: int = 2) -> int:
+    """How many programs keep the device busy: `per_multiprocessor` on each of its multiprocessors;
+    a small number elsewhere (the interpreter, meta tensors), so tests exercise split-KV with short
+    contexts when they force it."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_multiprocessor * torch.cuda.get_device_properties(device).multi_processor_count
     return 8
 
 
@@ -41,8 +43,10 @@ def num_kv_splits(work_items: int, longest: int, target: int,
     return max(1, min(-(-target // work_items), -(-longest // KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-def plan_splits(batch, work_items: int, min_keys: int = MIN_SPLIT_KEYS) -> int:
+def plan_splits(batch, work_items: int, min_keys: int = MIN_SPLIT_KEYS,
+                per_multiprocessor: int = 2) -> int:
     """num_kv_splits for a step: its longest context from the batch's host-side lengths, its
     device's target."""
     longest = max((c + n for c, n in zip(batch.context_lens, batch.query_lens)), default=0)
-    return num_kv_splits(work_items, longest, target_programs(batch.seq_lens.device), min_keys)
+    target = target_programs(batch.seq_lens.device, per_multiprocessor)
+    return num_kv_splits(work_items, longest, target, min_keys)

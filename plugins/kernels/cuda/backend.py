@@ -97,7 +97,7 @@ class CudaBackend(ReferenceFallbackBackend):
 
     def prepare(self, batch) -> StepMetadata:
         # Blocks per token and query-head group: few tokens with a long context get their keys split.
-        num_splits = self.num_kv_splits or plan_splits(batch, batch.num_tokens)
+        num_splits = self.num_kv_splits or plan_splits(batch, batch.num_tokens, per_multiprocessor=1)
         # Sequences with more than one new token (prompt chunks) go to the tiled kernel, in tiles.
         seq_ids, starts = query_tiles(
             batch.query_lens, self.prompt_tile_tokens, min_tokens=2,
