@@ -450,6 +450,8 @@ class Engine:
         seq.block_ids = blocks
         seq.num_computed = len(blocks) * bs
         stats.num_cached_tokens += seq.num_computed
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt_tokens = seq.num_computed
         return min(n, seq.num_pending)
 
     def _cache_computed_blocks(self, seqs: list[Sequence]) -> None:
@@ -511,7 +513,8 @@ class Engine:
                              prompt_logprobs=(seq.prompt_logprobs
                                               if seq.params.prompt_logprobs is not None else None),
                              cumulative_logprob=(seq.cumulative_logprob
-                                                 if seq.params.records_logprobs else None))
+                                                 if seq.params.records_logprobs else None),
+                             num_cached_tokens=seq.num_cached_prompt_tokens)
 
     @staticmethod
     def _metrics(seq: Sequence) -> RequestMetrics:

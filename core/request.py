@@ -154,7 +154,8 @@ class Sequence:
                  "status", "finish_reason", "arrival_time", "first_scheduled_time",
                  "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids",
                  "num_preemptions", "logprobs", "prompt_logprobs", "cumulative_logprob",
-                 "delta_outputs", "num_sent", "_block_keys", "num_cached_blocks")
+                 "delta_outputs", "num_sent", "_block_keys", "num_cached_blocks",
+                 "num_cached_prompt_tokens")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -194,6 +195,9 @@ class Sequence:
         self.num_sent = 0
         self._block_keys: list[bytes] = []   # block_keys()' keys, of whole blocks from the first
         self.num_cached_blocks = 0   # leading blocks the engine has put in the prefix cache
+        # Prompt tokens its first admission found in the prefix cache, not computed (a preempted
+        # sequence's later admissions find its own blocks: those do not count).
+        self.num_cached_prompt_tokens = 0
 
     @property
     def block_ids(self) -> list[int]:
@@ -300,9 +304,12 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None          # [len(token_ids)], when asked for
     prompt_logprobs: list[TokenLogprob] | None = None   # [len(prompt) - 1], when asked for
     cumulative_logprob: float | None = None   # sum of `logprobs`' values, when either is asked for
+    num_cached_tokens: int = 0    # prompt tokens found in the prefix cache, not computed
 
     @property
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict:
+        """OpenAI's usage object, `prompt_tokens_details.cached_tokens` included."""
         return {"prompt_tokens": len(self.prompt_token_ids),
                 "completion_tokens": len(self.token_ids),
-                "total_tokens": len(self.prompt_token_ids) + len(self.token_ids)}
+                "total_tokens": len(self.prompt_token_ids) + len(self.token_ids),
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}

@@ -142,10 +142,15 @@ UNSUPPORTED_FIELDS = {
 # --- response bodies --------------------------------------------------------------------------
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int    # prompt tokens found in the prefix cache, not computed
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(msgspec.Struct):
@@ -826,10 +831,15 @@ def _most_likely(finals: dict[int, RequestOutput], n: int, candidates: int) -> d
 
 
 def _usage(prompt_ids: list[list[int]], finals: dict[int, RequestOutput]) -> Usage:
-    """Each prompt counts once, however many choices it has."""
+    """Each prompt counts once, however many choices it has (choices p * per_prompt + i); its
+    cached tokens are the fewest any of its choices found, the prompt's first computation."""
     prompt = sum(len(ids) for ids in prompt_ids)
     completion = sum(len(out.token_ids) for out in finals.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    per_prompt = len(finals) // len(prompt_ids)
+    cached = sum(min(finals[p * per_prompt + i].num_cached_tokens for i in range(per_prompt))
+                 for p in range(len(prompt_ids)))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _json(item: Any, status: int = 200) -> web.Response:

@@ -16,7 +16,8 @@ on every line that answers the request; it is optional when requests are sent on
 A finished request gets one line:
 
     {"id": "a", "text": "...", "token_ids": [...], "finish_reason": "stop",
-     "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}}
+     "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
+               "prompt_tokens_details": {"cached_tokens": 0}}}
 
 With "logprobs": N, the finished line (or each stream line, for its tokens) also has "logprobs":
 one {"token_id", "logprob", "top": [[token id, logprob], ...]} per generated token; with

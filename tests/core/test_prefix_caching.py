@@ -59,6 +59,25 @@ def test_a_request_beginning_as_an_earlier_one_computes_only_what_is_new(folder)
     assert tokens == [o.token_ids for o in run(plain, [second])]
 
 
+def test_each_answer_says_how_many_of_its_prompt_tokens_were_cached(folder):
+    shared = random_ids(70, 40)
+    engine = make_engine(folder)
+    (first,) = run(engine, [shared + random_ids(5, 41)])
+    (second,) = run(engine, [shared[:64] + random_ids(9, 42)])
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 64)
+    assert second.usage["prompt_tokens_details"] == {"cached_tokens": 64}
+    assert second.usage["prompt_tokens"] == 73
+
+
+def test_blocks_a_preempted_request_finds_again_are_not_counted_as_cached_prompt(folder):
+    prompts = [random_ids(n, 50 + n) for n in (1, 5, 17, 40, 70, 9, 33, 130)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    engine = make_engine(folder, num_blocks=10)
+    outs = run(engine, prompts, params)
+    assert engine.totals.preemptions > 0 and engine.totals.cached_tokens > 0
+    assert [o.num_cached_tokens for o in outs] == [0] * len(prompts)
+
+
 def test_a_prompt_seen_before_still_computes_its_last_token(folder):
     prompt = random_ids(48, 3)                           # exactly 3 blocks
     engine = make_engine(folder)
