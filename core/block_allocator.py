@@ -123,6 +123,16 @@ class BlockAllocator:
             self._ref_counts[b] += 1
         return blocks
 
+    def num_cached_prefix(self, keys: Iterable[Hashable]) -> int:
+        """How many of `keys`, from the first, are cached: what `cached_prefix` would give now,
+        taking nothing."""
+        found = 0
+        for key in keys:
+            if key not in self._block_of:
+                break
+            found += 1
+        return found
+
     def forget_cached(self) -> None:
         """Empty the prefix cache: no block is findable any more, the free ones are plain free."""
         self._free.extend(self._cached_free)

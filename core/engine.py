@@ -291,6 +291,8 @@ class Engine:
         running = self.running
         if self._in_flight is not None:
             running = [seq for seq in running if not self._ends_when_read(seq)]
+        if self.config.prefix_caching:
+            self._find_cached_prefixes()
         plan = self.scheduler.schedule(self.waiting, running, self.allocator.num_free)
         self._preempt(plan.preempted)
         stats.num_preempted = len(plan.preempted)
@@ -435,6 +437,20 @@ class Engine:
             grown.append((seq, n))
         return grown
 
+    def _find_cached_prefixes(self) -> None:
+        """Set `num_found_cached` on the waiting sequences, oldest first, whose tokens after their
+        cached prefix still fit the token budget: those the step may admit."""
+        budget, bs = self.config.token_budget, self.config.block_size
+        for seq in self.waiting:
+            if budget <= 0:
+                break
+            found = 0
+            if seq.params.prompt_logprobs is None:   # as _start_from_cached_prefix
+                keys = seq.block_keys((len(seq.token_ids) - 1) // bs, bs)
+                found = self.allocator.num_cached_prefix(keys) * bs
+            seq.num_found_cached = found
+            budget -= seq.num_pending - found
+
     def _start_from_cached_prefix(self, seq: Sequence, n: int, stats: StepStats) -> int:
         """Give a sequence being admitted (no blocks, nothing computed) the cached blocks of its
         longest cached prefix, as computed; the tokens of its `n` planned that are left to do.
@@ -442,6 +458,7 @@ class Engine:
         if seq.params.prompt_logprobs is not None:   # those need the prompt's logits
             return n
         bs = self.config.block_size
+        seq.num_found_cached = 0
         # The last token is always computed: its logits give the next token.
         blocks = self.allocator.cached_prefix(seq.block_keys((len(seq.token_ids) - 1) // bs, bs))
         seq.num_cached_blocks = len(blocks)

@@ -155,7 +155,7 @@ class Sequence:
                  "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids",
                  "num_preemptions", "logprobs", "prompt_logprobs", "cumulative_logprob",
                  "delta_outputs", "num_sent", "_block_keys", "num_cached_blocks",
-                 "num_cached_prompt_tokens")
+                 "num_cached_prompt_tokens", "num_found_cached")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -198,6 +198,10 @@ class Sequence:
         # Prompt tokens its first admission found in the prefix cache, not computed (a preempted
         # sequence's later admissions find its own blocks: those do not count).
         self.num_cached_prompt_tokens = 0
+        # While waiting: its leading tokens the prefix cache holds, as the engine found them
+        # before the step's plan; admitted, it computes only the tokens after them, so schedulers
+        # plan those (`num_pending - num_found_cached`) and fill the step's budget with other work.
+        self.num_found_cached = 0
 
     @property
     def block_ids(self) -> list[int]:

@@ -42,5 +42,11 @@ class Scheduler(Protocol):
         the allocator can hand out now. The plan must not need more blocks than are free plus
         those of the sequences it preempts (`Sequence.blocks_needed` counts them), and must not
         schedule a sequence it preempts. Called only when some sequence is waiting or running.
+
+        A waiting sequence's leading `num_found_cached` tokens are in the prefix cache: admitted,
+        it computes only the tokens after them, at most the `n` planned, so a plan that counts
+        `num_pending - num_found_cached` for it fills the step's budget. Counting its blocks for
+        all its pending tokens stays safe: a found block can be evicted before the admission, and
+        a free cached one comes out of the free pool.
         """
         ...

@@ -22,6 +22,12 @@ def is_decode(seq: Sequence) -> bool:
     return seq.num_pending == 1 and seq.num_computed >= seq.prompt_len
 
 
+def to_compute(seq: Sequence) -> int:
+    """A waiting sequence's tokens that admitting it computes: its pending ones after those the
+    prefix cache holds (`Sequence.num_found_cached`)."""
+    return seq.num_pending - seq.num_found_cached
+
+
 def split_running(running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
     """(decodes, prompts still being computed), each in admission order."""
     decodes = [s for s in running if is_decode(s)]
@@ -95,7 +101,7 @@ class PlanBuilder:
         for seq in waiting:
             if self.full or self.num_running >= self.max_num_seqs:
                 break
-            n = seq.num_pending
+            n = to_compute(seq)
             if n > self.budget:
                 if self.plan.scheduled:
                     break

@@ -15,7 +15,7 @@ from fastgen.config import Config
 from fastgen.request import Sequence
 from fastgen.scheduler import StepPlan
 
-from ._plan_builder import PlanBuilder
+from ._plan_builder import PlanBuilder, to_compute
 
 
 class SplitFuseScheduler:
@@ -37,7 +37,7 @@ class SplitFuseScheduler:
         for seq in waiting:
             if builder.full:
                 break
-            if not builder.admit(seq, min(seq.num_pending, builder.budget)):
+            if not builder.admit(seq, min(to_compute(seq), builder.budget)):
                 break  # first come, first served: no overtaking the oldest waiting prompt
         return builder.plan
 

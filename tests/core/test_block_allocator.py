@@ -73,6 +73,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             if key not in self.cached:
                 break
             expected.append(self.cached[key])
+        before = snapshot(self.allocator)
+        assert self.allocator.num_cached_prefix(keys) == len(expected)   # a look that takes nothing
+        assert snapshot(self.allocator) == before
         blocks = self.allocator.cached_prefix(keys)
         assert blocks == expected
         if blocks:

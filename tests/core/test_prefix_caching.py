@@ -78,6 +78,26 @@ def test_blocks_a_preempted_request_finds_again_are_not_counted_as_cached_prompt
     assert [o.num_cached_tokens for o in outs] == [0] * len(prompts)
 
 
+@pytest.mark.parametrize("scheduler", ["splitfuse", "continuous"])
+def test_a_step_fills_its_budget_with_the_tokens_after_cached_prefixes(folder, scheduler):
+    """Seven prompts of 512 tokens whose first 448 are cached need 64 computed each: one step of
+    a 512-token budget admits them all, where planning their whole prompts admitted one."""
+    shared = random_ids(448, 60)
+    engine = make_engine(folder, token_budget=512, scheduler=scheduler, max_model_len=1024)
+    run(engine, [shared + random_ids(64, 61)])
+    prompts = [shared + random_ids(64, 70 + i) for i in range(7)]
+    for p in prompts:
+        engine.add_request(p, GREEDY)
+    tokens = engine.totals.tokens
+    engine.step()
+    assert len(engine.running) == 7 and not engine.waiting
+    assert engine.totals.tokens - tokens == 7 * 64
+    outs = {}
+    while engine.has_unfinished():
+        outs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    assert list(outs.values()) == [o.token_ids for o in run(make_engine(folder, caching=False), prompts)]
+
+
 def test_a_prompt_seen_before_still_computes_its_last_token(folder):
     prompt = random_ids(48, 3)                           # exactly 3 blocks
     engine = make_engine(folder)
