@@ -295,11 +295,38 @@ class Engine:
             self._find_cached_prefixes()
         plan = self.scheduler.schedule(self.waiting, running, self.allocator.num_free)
         self._preempt(plan.preempted)
+        if plan.preempted:
+            self._fit_to_free_blocks(plan)
         stats.num_preempted = len(plan.preempted)
         if not plan.scheduled and not plan.preempted and self._in_flight is None:
             raise FastgenError(f"Scheduler {self.config.scheduler!r} scheduled nothing with "
                                f"{len(self.waiting)} waiting and {len(self.running)} running.")
         return plan
+
+    def _fit_to_free_blocks(self, plan: StepPlan) -> None:
+        """Drop what of the plan the free blocks cannot hold. A scheduler counts the blocks of the
+        sequences it preempts as freed, but a block that a preempted sequence shares with one that
+        keeps running (a cached prefix) stays held. A running sequence left out keeps its blocks
+        and grows a later step; a waiting one stays waiting, and those after it too (none
+        overtakes it). An admission is counted as if every block of its cached prefix came out of
+        the free pool."""
+        bs, free = self.config.block_size, self.allocator.num_free
+        kept, admitting = [], True
+        for seq, n in plan.scheduled:
+            waiting = seq.status is SequenceStatus.WAITING
+            if waiting:
+                need = -(-(seq.num_found_cached + n) // bs) if admitting else free + 1
+            else:
+                need = seq.blocks_needed(n, bs)
+            if need <= free:
+                kept.append((seq, n))
+                free -= need
+            elif waiting:
+                admitting = False
+        if len(kept) < len(plan.scheduled):
+            log.debug("plan: %d of %d scheduled sequences left out, their blocks still shared with "
+                      "running ones", len(plan.scheduled) - len(kept), len(plan.scheduled))
+            plan.scheduled = kept
 
     def _ends_when_read(self, seq: Sequence) -> bool:
         """Whether the tokens `seq` awaits take it to max_tokens or max_model_len."""

@@ -174,6 +174,24 @@ def test_preempted_requests_resume_from_their_own_cached_blocks(folder, overlap)
     assert tokens == [o.token_ids for o in run(make_engine(folder, caching=False), prompts, params)]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+@pytest.mark.parametrize("num_blocks", [12, 16, 20, 24])
+def test_preempting_sequences_that_share_a_cached_prefix_loses_nothing(folder, num_blocks, overlap):
+    """Eight requests share a cached 4-block prefix and cross block boundaries together, in a pool
+    too small for them all: preempting one frees only its own blocks, not the shared ones, and
+    the engine plans with what is free (the scheduler counted the shared blocks as freed: with 24
+    blocks the engine asked for a block with none free)."""
+    shared = random_ids(64, 80)
+    prompts = [shared + random_ids(15, 81 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = make_engine(folder, num_blocks=num_blocks, overlap_steps=overlap)
+    run(engine, prompts[:1], params)
+    outs = run(engine, prompts, params)
+    assert engine.totals.preemptions > 0
+    plain = run(make_engine(folder, caching=False), prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+
+
 def test_a_block_is_reused_only_after_the_same_blocks_before_it(folder):
     x, y, z, w = (random_ids(BS, 30 + i) for i in range(4))
     engine = make_engine(folder)
