@@ -118,6 +118,8 @@ class PlanBuilder:
             self.free += need
         self._preempted.add(id(victim))
         self.plan.preempted.append(victim)
+        # At most: blocks it shares with running sequences (a cached prefix) stay held; the
+        # engine fits the plan to what its preemptions actually free.
         self.free += len(victim.block_ids)
         self.num_running -= 1
         return victim
