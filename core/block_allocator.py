@@ -111,12 +111,7 @@ class BlockAllocator:
     def cached_prefix(self, keys: Iterable[Hashable]) -> list[int]:
         """The cached blocks of the longest run of `keys` from the first, each now held once more
         by the caller (who frees them as any other)."""
-        blocks = []
-        for key in keys:
-            block = self._block_of.get(key)
-            if block is None:
-                break
-            blocks.append(block)
+        blocks = self._leading_cached(keys)
         for b in blocks:
             if self._ref_counts[b] == 0:
                 del self._cached_free[b]
@@ -126,12 +121,17 @@ class BlockAllocator:
     def num_cached_prefix(self, keys: Iterable[Hashable]) -> int:
         """How many of `keys`, from the first, are cached: what `cached_prefix` would give now,
         taking nothing."""
-        found = 0
+        return len(self._leading_cached(keys))
+
+    def _leading_cached(self, keys: Iterable[Hashable]) -> list[int]:
+        """The blocks cached under `keys`, from the first up to the first key not cached."""
+        blocks = []
         for key in keys:
-            if key not in self._block_of:
+            block = self._block_of.get(key)
+            if block is None:
                 break
-            found += 1
-        return found
+            blocks.append(block)
+        return blocks
 
     def forget_cached(self) -> None:
         """Empty the prefix cache: no block is findable any more, the free ones are plain free."""

@@ -314,10 +314,9 @@ class Engine:
         kept, admitting = [], True
         for seq, n in plan.scheduled:
             waiting = seq.status is SequenceStatus.WAITING
-            if waiting:
-                need = -(-(seq.num_found_cached + n) // bs) if admitting else free + 1
-            else:
-                need = seq.blocks_needed(n, bs)
+            if waiting and not admitting:
+                continue
+            need = -(-(seq.num_found_cached + n) // bs) if waiting else seq.blocks_needed(n, bs)
             if need <= free:
                 kept.append((seq, n))
                 free -= need
@@ -471,28 +470,29 @@ class Engine:
         for seq in self.waiting:
             if budget <= 0:
                 break
-            found = 0
-            if seq.params.prompt_logprobs is None:   # as _start_from_cached_prefix
-                keys = seq.block_keys((len(seq.token_ids) - 1) // bs, bs)
-                found = self.allocator.num_cached_prefix(keys) * bs
-            seq.num_found_cached = found
-            budget -= seq.num_pending - found
+            seq.num_found_cached = self.allocator.num_cached_prefix(self._reusable_keys(seq)) * bs
+            budget -= seq.num_pending - seq.num_found_cached
+
+    def _reusable_keys(self, seq: Sequence) -> list[bytes]:
+        """The prefix-cache keys of the blocks `seq` may start from: every whole block before its
+        last token, which is always computed (its logits give the next token); none for a request
+        asking for prompt logprobs, which need the whole prompt's logits."""
+        if seq.params.prompt_logprobs is not None:
+            return []
+        bs = self.config.block_size
+        return seq.block_keys((len(seq.token_ids) - 1) // bs, bs)
 
     def _start_from_cached_prefix(self, seq: Sequence, n: int, stats: StepStats) -> int:
         """Give a sequence being admitted (no blocks, nothing computed) the cached blocks of its
         longest cached prefix, as computed; the tokens of its `n` planned that are left to do.
         The scheduler planned its blocks as if none were cached: it needs no more than that."""
-        if seq.params.prompt_logprobs is not None:   # those need the prompt's logits
-            return n
-        bs = self.config.block_size
         seq.num_found_cached = 0
-        # The last token is always computed: its logits give the next token.
-        blocks = self.allocator.cached_prefix(seq.block_keys((len(seq.token_ids) - 1) // bs, bs))
+        blocks = self.allocator.cached_prefix(self._reusable_keys(seq))
         seq.num_cached_blocks = len(blocks)
         if not blocks:
             return n
         seq.block_ids = blocks
-        seq.num_computed = len(blocks) * bs
+        seq.num_computed = len(blocks) * self.config.block_size
         stats.num_cached_tokens += seq.num_computed
         if seq.num_preemptions == 0:
             seq.num_cached_prompt_tokens = seq.num_computed
