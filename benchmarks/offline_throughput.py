@@ -91,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="torch",
                    help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
                         "torch,cpu); NAME runs every step eagerly (cuda_graphs off), NAME+graphs with "
-                        "cuda_graphs on, NAME+overlap with overlap_steps on, NAME+nocache with "
+                        "cuda_graphs on (decode steps and steps with prompt chunks), "
+                        "NAME+decodegraphs with cuda_graphs on for decode steps only, "
+                        "NAME+overlap with overlap_steps on, NAME+nocache with "
                         "prefix_caching off, together as NAME+graphs+overlap (e.g. "
                         "triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
@@ -138,8 +140,8 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 
 # --- fastgen ---------------------------------------------------------------------------------
 
-# --kernels NAME+OPTION: cuda_graphs on, overlap_steps on, prefix_caching off
-KERNEL_OPTIONS = {"graphs", "overlap", "nocache"}
+# --kernels NAME+OPTION: cuda_graphs on (for decode steps only), overlap_steps on, prefix_caching off
+KERNEL_OPTIONS = {"graphs", "decodegraphs", "overlap", "nocache"}
 
 def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
@@ -151,8 +153,11 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     status(f"fastgen: loading the engine with kernels.{kernels}")
     # cuda_graphs explicit either way: its default (on where possible) would blur eager and graphs rows.
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                    kernels=name, device=args.device, cuda_graphs="graphs" in options,
+                    kernels=name, device=args.device,
+                    cuda_graphs=bool({"graphs", "decodegraphs"} & set(options)),
                     overlap_steps="overlap" in options, prefix_caching="nocache" not in options)
+    if "decodegraphs" in options:
+        settings["cuda_graph_max_tokens"] = 0
     if args.threads:
         settings["threads"] = args.threads
     llm = LLM(model=args.model, **settings)

@@ -59,9 +59,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # Runtime.
     cuda_graphs: Annotated[bool | None, _doc(
-        "replay decode steps of up to max_num_seqs sequences from CUDA graphs, captured at start "
-        "per padded batch size (GPU backends that support it: kernels.triton, kernels.cuda); "
-        "unset: on wherever the device, backend and model allow it")] = None
+        "replay steps from CUDA graphs: decode steps of up to max_num_seqs sequences, captured at "
+        "start per padded batch size, and steps with prompt chunks of up to cuda_graph_max_tokens "
+        "tokens, captured at the first step of each padded size (GPU backends that support it: "
+        "kernels.triton, kernels.cuda); unset: on wherever the device, backend and model allow it")] = None
+    cuda_graph_max_tokens: Annotated[int | None, _doc(
+        "with cuda_graphs, the largest step with prompt chunks replayed from a graph (tokens are "
+        "padded to a power of two or this size); 0: decode steps only; unset: token_budget")] = None
     overlap_steps: Annotated[bool, _doc(
         "launch each step before reading the previous step's sampled tokens, so that the host's "
         "scheduling and postprocessing overlap the device's work (a GPU; on a CPU nothing runs "
@@ -88,6 +92,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("token_budget", "max_num_seqs", "block_size", "max_body_bytes", "max_choices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
+            raise ConfigError(f"cuda_graph_max_tokens must be 0 (decode steps only) or more, got "
+                              f"{self.cuda_graph_max_tokens}.")
         for name in ("num_blocks", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

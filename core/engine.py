@@ -95,7 +95,7 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     def __init__(self, config: Config, plugins: PluginManager | None = None,
                  graph_capture: Capture | None = None) -> None:
-        """`graph_capture` records and replays decode steps when `config.cuda_graphs` is on (by
+        """`graph_capture` records and replays steps when `config.cuda_graphs` is on (by
         default wherever it can be): CUDA graphs unless given (tests give a stand-in that runs on
         the CPU)."""
         from .checkpoint import DTYPES, resolve_checkpoint
@@ -129,7 +129,9 @@ class Engine:
         self.step_graphs = StepGraphs(
             self.model, self.backend, self.kv_cache, config.max_num_seqs,
             -(-self.max_model_len // config.block_size), config.block_size,
-            scratch_block=num_blocks - 1, device=self.device, capture=capture) if use_graphs else None
+            scratch_block=num_blocks - 1, device=self.device, capture=capture,
+            max_tokens=(config.token_budget if config.cuda_graph_max_tokens is None
+                        else config.cuda_graph_max_tokens)) if use_graphs else None
         if self.step_graphs is not None:
             self.step_graphs.capture_ahead()
         if config.overlap_steps and self.device.type != "cuda":
@@ -164,7 +166,7 @@ class Engine:
         return make_backend(info.cls, self.device, self.config.cache_dir)
 
     def _use_step_graphs(self, capture: Capture, num_blocks: int) -> bool:
-        """Whether decode steps run from CUDA graphs: not turned off, and possible here. Asked for
+        """Whether steps run from CUDA graphs: not turned off, and possible here. Asked for
         (True), it warns why not; by default (None) it is on wherever possible and quietly off
         elsewhere (a CPU, a backend or model that cannot be captured)."""
         if self.config.cuda_graphs is False:

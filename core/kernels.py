@@ -98,12 +98,23 @@ class KernelBackend(Protocol):
     # take it through linear_of() below, so a backend without one runs torch's F.linear.
 
     # Optional: `graph_key(metadata) -> Hashable | None`, for `cuda_graphs` (core/step_graphs.py).
-    # Given prepare()'s result for a decode-only step, it returns everything in it that the ops
-    # would bake into a CUDA graph besides the batch's tensors (kernels.triton: the split count),
-    # or None when this step cannot be captured. It is asked again after a capture, so a result
-    # that an op changed while running (a fallback that planned on the host) turns graphs off.
-    # The ops must then read lengths and block tables from the batch's tensors only, never sync
-    # with the host, and allocate only through torch.
+    # Given prepare()'s result for a graph's padded batch, it returns everything in it that the
+    # ops would bake into a CUDA graph besides the batch's tensors (kernels.triton: the split
+    # count, and with prompt chunks the number of tiles), or None when this step cannot be
+    # captured. It is asked again after a capture, so a result that an op changed while running
+    # (a fallback that planned on the host) turns graphs off. The ops must then read lengths and
+    # block tables from the batch's tensors only, never sync with the host, and allocate only
+    # through torch. A backend with graph_key alone is captured for decode-only steps.
+    #
+    # Optional with it: `graph_inputs(metadata) -> dict[str, torch.Tensor]`, for steps with prompt
+    # chunks too: the tensors of prepare()'s result (a dataclass) that a graph reads besides the
+    # batch's, by field name; each replay copies the step's into the captured plan's. Such a
+    # backend plans a batch with `graph_padded` set so that every step of the batch's sizes gets
+    # the same launches: its tile lists padded to the most those sizes need
+    # (plugins/kernels/query_tiles.step_tiles), the extra tiles pointing at the batch's last
+    # sequence, which has no new tokens. The padded batch's tokens after the step's belong to the
+    # sequence before it (a causal prompt of their own over the scratch block): attention must
+    # compute or skip them, never read another sequence's keys for them.
 
     # Optional: `configure_kv_cache(num_kv_heads, head_dim)`, called once the model is loaded and
     # before the first prepare(), with the KV cache's layout (every layer's is the same). A

@@ -38,6 +38,9 @@ class RaggedBatch:
     sampling_seqs: list[Sequence]  # [S]
     attn_metadata: Any = None      # whatever the kernel backend's prepare() derived, once per step
     awaited_rows: list[int] = field(default_factory=list)   # decodes whose input is AWAITED_TOKEN
+    # A CUDA graph's batch (core/step_graphs.py): sizes padded to the graph's, and plans padded to
+    # the most those sizes need (query_tiles.step_tiles), so every step it replays has their shape.
+    graph_padded: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -1,24 +1,35 @@
-"""Decode steps replayed from CUDA graphs.
+"""Steps replayed from CUDA graphs.
 
-On a GPU a small model's decode step is mostly kernel launches: a dozen ops per layer, each a few
-microseconds of Python and driver work for a few microseconds of GPU work. A CUDA graph records a
-step's launches once and replays them all with one call.
+On a GPU a small model's step is mostly kernel launches: a dozen ops per layer, each a few
+microseconds of Python and driver work (tens for a Triton kernel) for a few microseconds of GPU
+work. A CUDA graph records a step's launches once and replays them all with one call.
 
 A graph replays the same launches on the same memory, with every host-side value baked in. So it
-serves only steps that look alike to the host: decode-only steps (one new token per sequence),
-padded up to one of a few batch sizes, whose tensors are copied into buffers the graph reads. The
-kernel backend says what else its attention plan baked in (kernels.triton and kernels.cuda: the
-split-KV count) through `graph_key`; a graph is captured for each (padded size, key) and replayed
-by every later step with the same pair. The engine captures every size's graph for short contexts
-at start; a key that longer contexts bring (more split-KV parts) is captured at its first step.
+serves only steps that look alike to the host, padded to a few shapes, whose tensors are copied
+into buffers the graph reads:
 
-Padding rows are sequences of one token that write their key and value into a scratch KV block
-which the block allocator never hands out, so they can read and write without touching any real
-sequence's cache. Their logits are computed and dropped.
+- decode steps (one new token per sequence), padded to one of a few batch sizes; the engine
+  captures every size's graph for short contexts at start;
+- steps with prompt chunks (SplitFuse's usual step), their tokens padded to a power of two or the
+  largest size (`cuda_graph_max_tokens`, the token budget by default), their sequences to
+  max_num_seqs + 2; captured at the first step of each size.
+
+The kernel backend says what else its attention plan baked in through `graph_key` (kernels.triton
+and kernels.cuda: the split-KV count; with prompt chunks, the number of attention tiles, which a
+padded batch makes the most its sizes allow, core/kernels.py), and which of the plan's own tensors
+a replay must refill (`graph_inputs`: the tile lists). A graph is captured for each (shape, key)
+and replayed by every later step with the same pair.
+
+Padding writes into a scratch KV block which the block allocator never hands out, so it can read
+and write without touching any real sequence's cache. A decode step's padding rows are sequences
+of one token; a mixed step's padding tokens are one sequence after the step's (the sink, whose
+keys wrap around the scratch block), and its last sequence has no tokens: the padding tiles point
+at it and end at once. Padding logits are computed and dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -77,21 +88,29 @@ class CudaGraphCapture:
         return graph.replay, output
 
 
+# The smallest token size a mixed step is padded to.
+_MIN_TOKENS = 16
+
+
+def padded_tokens(num_tokens: int, max_tokens: int) -> int:
+    """The token count a step with prompt chunks of `num_tokens` new tokens is padded to: the next
+    power of two (16 at least), or `max_tokens`, the largest."""
+    return min(max(_MIN_TOKENS, 1 << (num_tokens - 1).bit_length()), max_tokens)
+
+
 @dataclass
 class CapturedStep:
     replay: Callable[[], None]
-    logits: torch.Tensor     # [padded size, V], rewritten by each replay
-    batch: RaggedBatch       # the padded batch captured; it keeps the plan's tensors alive
+    logits: torch.Tensor     # [padded rows, V], rewritten by each replay
+    batch: RaggedBatch       # the padded batch captured, with its plan: it keeps the tensors alive
 
 
-class StepGraphs:
-    """The engine's captured decode steps, and the buffers they read."""
+class DecodeRows:
+    """The buffers a decode step is copied into: a row per sequence, up to max_num_seqs' padded
+    size; padding rows are one-token sequences writing the scratch block's first slot."""
 
-    def __init__(self, model: Any, backend: Any, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_seqs: int, max_blocks_per_seq: int, block_size: int, scratch_block: int,
-                 device: torch.device, capture: Capture) -> None:
-        self.model, self.backend, self.kv_cache, self.capture = model, backend, kv_cache, capture
-        self.max_seqs = max_seqs
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int, block_size: int, scratch_block: int,
+                 device: torch.device) -> None:
         self.block_size = block_size
         self.pad_slot = scratch_block * block_size
         rows = padded_size(max_seqs)
@@ -104,60 +123,8 @@ class StepGraphs:
         # Decode rows: sequence i is token i, and every sequence samples.
         self.query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(rows, dtype=torch.int64, device=device)
-        self.graphs: dict[tuple[int, Hashable], CapturedStep] = {}
-        self.captures = 0
-        self.replays = 0
-        self.disabled_reason: str | None = None
 
-    @staticmethod
-    def unavailable_reason(model: Any, backend: Any) -> str | None:
-        """Why this model and backend cannot be captured, or None."""
-        if getattr(backend, "graph_key", None) is None:
-            return f"kernels.{backend.name} cannot be captured in CUDA graphs (it has no graph_key)"
-        if not getattr(model, "graph_safe", False):
-            return (f"models.{model.name} does not say its forward pass reads only the batch's "
-                    f"tensors (graph_safe)")
-        return None
-
-    def serves(self, batch: RaggedBatch) -> bool:
-        """Whether `batch` is a step a graph can replay: only decodes, each sampling once."""
-        return (self.disabled_reason is None and batch.num_decodes == batch.num_seqs <= self.max_seqs
-                and batch.logits_indices.shape[0] == batch.num_seqs)
-
-    def run(self, batch: RaggedBatch) -> torch.Tensor | None:
-        """The step's logits [B, V] from a graph, captured now if it is the first of its kind; None
-        when no graph serves this step (the engine then runs it eagerly)."""
-        if not self.serves(batch):
-            return None
-        step = self._graph_for(self._pad(batch, padded_size(batch.num_seqs)))
-        if step is None:
-            return None
-        step.replay()
-        self.replays += 1
-        return step.logits[:batch.num_seqs]
-
-    def capture_ahead(self) -> None:
-        """Capture every padded size's graph for steps of short contexts (those the backend plans
-        without split-KV) now, so that the first requests do not wait for captures."""
-        t0 = time.perf_counter()
-        size = 1
-        while size <= padded_size(self.max_seqs):
-            if self._graph_for(self._pad(None, size)) is None:
-                return
-            size = padded_size(size + 1)
-        log.info("cuda_graphs: captured decode steps of 1 to %d sequences in %.2f s",
-                 padded_size(self.max_seqs), time.perf_counter() - t0)
-
-    def _graph_for(self, padded: RaggedBatch) -> CapturedStep | None:
-        """The graph that replays `padded`, captured first if there is none yet; None if the
-        backend's plan for it cannot be captured."""
-        padded.attn_metadata = self.backend.prepare(padded)
-        key = self.backend.graph_key(padded.attn_metadata)
-        if key is None:
-            return None
-        return self.graphs.get((padded.num_seqs, key)) or self._capture(padded, padded.num_seqs, key)
-
-    def _pad(self, batch: RaggedBatch | None, size: int) -> RaggedBatch:
+    def pad(self, batch: RaggedBatch | None, size: int) -> RaggedBatch:
         """Copy the step's tensors (if a step is given) into the buffers' first rows; the rows
         after them, up to `size`, are padding."""
         n = 0
@@ -181,17 +148,173 @@ class StepGraphs:
             num_decodes=size, block_size=self.block_size,
             sequences=batch.sequences if batch else [], sampling_seqs=batch.sampling_seqs if batch else [])
 
-    def _capture(self, padded: RaggedBatch, size: int, key: Hashable) -> CapturedStep | None:
+
+class MixedRows:
+    """The buffers a step with prompt chunks is copied into: `max_tokens` tokens, max_num_seqs + 2
+    sequences (the step's, the sink and the empty one) and a logits row per sequence that may
+    sample. Stale values a step leaves past its own rows are never read: lengths and
+    `query_start_loc` bound what every kernel reads, and each step rewrites those whole."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, block_size: int,
+                 scratch_block: int, device: torch.device) -> None:
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.block_size, self.scratch_block = block_size, scratch_block
+        rows = max_seqs + 2
+        # Wide enough for the sink's keys too, however long the budget against the model's length.
+        width = max(max_blocks_per_seq, -(-max_tokens // block_size))
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((rows, width), scratch_block, dtype=torch.int32, device=device)
+        self.logits_indices = torch.zeros(min(max_seqs, max_tokens), dtype=torch.int64, device=device)
+        # The sink's token i writes the scratch block's slot i % block_size, and its rotary takes
+        # that position too: within any model's table, however many tokens the sink has.
+        self.sink_positions = torch.arange(max_tokens, dtype=torch.int64, device=device) % block_size
+        self.sink_slots = scratch_block * block_size + self.sink_positions
+
+    def serves(self, batch: RaggedBatch) -> bool:
+        """A step with prompt chunks that fits the buffers and samples one row per sampling
+        sequence (a step with prompt logprobs has more rows)."""
+        return (batch.num_decodes < batch.num_seqs <= self.max_seqs
+                and batch.num_tokens <= self.max_tokens
+                and batch.logits_indices.shape[0] == len(batch.sampling_seqs))
+
+    def pad(self, batch: RaggedBatch, size: int) -> RaggedBatch:
+        """Copy the step's tensors into the buffers; the sink takes the `size - T` tokens after the
+        step's, and the rows after it, up to max_num_seqs + 2, have none."""
+        tokens, seqs, samples = batch.num_tokens, batch.num_seqs, batch.logits_indices.shape[0]
+        sink = size - tokens
+        rows = self.max_seqs + 2
+        self.input_ids[:tokens].copy_(batch.input_ids)   # the sink's keep earlier steps' ids
+        self.positions[:tokens].copy_(batch.positions)
+        self.positions[tokens:size].copy_(self.sink_positions[:sink])
+        self.slot_mapping[:tokens].copy_(batch.slot_mapping)
+        self.slot_mapping[tokens:size].copy_(self.sink_slots[:sink])
+        self.query_start_loc[:seqs + 1].copy_(batch.query_start_loc)
+        self.query_start_loc[seqs + 1:].fill_(size)
+        self.seq_lens[:seqs].copy_(batch.seq_lens)
+        self.seq_lens[seqs:seqs + 1].fill_(sink)
+        self.seq_lens[seqs + 1:].fill_(0)
+        self.block_tables[:seqs, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.block_tables[seqs].fill_(self.scratch_block)
+        self.logits_indices[:samples].copy_(batch.logits_indices)
+        self.logits_indices[samples:].fill_(0)   # a larger step's may point past this one's tokens
+        return RaggedBatch(
+            input_ids=self.input_ids[:size], positions=self.positions[:size],
+            query_start_loc=self.query_start_loc, seq_lens=self.seq_lens,
+            block_tables=self.block_tables, slot_mapping=self.slot_mapping[:size],
+            logits_indices=self.logits_indices[:min(self.max_seqs, size)],
+            query_lens=batch.query_lens + [sink] + [0] * (rows - seqs - 1),
+            context_lens=batch.context_lens + [0] * (rows - seqs),
+            num_decodes=batch.num_decodes, block_size=self.block_size,
+            sequences=batch.sequences, sampling_seqs=batch.sampling_seqs, graph_padded=True)
+
+
+class StepGraphs:
+    """The engine's captured steps, and the buffers they read."""
+
+    def __init__(self, model: Any, backend: Any, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_seqs: int, max_blocks_per_seq: int, block_size: int, scratch_block: int,
+                 device: torch.device, capture: Capture, max_tokens: int = 0) -> None:
+        """`max_tokens`: the largest step with prompt chunks replayed from a graph; 0 (or a backend
+        without `graph_inputs`): decode steps only."""
+        self.model, self.backend, self.kv_cache, self.capture = model, backend, kv_cache, capture
+        self.max_seqs = max_seqs
+        self.decode = DecodeRows(max_seqs, max_blocks_per_seq, block_size, scratch_block, device)
+        self.mixed = (MixedRows(max_tokens, max_seqs, max_blocks_per_seq, block_size, scratch_block,
+                                device)
+                      if max_tokens > 0 and hasattr(backend, "graph_inputs") else None)
+        # (kind, padded size, graph key) -> the step captured: "decode" steps padded to a number
+        # of sequences, "mixed" ones to a number of tokens.
+        self.graphs: dict[tuple[str, int, Hashable], CapturedStep] = {}
+        self.captures = 0
+        self.replays = 0
+        self.disabled_reason: str | None = None
+
+    @staticmethod
+    def unavailable_reason(model: Any, backend: Any) -> str | None:
+        """Why this model and backend cannot be captured, or None."""
+        if getattr(backend, "graph_key", None) is None:
+            return f"kernels.{backend.name} cannot be captured in CUDA graphs (it has no graph_key)"
+        if not getattr(model, "graph_safe", False):
+            return (f"models.{model.name} does not say its forward pass reads only the batch's "
+                    f"tensors (graph_safe)")
+        return None
+
+    def serves(self, batch: RaggedBatch) -> bool:
+        """Whether `batch` is a step a graph can replay: decodes only, each sampling once, or one
+        with prompt chunks that the mixed buffers fit."""
+        if self.disabled_reason is not None:
+            return False
+        return self._serves_decode(batch) or (self.mixed is not None and self.mixed.serves(batch))
+
+    def _serves_decode(self, batch: RaggedBatch) -> bool:
+        return (batch.num_decodes == batch.num_seqs <= self.max_seqs
+                and batch.logits_indices.shape[0] == batch.num_seqs)
+
+    def run(self, batch: RaggedBatch) -> torch.Tensor | None:
+        """The step's logits [S, V] from a graph, captured now if it is the first of its kind; None
+        when no graph serves this step (the engine then runs it eagerly)."""
+        if not self.serves(batch):
+            return None
+        if self._serves_decode(batch):
+            kind, size = "decode", padded_size(batch.num_seqs)
+            padded = self.decode.pad(batch, size)
+        else:
+            kind, size = "mixed", padded_tokens(batch.num_tokens, self.mixed.max_tokens)
+            padded = self.mixed.pad(batch, size)
+        step = self._graph_for(kind, size, padded)
+        if step is None:
+            return None
+        step.replay()
+        self.replays += 1
+        return step.logits[:batch.logits_indices.shape[0]]
+
+    def capture_ahead(self) -> None:
+        """Capture every padded size's decode graph for steps of short contexts (those the backend
+        plans without split-KV) now, so that the first requests do not wait for captures."""
+        t0 = time.perf_counter()
+        size = 1
+        while size <= padded_size(self.max_seqs):
+            if self._graph_for("decode", size, self.decode.pad(None, size)) is None:
+                return
+            size = padded_size(size + 1)
+        log.info("cuda_graphs: captured decode steps of 1 to %d sequences in %.2f s",
+                 padded_size(self.max_seqs), time.perf_counter() - t0)
+
+    def _graph_for(self, kind: str, size: int, padded: RaggedBatch) -> CapturedStep | None:
+        """The graph that replays `padded`, its plan's tensors refilled from this step's, or
+        captured first if there is none yet; None if the backend's plan for it cannot be captured."""
+        plan = self.backend.prepare(padded)
+        key = self.backend.graph_key(plan)
+        if key is None:
+            return None
+        inputs = self.backend.graph_inputs(plan) if hasattr(self.backend, "graph_inputs") else {}
+        step = self.graphs.get((kind, size, key))
+        if step is not None:
+            for name, tensor in inputs.items():
+                getattr(step.batch.attn_metadata, name).copy_(tensor)
+            return step
+        # The graph reads its plan's tensors where they are at capture: they must be its own (a
+        # plan's are views into a staging buffer that later steps reuse).
+        padded.attn_metadata = dataclasses.replace(
+            plan, **{name: tensor.clone() for name, tensor in inputs.items()}) if inputs else plan
+        return self._capture(kind, size, key, padded)
+
+    def _capture(self, kind: str, size: int, key: Hashable, padded: RaggedBatch) -> CapturedStep | None:
         t0 = time.perf_counter()
         replay, logits = self.capture(lambda: self.model.forward(padded, self.kv_cache))
+        what = (f"decode steps of {size} sequences" if kind == "decode"
+                else f"steps with prompt chunks of {size} tokens")
         # Asked again: a backend that fell back to a host-planned path while running says so now.
         if self.backend.graph_key(padded.attn_metadata) != key:
             self.disabled_reason = (f"kernels.{self.backend.name} took a path that cannot be "
-                                    f"replayed while capturing a step of {size} sequences")
+                                    f"replayed while capturing {what}")
             log.warning("cuda_graphs: off from now on: %s.", self.disabled_reason)
             return None
-        step = self.graphs[(size, key)] = CapturedStep(replay, logits, padded)
+        step = self.graphs[(kind, size, key)] = CapturedStep(replay, logits, padded)
         self.captures += 1
-        log.info("cuda_graphs: captured decode steps of %d sequences (%r) in %.0f ms", size, key,
-                 (time.perf_counter() - t0) * 1e3)
+        log.info("cuda_graphs: captured %s (%r) in %.0f ms", what, key, (time.perf_counter() - t0) * 1e3)
         return step

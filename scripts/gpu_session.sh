@@ -15,7 +15,8 @@
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
 #   e2e      benchmarks/offline_throughput.py on random-weight smollm2-135m in bf16, greedy: every
 #            backend beside transformers generate, prefill and decode tokens/s, and kernels.triton
-#            and .cuda with cuda_graphs on (`triton+graphs`) and with overlap_steps besides
+#            and .cuda with cuda_graphs on for decode steps only (`triton+decodegraphs`), for every
+#            step (`triton+graphs`) and with overlap_steps besides
 #            (`triton+graphs+overlap`); then llama-1b sampled (temperature 0.7, top-k 50,
 #            top-p 0.9, one timed run): the GPU backends with graphs, and with overlap_steps
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
@@ -321,7 +322,8 @@ step_kernels() {
     done
 }
 
-# The first model greedy over every backend, eager, with graphs, and with graphs and overlap_steps;
+# The first model greedy over every backend, eager, with graphs of decode steps only, with graphs
+# of every step, and with graphs and overlap_steps;
 # the next ones sampled (a chat setting: the samplers' top-k / top-p search is in every step) over
 # the GPU backends with graphs, as `kernels = auto` serves them, and with overlap_steps besides
 # (kernels.torch, eager, took the llama-1b part's whole time in the 2026-11-28 session).
@@ -330,7 +332,8 @@ step_e2e() {
     if [ "$DRY" = 0 ]; then
         for b in triton cuda; do
             [[ ",$BACKENDS," == *",$b,"* ]] && {
-                kernels+=",$b+graphs,$b+graphs+overlap"; graphs+=",$b+graphs,$b+graphs+overlap"; }
+                kernels+=",$b+decodegraphs,$b+graphs,$b+graphs+overlap"
+                graphs+=",$b+graphs,$b+graphs+overlap"; }
         done
     else
         kernels+=",torch+overlap"

@@ -35,3 +35,29 @@ def query_tiles(query_lens: list[int], tile_tokens: int, min_tokens: int = 1,
 def tile_keys(context_len: int, query_len: int, start: int, tile_tokens: int) -> int:
     """Keys a causal tile's last query sees: the cached ones and the new ones up to it."""
     return context_len + min(start + tile_tokens, query_len)
+
+
+def tile_bound(num_tokens: int, num_seqs: int, tile_tokens: int, min_tokens: int = 1) -> int:
+    """The most tiles `num_tokens` new tokens over at most `num_seqs` sequences (each with at least
+    `min_tokens`, or none) cut into: each sequence's last tile may be partial, so adds at most one."""
+    seqs = min(num_seqs, num_tokens // min_tokens)
+    return (num_tokens + seqs * (tile_tokens - 1)) // tile_tokens
+
+
+def step_tiles(batch, tile_tokens: int, min_tokens: int = 1,
+               longest_first: bool = True) -> tuple[list[int], list[int], int]:
+    """query_tiles for a step, and how many of them hold tokens. A CUDA graph's padded batch
+    (`batch.graph_padded`, core/step_graphs.py) gets as many tiles as its sizes can ever need, so
+    that every step the graph replays launches the same grid: the tiles past the step's own are
+    empty, on its last sequence, which has no new tokens."""
+    seq_ids, starts = query_tiles(batch.query_lens, tile_tokens, min_tokens,
+                                  batch.context_lens if longest_first else None)
+    num_busy = len(seq_ids)
+    if batch.graph_padded:
+        empty = batch.num_seqs - 1
+        if batch.query_lens[empty]:
+            raise ValueError("a graph's padded batch must end with a sequence of no new tokens")
+        pad = tile_bound(batch.num_tokens, empty, tile_tokens, min_tokens) - len(seq_ids)
+        seq_ids += [empty] * pad
+        starts += [0] * pad
+    return seq_ids, starts, num_busy

@@ -43,7 +43,7 @@ def test_every_setting_is_a_flag_a_file_key_and_a_keyword(tmp_path):
     values = {"model": "m", "dtype": "bfloat16", "device": "cpu", "max_model_len": 77,
               "served_model_name": "x", "kernels": "k", "scheduler": "s", "transport": "t",
               "token_budget": 33, "max_num_seqs": 5, "block_size": 8, "num_blocks": 9,
-              "kv_cache_gb": 0.5, "prefix_caching": False, "cuda_graphs": True, "overlap_steps": True, "seed": 3, "threads": 1, "cache_dir": "/c", "host": "::1",
+              "kv_cache_gb": 0.5, "prefix_caching": False, "cuda_graphs": True, "cuda_graph_max_tokens": 32, "overlap_steps": True, "seed": 3, "threads": 1, "cache_dir": "/c", "host": "::1",
               "port": 9, "api_key": "k", "max_body_bytes": 1000, "max_choices": 4, "shutdown_timeout": 2.5}
     assert sorted(values) == sorted(fields), "update this test with the new setting"
     toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -91,6 +91,8 @@ def test_config_file_errors_name_the_problem(tmp_path):
     (tmp_path / "typed.toml").write_text('token_budget = "many"\n')
     with pytest.raises(ConfigError, match="token_budget"):
         config_from_args(parse("--config", str(tmp_path / "typed.toml")))
+    with pytest.raises(ConfigError, match=r"cuda_graph_max_tokens must be 0 \(decode steps only\) or more, got -1"):
+        config_from_args(parse("--cuda-graph-max-tokens", "-1"))
 
 
 def test_plugin_flag_selects_by_kind_and_rejects_unknown_names(capsys):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
-from fastgen.plugins.kernels.query_tiles import query_tiles
+from fastgen.plugins.kernels.query_tiles import step_tiles
 from fastgen.plugins.kernels.sampling_seeds import row_seeds
 from fastgen.plugins.kernels.split_kv import plan_splits
 from fastgen.plugins.kernels.top_k_candidates import top_k_candidates
@@ -33,6 +33,7 @@ class StepMetadata(LazyReferencePlan):
 
     num_splits: int = 1
     prompt_tiles: torch.Tensor | None = None   # [W, 2] int32 (sequence, first new token); None: no chunk
+    graph_padded: bool = False                 # planned for a CUDA graph's padded batch
 
 
 class CudaBackend(ReferenceFallbackBackend):
@@ -99,23 +100,30 @@ class CudaBackend(ReferenceFallbackBackend):
         # Blocks per token and query-head group: few tokens with a long context get their keys split.
         num_splits = self.num_kv_splits or plan_splits(batch, batch.num_tokens, per_multiprocessor=1)
         # Sequences with more than one new token (prompt chunks) go to the tiled kernel, in tiles.
-        seq_ids, starts = query_tiles(
-            batch.query_lens, self.prompt_tile_tokens, min_tokens=2,
-            context_lens=batch.context_lens if self.longest_tiles_first else None)
+        seq_ids, starts, _ = step_tiles(batch, self.prompt_tile_tokens, min_tokens=2,
+                                        longest_first=self.longest_tiles_first)
         tiles = None
         if seq_ids:
             # [W, 2]: each tile's (sequence, first new token), interleaved.
             pairs = [v for pair in zip(seq_ids, starts) for v in pair]
             tiles = staged(pairs, torch.int32, batch.seq_lens.device).view(-1, 2)
-        return StepMetadata(batch, num_splits=num_splits, prompt_tiles=tiles)
+        return StepMetadata(batch, num_splits=num_splits, prompt_tiles=tiles,
+                            graph_padded=batch.graph_padded)
 
-    def graph_key(self, meta: StepMetadata) -> int | None:
+    def graph_key(self, meta: StepMetadata):
         # The kernels read lengths and block tables from the batch's tensors; the split count is
-        # a launch argument. Prompt tiles are planned per step, and a layer that fell back to the
-        # reference baked in that step's host-side plan.
-        if meta.prompt_tiles is not None or meta.plan is not None:
+        # a launch argument, and so is the number of prompt tiles: planned per step, they are
+        # captured only for a graph's padded batch, which lists as many as its sizes allow and
+        # whose tensor a replay refills (graph_inputs). A layer that fell back to the reference
+        # baked in that step's host-side plan.
+        if meta.plan is not None:
             return None
-        return meta.num_splits
+        if meta.prompt_tiles is None:
+            return meta.num_splits
+        return (meta.prompt_tiles.shape[0], meta.num_splits) if meta.graph_padded else None
+
+    def graph_inputs(self, meta: StepMetadata) -> dict:
+        return {} if meta.prompt_tiles is None else {"prompt_tiles": meta.prompt_tiles}
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from fastgen.staging import staged
 
-from ..query_tiles import query_tiles
+from ..query_tiles import step_tiles
 from ..split_kv import MIN_SPLIT_KEYS, plan_splits
 from ._tiling import FP_FUSION, interpreted, max_shared_bytes, next_power_of_2
 
@@ -57,6 +57,7 @@ class AttentionPlan:
     block_n: int | None = None      # keys per step of a program's loop
     num_warps: int | None = None
     num_stages: int | None = None   # software pipelining depth of that loop (Triton's default: 3)
+    graph_padded: bool = False      # planned for a CUDA graph's padded batch: tiles padded too
 
 
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
@@ -77,10 +78,9 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
     tokens = 1 if decode_only else tile_tokens
     tile_seq = tile_start = None
     if decode_only:
-        num_tiles = len(query_lens)
+        num_tiles = num_busy = len(query_lens)
     else:
-        seq_ids, starts = query_tiles(query_lens, tokens,
-                                      context_lens=batch.context_lens if longest_tiles_first else None)
+        seq_ids, starts, num_busy = step_tiles(batch, tokens, longest_first=longest_tiles_first)
         num_tiles = len(seq_ids)
         tile_seq, tile_start = staged(seq_ids + starts, torch.int32, batch.seq_lens.device).split(
             [num_tiles, num_tiles])
@@ -89,13 +89,15 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
                          f"{MAX_GRID_TILES} (a CUDA grid's second dimension): lower max_num_seqs or "
                          f"the token budget")
     if num_splits is None:
-        num_splits = plan_splits(batch, num_tiles * kv_heads, split_min_keys)
+        # Counted without a graph's empty tiles, which end at once: the split eager steps get.
+        num_splits = plan_splits(batch, num_busy * kv_heads, split_min_keys)
     return AttentionPlan(
         num_tiles=num_tiles, tile_seq=tile_seq, tile_start=tile_start,
         tile_tokens=tokens, num_splits=max(1, num_splits),
         query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
         block_tables=batch.block_tables, block_size=batch.block_size,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        graph_padded=batch.graph_padded)
 
 
 def decode_only(plan: AttentionPlan) -> bool:

@@ -76,10 +76,18 @@ class TritonBackend:
             num_warps=self.attention_num_warps, num_stages=self.attention_num_stages,
             longest_tiles_first=self.longest_tiles_first)
 
-    def graph_key(self, plan) -> int | None:
+    def graph_key(self, plan):
         # A decode-only step's plan has no tile tensors (tile i is sequence i) and reads lengths
         # and block tables from the batch's tensors: only its split count is baked into a launch.
-        return plan.num_splits if self._attention.decode_only(plan) else None
+        # A graph's padded batch lists as many tiles as its sizes allow (the grid), whose tensors
+        # a replay refills (graph_inputs).
+        if self._attention.decode_only(plan):
+            return plan.num_splits
+        return (plan.num_tiles, plan.num_splits) if plan.graph_padded else None
+
+    def graph_inputs(self, plan) -> dict:
+        return {} if self._attention.decode_only(plan) else {"tile_seq": plan.tile_seq,
+                                                             "tile_start": plan.tile_start}
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         # key, value: [T, Hkv, D]; caches: [N, bs, Hkv, D]; slot_mapping: [T]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastgen.kernels import linear_of, reference_tolerance
+from fastgen.step_graphs import MixedRows, padded_tokens
 from kernel_batches import REFERENCE, make_backend, ragged_batch, target_name, with_emulated_cuda
 from kernel_targets import CPU, kernel_targets
 
@@ -135,6 +136,53 @@ def test_attention_matches_reference_with_other_block_sizes(backend, reference, 
 
     actual, expected = run_both(backend, reference, attention, q, k_cache, v_cache)
     assert_close(actual, expected, torch.float32)
+
+
+# A graph's padded batch (core/step_graphs.py, MixedRows): the step's tokens padded to 128 with a
+# sink sequence over the scratch block (the pool's last), its sequences to 8 + 2.
+GRAPH_MAX_TOKENS, GRAPH_MAX_SEQS = 128, 8
+
+
+def graph_padded(batch, be):
+    """`batch` copied into a graph's buffers (on its device) and padded as a replay pads it."""
+    rows = MixedRows(GRAPH_MAX_TOKENS, GRAPH_MAX_SEQS, max_blocks_per_seq=8, block_size=BLOCK_SIZE,
+                     scratch_block=NUM_BLOCKS, device=be.device)
+    return rows.pad(batch, padded_tokens(batch.num_tokens, GRAPH_MAX_TOKENS))
+
+
+@pytest.mark.parametrize("shapes,dtype", [("mixed", torch.float32), ("mixed", torch.float16),
+                                          ("chunks", torch.float16)],
+                         ids=["mixed-float32", "mixed-float16", "chunks-float16"])
+def test_attention_over_a_graphs_padded_batch_matches_reference(backend, reference, shapes, dtype):
+    """The step's tokens get the reference's outputs through the padded plan (tiles to the most
+    128 tokens over 9 sequences can need, the extra ones empty), and any step padded to the same
+    size gets the same graph key: the launches a graph would replay."""
+    if not hasattr(backend, "graph_inputs"):
+        pytest.skip(f"kernels.{backend.name} does not replay steps with prompt chunks from graphs")
+    heads, kv_heads, dim = HEADS["gqa2-d128"]
+    shapes = SHAPES[shapes]
+    tokens = sum(new for _, new in shapes)
+    k_cache, v_cache = (random(NUM_BLOCKS + 1, BLOCK_SIZE, kv_heads, dim, dtype=dtype, seed=s)
+                        for s in (1, 2))
+    q = random(GRAPH_MAX_TOKENS, heads, dim, dtype=dtype, seed=3)
+    k_cache, v_cache, q = on(backend, k_cache, v_cache, q)
+    padded = graph_padded(ragged_batch(shapes, BLOCK_SIZE, NUM_BLOCKS, device=backend.device), backend)
+    padded.attn_metadata = plan = backend.prepare(padded)
+    actual = backend.attention(q[:padded.num_tokens], k_cache, v_cache, padded, dim ** -0.5, 24)
+
+    def attention(be, q, k_cache, v_cache):
+        batch = ragged_batch(shapes, BLOCK_SIZE, NUM_BLOCKS, device=be.device)
+        batch.attn_metadata = be.prepare(batch)
+        return be.attention(q, k_cache, v_cache, batch, dim ** -0.5, 24)
+
+    expected = attention(reference, *on(reference, q[:tokens], k_cache, v_cache))
+    assert_close(actual[:tokens], expected, dtype)
+    assert not actual[tokens:].isnan().any()   # the sink's tokens attend over the scratch block
+    assert backend.graph_key(plan) is not None and backend.graph_inputs(plan)
+    other = graph_padded(ragged_batch([(3, 40), (0, 1), (60, 30)], BLOCK_SIZE, NUM_BLOCKS,
+                                      device=backend.device), backend)
+    if other.num_tokens == padded.num_tokens:
+        assert backend.graph_key(backend.prepare(other)) == backend.graph_key(plan)
 
 
 def write_kv(be, key, value, shapes, dtype, seed):

@@ -19,7 +19,7 @@ import fastgen
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugin_manager import load_plugins
-from fastgen.step_graphs import StepGraphs, padded_size
+from fastgen.step_graphs import StepGraphs, padded_size, padded_tokens
 from kernel_targets import CPU, kernel_targets, target_id
 from tiny_models import make_checkpoint
 
@@ -110,13 +110,14 @@ def _run(folder, kernels, device, plugins, dtype, graphs, capture=None):
                               fastgen.SamplingParams(max_tokens=m, temperature=0, ignore_eos=True))
            for n, m in zip(PROMPT_LENS, MAX_TOKENS)]
     done = {}
-    replayed_steps = 0
+    replayed_steps = steps = 0
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.token_ids
         replayed_steps += engine.last_stats.graph_replayed
-    return engine, [done[i] for i in ids], replayed_steps
+        steps += 1
+    return engine, [done[i] for i in ids], replayed_steps, steps
 
 
 @pytest.mark.parametrize("kernels,device,capture,arch", TARGETS)
@@ -124,17 +125,20 @@ def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoints, plug
                                                                 capture, arch):
     dtype = "float16" if device.type == "cuda" else "float32"
     folder = checkpoints(arch)
-    eager, expected, _ = _run(folder, kernels, device, plugins, dtype, graphs=False)
-    engine, tokens, replayed_steps = _run(folder, kernels, device, plugins, dtype, graphs=True,
-                                          capture=capture and capture())
+    eager, expected, _, _ = _run(folder, kernels, device, plugins, dtype, graphs=False)
+    engine, tokens, replayed_steps, steps = _run(folder, kernels, device, plugins, dtype, graphs=True,
+                                                 capture=capture and capture())
     assert tokens == expected
     graphs = engine.step_graphs
     assert graphs.disabled_reason is None
-    assert replayed_steps == graphs.replays > graphs.captures
-    sizes = {size for size, _ in graphs.graphs}
-    assert sizes <= {1, 2, 4, 8} and len(sizes) >= 2
-    # Steps of the same size with different split counts each got a graph of their own.
-    assert len({key for _, key in graphs.graphs}) >= 2
+    # Every step fits a graph: at most the budget's tokens, max_num_seqs sequences, no prompt logprobs.
+    assert replayed_steps == steps == graphs.replays > graphs.captures
+    decode_sizes = {size for kind, size, _ in graphs.graphs if kind == "decode"}
+    assert decode_sizes <= {1, 2, 4, 8} and len(decode_sizes) >= 2
+    # Decode steps of the same size with different split counts each got a graph of their own.
+    assert len({key for kind, _, key in graphs.graphs if kind == "decode"}) >= 2
+    # Steps with prompt chunks: SplitFuse fills the budget (64) with them here.
+    assert {size for kind, size, _ in graphs.graphs if kind == "mixed"} == {64}
     # The last block is the padding rows' scratch: never handed out, and the only block where the
     # two runs' caches may differ.
     scratch = eager.allocator.num_blocks - 1
@@ -145,6 +149,51 @@ def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoints, plug
         torch.testing.assert_close(v[:scratch], v_eager[:scratch], **tolerance)
 
 
+def _one_at_a_time(engine, prompt_lens, logprobs_for=()):
+    """Each prompt's tokens, its request run to the end before the next is added (so each prompt
+    makes a step of its own size), and whether each step was replayed."""
+    g = torch.Generator().manual_seed(1)
+    tokens, replayed = [], []
+    for i, n in enumerate(prompt_lens):
+        params = fastgen.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True,
+                                        prompt_logprobs=1 if i in logprobs_for else None)
+        engine.add_request(torch.randint(0, 300, (n,), generator=g).tolist(), params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    tokens.append(out.token_ids)
+            replayed.append((engine.last_stats.num_tokens, engine.last_stats.graph_replayed))
+    return tokens, replayed
+
+
+@pytest.mark.skipif(cuda_emulator.available() is not None, reason="the CUDA emulator cannot run here")
+def test_steps_with_prompt_chunks_are_padded_to_a_power_of_two_up_to_cuda_graph_max_tokens(
+        checkpoints, plugins):
+    # Prompts of 5, 20 and 100 tokens alone: steps of 5 (padded to 16), 20 (32), then 64 and 36,
+    # which cuda_graph_max_tokens = 32 leaves eager. The third asks for prompt logprobs: its
+    # steps sample more rows than a graph has, so they run eagerly too.
+    def engine(graphs, **options):
+        return Engine(make_config(model=str(checkpoints("mistral")), kernels="cuda_emulated",
+                                  device="cpu", token_budget=64, max_num_seqs=4, num_blocks=32,
+                                  cuda_graphs=graphs, **options),
+                      plugins=plugins, graph_capture=RerunOnReplay() if graphs else None)
+
+    expected, _ = _one_at_a_time(engine(False), (5, 20, 100, 9), logprobs_for={3})
+    graphed = engine(True, cuda_graph_max_tokens=32)
+    tokens, replayed = _one_at_a_time(graphed, (5, 20, 100, 9), logprobs_for={3})
+    assert tokens == expected
+    prompt_steps = [(n, r) for n, r in replayed if n > 1]
+    assert prompt_steps == [(5, True), (20, True), (64, False), (36, False), (9, False)]
+    assert {(kind, size) for kind, size, _ in graphed.step_graphs.graphs} == {
+        ("decode", n) for n in (1, 2, 4)} | {("mixed", 16), ("mixed", 32)}
+    # Decode steps only.
+    decodes_only = engine(True, cuda_graph_max_tokens=0)
+    tokens, replayed = _one_at_a_time(decodes_only, (5, 20), logprobs_for=())
+    assert tokens == expected[:2]
+    assert [r for n, r in replayed] == [n == 1 for n, _ in replayed]
+    assert decodes_only.step_graphs.mixed is None
+
+
 @pytest.mark.skipif(cuda_emulator.available() is not None, reason="the CUDA emulator cannot run here")
 def test_the_engine_captures_every_size_at_start_in_the_scratch_block(checkpoints, plugins):
     engine = Engine(make_config(model=str(checkpoints("mistral")), kernels="cuda_emulated",
@@ -152,7 +201,7 @@ def test_the_engine_captures_every_size_at_start_in_the_scratch_block(checkpoint
                     plugins=plugins, graph_capture=RerunOnReplay())
     graphs = engine.step_graphs
     # Padded sizes up to max_num_seqs' (8), each with the plan of short contexts: no split.
-    assert set(graphs.graphs) == {(1, 1), (2, 1), (4, 1), (8, 1)}
+    assert set(graphs.graphs) == {("decode", n, 1) for n in (1, 2, 4, 8)}
     assert graphs.captures == 4 and graphs.replays == 0
     assert engine.allocator.num_free == 15
     # The padding rows wrote into the scratch block and nowhere else.
@@ -168,9 +217,9 @@ def test_a_backend_that_falls_back_while_captured_turns_graphs_off(tmp_path, plu
     # made on the host from that step's lengths, so the capture must not be kept.
     make_checkpoint(tmp_path, "llama")
     with caplog.at_level(logging.WARNING, logger="fastgen.step_graphs"):
-        engine, tokens, replayed_steps = _run(tmp_path, "cuda_emulated", CPU, plugins, "float32",
-                                              graphs=True, capture=RerunOnReplay())
-    _, expected, _ = _run(tmp_path, "torch", CPU, plugins, "float32", graphs=False)
+        engine, tokens, replayed_steps, _ = _run(tmp_path, "cuda_emulated", CPU, plugins, "float32",
+                                                 graphs=True, capture=RerunOnReplay())
+    _, expected, _, _ = _run(tmp_path, "torch", CPU, plugins, "float32", graphs=False)
     assert tokens == expected
     assert replayed_steps == 0 and not engine.step_graphs.graphs
     assert "took a path that cannot be replayed" in engine.step_graphs.disabled_reason
@@ -231,6 +280,12 @@ def test_a_model_that_plans_on_the_host_is_not_captured(tmp_path):
     reason = StepGraphs.unavailable_reason(engine.model, type("Capturable", (), {"graph_key": 1}))
     assert reason == ("models.llama does not say its forward pass reads only the batch's tensors "
                       "(graph_safe)")
+
+
+def test_padded_token_counts():
+    assert [padded_tokens(n, 512) for n in (2, 16, 17, 33, 100, 256, 257, 500, 512)] == [
+        16, 16, 32, 64, 128, 256, 512, 512, 512]
+    assert [padded_tokens(n, 48) for n in (17, 33, 48)] == [32, 48, 48]
 
 
 def test_padded_sizes():
