@@ -467,13 +467,35 @@ class Engine:
 
     def _find_cached_prefixes(self) -> None:
         """Set `num_found_cached` on the waiting sequences, oldest first, whose tokens after their
-        cached prefix still fit the token budget: those the step may admit."""
+        cached prefix still fit the token budget: those the step may admit. Set `waits_for_prefix`
+        on those among them whose next block a sequence ahead of them computes (a running prompt,
+        or a waiting one this step may admit): n completions of one prompt, or requests that
+        arrive together with the same system prompt. Held back until it is cached, each computes
+        only what is its own."""
         budget, bs = self.config.token_budget, self.config.block_size
+        computing = self._prompt_blocks_in_flight()
         for seq in self.waiting:
             if budget <= 0:
                 break
-            seq.num_found_cached = self.allocator.num_cached_prefix(self._reusable_keys(seq)) * bs
+            keys = self._reusable_keys(seq)
+            found = self.allocator.num_cached_prefix(keys)
+            seq.waits_for_prefix = found < len(keys) and keys[found] in computing
+            if seq.waits_for_prefix:
+                continue
+            seq.num_found_cached = found * bs
             budget -= seq.num_pending - seq.num_found_cached
+            computing.update(keys[found:])
+
+    def _prompt_blocks_in_flight(self) -> set[bytes]:
+        """The keys of the blocks that running sequences' prompts have yet to put in the prefix
+        cache (computed later, or in a step whose tokens are not yet read)."""
+        bs = self.config.block_size
+        computing: set[bytes] = set()
+        for seq in self.running:
+            prompt_blocks = (seq.prompt_len - 1) // bs
+            if seq.num_cached_blocks < prompt_blocks:
+                computing.update(seq.block_keys(prompt_blocks, bs)[seq.num_cached_blocks:])
+        return computing
 
     def _reusable_keys(self, seq: Sequence) -> list[bytes]:
         """The prefix-cache keys of the blocks `seq` may start from: every whole block before its
@@ -489,6 +511,7 @@ class Engine:
         longest cached prefix, as computed; the tokens of its `n` planned that are left to do.
         The scheduler planned its blocks as if none were cached: it needs no more than that."""
         seq.num_found_cached = 0
+        seq.waits_for_prefix = False
         blocks = self.allocator.cached_prefix(self._reusable_keys(seq))
         seq.num_cached_blocks = len(blocks)
         if not blocks:

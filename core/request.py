@@ -155,7 +155,7 @@ class Sequence:
                  "first_token_time", "seq_index", "generator", "stop_text_len", "eos_token_ids",
                  "num_preemptions", "logprobs", "prompt_logprobs", "cumulative_logprob",
                  "delta_outputs", "num_sent", "_block_keys", "num_cached_blocks",
-                 "num_cached_prompt_tokens", "num_found_cached")
+                 "num_cached_prompt_tokens", "num_found_cached", "waits_for_prefix")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
@@ -202,6 +202,10 @@ class Sequence:
         # before the step's plan; admitted, it computes only the tokens after them, so schedulers
         # plan those (`num_pending - num_found_cached`) and fill the step's budget with other work.
         self.num_found_cached = 0
+        # While waiting: its next block after them is one that a sequence ahead of it computes
+        # now, so schedulers admit it later, when it is cached (the engine sets it with
+        # num_found_cached).
+        self.waits_for_prefix = False
 
     @property
     def block_ids(self) -> list[int]:

@@ -48,5 +48,12 @@ class Scheduler(Protocol):
         `num_pending - num_found_cached` for it fills the step's budget. Counting its blocks for
         all its pending tokens stays safe: a found block can be evicted before the admission, and
         a free cached one comes out of the free pool.
+
+        A waiting sequence with `waits_for_prefix` set shares its next uncached blocks with a
+        sequence ahead of it that computes them (a running prompt, or a waiting one the engine
+        expects this step to admit): admitted a step after they are cached, it starts from them
+        instead of computing them again. The built-in schedulers pass over it (letting later
+        sequences go); a scheduler that admits it anyway computes those blocks twice, as without
+        prefix caching.
         """
         ...

@@ -97,10 +97,13 @@ class PlanBuilder:
         """Admit waiting prompts oldest first, each whole, while `max_num_seqs` sequences would
         still be running; stop at the first that does not fit, so none overtakes it. A prompt
         longer than the whole budget goes only into an otherwise empty step, and alone: its
-        budget-sized chunks fill the steps until its last, so it is never starved."""
+        budget-sized chunks fill the steps until its last, so it is never starved. A prompt
+        whose next blocks another sequence is computing (`waits_for_prefix`) waits for them."""
         for seq in waiting:
             if self.full or self.num_running >= self.max_num_seqs:
                 break
+            if seq.waits_for_prefix:
+                continue
             n = to_compute(seq)
             if n > self.budget:
                 if self.plan.scheduled:

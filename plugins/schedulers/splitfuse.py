@@ -37,6 +37,8 @@ class SplitFuseScheduler:
         for seq in waiting:
             if builder.full:
                 break
+            if seq.waits_for_prefix:
+                continue   # its next blocks are being computed: admitted once they are cached
             if not builder.admit(seq, min(to_compute(seq), builder.budget)):
                 break  # first come, first served: no overtaking the oldest waiting prompt
         return builder.plan

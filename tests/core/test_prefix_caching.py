@@ -98,6 +98,24 @@ def test_a_step_fills_its_budget_with_the_tokens_after_cached_prefixes(folder, s
     assert list(outs.values()) == [o.token_ids for o in run(make_engine(folder, caching=False), prompts)]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlapped"])
+@pytest.mark.parametrize("scheduler", ["splitfuse", "continuous", "prefill_first", "static"])
+def test_requests_added_together_compute_a_shared_prompt_once(folder, scheduler, overlap):
+    """Four completions of one 150-token prompt (an n = 4 request) and two requests sharing its
+    first 100 tokens, added together: the first computes the shared blocks and the others wait
+    for them, then compute only what is their own (before, all six computed everything)."""
+    prompt = random_ids(150, 90)
+    prompts = [prompt] * 4 + [prompt[:100] + random_ids(20, 91 + i) for i in range(2)]
+    engine = make_engine(folder, scheduler=scheduler, overlap_steps=overlap)
+    tokens, computed, cached = computed_and_cached(engine, prompts)
+    # The copies find the prompt's 9 whole blocks before its last token, the others the 6 blocks
+    # of the shared 100 tokens.
+    assert cached == 3 * 144 + 2 * 96
+    if not overlap:   # overlapped, a sequence computes one token more than it keeps
+        assert computed == 150 + 3 * 6 + 2 * (120 - 96) + 6 * (GREEDY.max_tokens - 1)
+    assert tokens == [o.token_ids for o in run(make_engine(folder, caching=False), prompts)]
+
+
 def test_a_prompt_seen_before_still_computes_its_last_token(folder):
     prompt = random_ids(48, 3)                           # exactly 3 blocks
     engine = make_engine(folder)
