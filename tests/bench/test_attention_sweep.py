@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "attention_sweep.py"
 
 
+@pytest.mark.slow   # 30 s under the interpreter
 def test_quick_sweep_checks_and_ranks_every_setting(tmp_path):
     markdown, results = tmp_path / "sweep.md", tmp_path / "sweep.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--repeats", "1",

@@ -76,7 +76,10 @@ def test_top_k_and_top_p_keep_the_same_tokens_here(backend):
         assert chi2(kept, torch.tensor([0.8, 0.2])) < 24, (cut, kept.tolist())
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+# One temperature in the main suite, the others with the slow cases: under the interpreter each
+# takes kernels.triton about 22 s.
+@pytest.mark.parametrize("temperature", [pytest.param(0.5, marks=pytest.mark.slow), 1.0,
+                                         pytest.param(2.0, marks=pytest.mark.slow)])
 def test_draws_follow_the_softmax_at_the_temperature(backend, temperature):
     row = torch.tensor([1.5, 0.45, -0.6])
     drawn = counts(backend, row, SamplingParams(temperature=temperature), 1000)
