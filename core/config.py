@@ -61,7 +61,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cuda_graphs: Annotated[bool | None, _doc(
         "replay steps from CUDA graphs: decode steps of up to max_num_seqs sequences, captured at "
         "start per padded batch size, and steps with prompt chunks of up to cuda_graph_max_tokens "
-        "tokens, captured at the first step of each padded size (GPU backends that support it: "
+        "tokens, captured at start per padded token count (GPU backends that support it: "
         "kernels.triton, kernels.cuda); unset: on wherever the device, backend and model allow it")] = None
     cuda_graph_max_tokens: Annotated[int | None, _doc(
         "with cuda_graphs, the largest step with prompt chunks replayed from a graph (tokens are "

@@ -12,7 +12,8 @@ into buffers the graph reads:
   captures every size's graph for short contexts at start;
 - steps with prompt chunks (SplitFuse's usual step), their tokens padded to a power of two or the
   largest size (`cuda_graph_max_tokens`, the token budget by default), their sequences to
-  max_num_seqs + 2; captured at the first step of each size.
+  max_num_seqs + 2; the engine captures every size's graph at start too, from a stand-in step of
+  short prompt chunks on the scratch block.
 
 The kernel backend says what else its attention plan baked in through `graph_key` (kernels.triton
 and kernels.cuda: the split-KV count; with prompt chunks, the number of attention tiles, which a
@@ -174,6 +175,38 @@ class MixedRows:
         self.sink_positions = torch.arange(max_tokens, dtype=torch.int64, device=device) % block_size
         self.sink_slots = scratch_block * block_size + self.sink_positions
 
+    def sizes(self) -> list[int]:
+        """Every token count a step is padded to, smallest first."""
+        sizes, size = [], padded_tokens(2, self.max_tokens)
+        while True:
+            sizes.append(size)
+            if size == self.max_tokens:
+                return sizes
+            size = padded_tokens(size + 1, self.max_tokens)
+
+    def warmup_batch(self, size: int) -> RaggedBatch:
+        """A stand-in step of `size` tokens for capturing ahead: prompt chunks of 16 tokens (the
+        last takes the rest) with nothing cached, on the scratch block, so that it reads and writes
+        no sequence's cache, and short, so that backends plan it without split-KV, as most steps."""
+        n = max(1, min(self.max_seqs, size // _MIN_TOKENS))
+        query_lens = [size // n] * (n - 1) + [size - (size // n) * (n - 1)]
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        device = self.input_ids.device
+        within = [i - start for start, q in zip(starts, query_lens) for i in range(start, start + q)]
+        offsets = torch.tensor(within, dtype=torch.int64, device=device) % self.block_size
+        return RaggedBatch(
+            input_ids=torch.zeros(size, dtype=torch.int64, device=device), positions=offsets,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+            block_tables=torch.full((n, -(-max(query_lens) // self.block_size)), self.scratch_block,
+                                    dtype=torch.int32, device=device),
+            slot_mapping=self.scratch_block * self.block_size + offsets,
+            logits_indices=torch.tensor(starts[1:], dtype=torch.int64, device=device) - 1,
+            query_lens=query_lens, context_lens=[0] * n, num_decodes=0, block_size=self.block_size,
+            sequences=[], sampling_seqs=[])
+
     def serves(self, batch: RaggedBatch) -> bool:
         """A step with prompt chunks that fits the buffers and samples one row per sampling
         sequence (a step with prompt logprobs has more rows)."""
@@ -218,14 +251,14 @@ class StepGraphs:
     def __init__(self, model: Any, backend: Any, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
                  max_seqs: int, max_blocks_per_seq: int, block_size: int, scratch_block: int,
                  device: torch.device, capture: Capture, max_tokens: int = 0) -> None:
-        """`max_tokens`: the largest step with prompt chunks replayed from a graph; 0 (or a backend
-        without `graph_inputs`): decode steps only."""
+        """`max_tokens`: the largest step with prompt chunks replayed from a graph; below 2 (such a
+        step has 2 tokens at least), or a backend without `graph_inputs`: decode steps only."""
         self.model, self.backend, self.kv_cache, self.capture = model, backend, kv_cache, capture
         self.max_seqs = max_seqs
         self.decode = DecodeRows(max_seqs, max_blocks_per_seq, block_size, scratch_block, device)
         self.mixed = (MixedRows(max_tokens, max_seqs, max_blocks_per_seq, block_size, scratch_block,
                                 device)
-                      if max_tokens > 0 and hasattr(backend, "graph_inputs") else None)
+                      if max_tokens > 1 and hasattr(backend, "graph_inputs") else None)
         # (kind, padded size, graph key) -> the step captured: "decode" steps padded to a number
         # of sequences, "mixed" ones to a number of tokens.
         self.graphs: dict[tuple[str, int, Hashable], CapturedStep] = {}
@@ -273,8 +306,9 @@ class StepGraphs:
         return step.logits[:batch.logits_indices.shape[0]]
 
     def capture_ahead(self) -> None:
-        """Capture every padded size's decode graph for steps of short contexts (those the backend
-        plans without split-KV) now, so that the first requests do not wait for captures."""
+        """Capture every padded size's graph for steps of short contexts (those the backend plans
+        without split-KV) now, so that the first requests do not wait for captures: decode steps,
+        then steps with prompt chunks."""
         t0 = time.perf_counter()
         size = 1
         while size <= padded_size(self.max_seqs):
@@ -283,6 +317,15 @@ class StepGraphs:
             size = padded_size(size + 1)
         log.info("cuda_graphs: captured decode steps of 1 to %d sequences in %.2f s",
                  padded_size(self.max_seqs), time.perf_counter() - t0)
+        if self.mixed is None:
+            return
+        t0 = time.perf_counter()
+        sizes = self.mixed.sizes()
+        for size in sizes:
+            if self._graph_for("mixed", size, self.mixed.pad(self.mixed.warmup_batch(size), size)) is None:
+                return
+        log.info("cuda_graphs: captured steps with prompt chunks of %s tokens in %.2f s",
+                 ", ".join(map(str, sizes)), time.perf_counter() - t0)
 
     def _graph_for(self, kind: str, size: int, padded: RaggedBatch) -> CapturedStep | None:
         """The graph that replays `padded`, its plan's tensors refilled from this step's, or

@@ -137,8 +137,8 @@ def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoints, plug
     assert decode_sizes <= {1, 2, 4, 8} and len(decode_sizes) >= 2
     # Decode steps of the same size with different split counts each got a graph of their own.
     assert len({key for kind, _, key in graphs.graphs if kind == "decode"}) >= 2
-    # Steps with prompt chunks: SplitFuse fills the budget (64) with them here.
-    assert {size for kind, size, _ in graphs.graphs if kind == "mixed"} == {64}
+    # Steps with prompt chunks: every size up to the budget (64), captured at start.
+    assert {size for kind, size, _ in graphs.graphs if kind == "mixed"} == {16, 32, 64}
     # The last block is the padding rows' scratch: never handed out, and the only block where the
     # two runs' caches may differ.
     scratch = eager.allocator.num_blocks - 1
@@ -200,11 +200,15 @@ def test_the_engine_captures_every_size_at_start_in_the_scratch_block(checkpoint
                                 device="cpu", max_num_seqs=5, num_blocks=16, cuda_graphs=True),
                     plugins=plugins, graph_capture=RerunOnReplay())
     graphs = engine.step_graphs
-    # Padded sizes up to max_num_seqs' (8), each with the plan of short contexts: no split.
-    assert set(graphs.graphs) == {("decode", n, 1) for n in (1, 2, 4, 8)}
-    assert graphs.captures == 4 and graphs.replays == 0
+    # Padded sizes up to max_num_seqs' (8) and up to the token budget (512), each with the plan
+    # of short contexts: no split.
+    assert {(kind, size) for kind, size, _ in graphs.graphs} == (
+        {("decode", n) for n in (1, 2, 4, 8)} | {("mixed", n) for n in (16, 32, 64, 128, 256, 512)})
+    assert [key for kind, _, key in graphs.graphs if kind == "decode"] == [1] * 4
+    assert [key[-1] for kind, _, key in graphs.graphs if kind == "mixed"] == [1] * 6
+    assert graphs.captures == 10 and graphs.replays == 0
     assert engine.allocator.num_free == 15
-    # The padding rows wrote into the scratch block and nowhere else.
+    # The padding rows and the stand-in steps wrote into the scratch block and nowhere else.
     for k, v in engine.kv_cache:
         assert not k[:15].any() and not v[:15].any()
         assert k[15].any() and v[15].any()

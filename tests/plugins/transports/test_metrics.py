@@ -7,6 +7,8 @@ blocks and sequences as the engine holds them, also after a client disconnects m
 
 from __future__ import annotations
 
+import dataclasses
+
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -86,6 +88,9 @@ def test_metrics_add_up_to_the_requests_served(server, client):
     assert grew("fastgen_requests_finished_total{finish_reason=abort}") == 0
     steps = grew("fastgen_step_token_budget_utilization_count")
     assert steps > 0 and 0 < grew("fastgen_step_token_budget_utilization_sum") <= steps
+    # Every step ran eagerly: CUDA graphs need a GPU.
+    assert grew("fastgen_steps_total{cuda_graph=eager}") == steps
+    assert after["fastgen_steps_total{cuda_graph=replayed}"] == 0
 
     assert after["fastgen_kv_blocks_used"] + after["fastgen_kv_blocks_free"] == server.engine.allocator.num_blocks
     assert after["fastgen_kv_blocks_used"] == 0
@@ -122,15 +127,20 @@ def test_metrics_observe_the_engine_only_while_serving(engine):
 def test_each_server_has_its_own_registry_and_engine(engine):
     first, second = ServerMetrics(engine), ServerMetrics(engine)   # the global registry would refuse this
     stats = StepStats(num_tokens=16, num_preempted=2, num_running=3, num_waiting=4, blocks_used=5,
-                      blocks_free=59, num_cached_tokens=48)
+                      blocks_free=59, num_cached_tokens=48, graph_replayed=True)
     first.on_step_finished(engine=object(), stats=stats)   # another engine's step: not counted
     first.on_step_finished(engine=engine, stats=stats)
+    preempting = dataclasses.replace(stats, num_tokens=0, num_preempted=1, num_cached_tokens=0,
+                                     graph_replayed=False)
+    first.on_step_finished(engine=engine, stats=preempting)   # a record of preemptions alone
     values = parse(first.render().decode())
-    assert values["fastgen_num_preemptions_total"] == 2
+    assert values["fastgen_steps_total{cuda_graph=replayed}"] == 1
+    assert values["fastgen_steps_total{cuda_graph=eager}"] == 0
+    assert values["fastgen_num_preemptions_total"] == 3
     assert values["fastgen_prefix_cache_hit_tokens_total"] == 48
     assert (values["fastgen_num_requests_running"], values["fastgen_num_requests_waiting"]) == (3, 4)
     assert (values["fastgen_kv_blocks_used"], values["fastgen_kv_blocks_free"]) == (5, 59)
-    assert values["fastgen_step_token_budget_utilization_count"] == 1
+    assert values["fastgen_step_token_budget_utilization_count"] == 2
     assert values["fastgen_step_token_budget_utilization_sum"] == 16 / engine.config.token_budget
     assert parse(second.render().decode())["fastgen_num_preemptions_total"] == 0
 
