@@ -102,7 +102,7 @@ def padded_tokens(num_tokens: int, max_tokens: int) -> int:
 @dataclass
 class CapturedStep:
     replay: Callable[[], None]
-    logits: torch.Tensor     # [padded rows, V], rewritten by each replay
+    logits: torch.Tensor     # [padded rows, V], rewritten by each replay (StepGraphs.logits' rows)
     batch: RaggedBatch       # the padded batch captured, with its plan: it keeps the tensors alive
 
 
@@ -262,6 +262,12 @@ class StepGraphs:
         # (kind, padded size, graph key) -> the step captured: "decode" steps padded to a number
         # of sequences, "mixed" ones to a number of tokens.
         self.graphs: dict[tuple[str, int, Hashable], CapturedStep] = {}
+        # Every graph leaves its logits in this one buffer [rows, V], made at the first capture's
+        # first run: a graph's output of its own would be a buffer per graph, each as large (a
+        # Llama 3 vocabulary: 33 MB for 64 rows in float32). Safe to share: replays run one at a
+        # time, and each step's logits are read (sampled, their logprob rows copied) on the
+        # device before the next replay is queued behind that work.
+        self.logits: torch.Tensor | None = None
         self.captures = 0
         self.replays = 0
         self.disabled_reason: str | None = None
@@ -346,9 +352,18 @@ class StepGraphs:
             plan, **{name: tensor.clone() for name, tensor in inputs.items()}) if inputs else plan
         return self._capture(kind, size, key, padded)
 
+    def _forward_into_shared_logits(self, padded: RaggedBatch) -> torch.Tensor:
+        logits = self.model.forward(padded, self.kv_cache)
+        if self.logits is None:
+            rows = padded_size(self.max_seqs)   # the most any graph samples: decode rows
+            self.logits = torch.empty(rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
+        out = self.logits[:logits.shape[0]]
+        out.copy_(logits)
+        return out
+
     def _capture(self, kind: str, size: int, key: Hashable, padded: RaggedBatch) -> CapturedStep | None:
         t0 = time.perf_counter()
-        replay, logits = self.capture(lambda: self.model.forward(padded, self.kv_cache))
+        replay, logits = self.capture(lambda: self._forward_into_shared_logits(padded))
         what = (f"decode steps of {size} sequences" if kind == "decode"
                 else f"steps with prompt chunks of {size} tokens")
         # Asked again: a backend that fell back to a host-planned path while running says so now.

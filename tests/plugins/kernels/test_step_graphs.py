@@ -139,6 +139,8 @@ def test_replayed_decode_steps_give_the_eager_tokens_and_cache(checkpoints, plug
     assert len({key for kind, _, key in graphs.graphs if kind == "decode"}) >= 2
     # Steps with prompt chunks: every size up to the budget (64), captured at start.
     assert {size for kind, size, _ in graphs.graphs if kind == "mixed"} == {16, 32, 64}
+    # Every graph leaves its logits in the one shared buffer.
+    assert {step.logits.data_ptr() for step in graphs.graphs.values()} == {graphs.logits.data_ptr()}
     # The last block is the padding rows' scratch: never handed out, and the only block where the
     # two runs' caches may differ.
     scratch = eager.allocator.num_blocks - 1
