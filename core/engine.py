@@ -479,10 +479,10 @@ class Engine:
                 break
             keys = self._reusable_keys(seq)
             found = self.allocator.num_cached_prefix(keys)
+            seq.num_found_cached = found * bs
             seq.waits_for_prefix = found < len(keys) and keys[found] in computing
             if seq.waits_for_prefix:
                 continue
-            seq.num_found_cached = found * bs
             budget -= seq.num_pending - seq.num_found_cached
             computing.update(keys[found:])
 
