@@ -472,6 +472,8 @@ class Engine:
         or a waiting one this step may admit): n completions of one prompt, or requests that
         arrive together with the same system prompt. Held back until it is cached, each computes
         only what is its own."""
+        if not self.waiting:
+            return
         budget, bs = self.config.token_budget, self.config.block_size
         computing = self._prompt_blocks_in_flight()
         for seq in self.waiting:

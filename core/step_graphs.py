@@ -31,6 +31,7 @@ at it and end at once. Padding logits are computed and dropped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -190,9 +191,7 @@ class MixedRows:
         no sequence's cache, and short, so that backends plan it without split-KV, as most steps."""
         n = max(1, min(self.max_seqs, size // _MIN_TOKENS))
         query_lens = [size // n] * (n - 1) + [size - (size // n) * (n - 1)]
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
+        starts = [0, *itertools.accumulate(query_lens)]
         device = self.input_ids.device
         within = [i - start for start, q in zip(starts, query_lens) for i in range(start, start + q)]
         offsets = torch.tensor(within, dtype=torch.int64, device=device) % self.block_size
@@ -256,9 +255,11 @@ class StepGraphs:
         self.model, self.backend, self.kv_cache, self.capture = model, backend, kv_cache, capture
         self.max_seqs = max_seqs
         self.decode = DecodeRows(max_seqs, max_blocks_per_seq, block_size, scratch_block, device)
+        # The plan tensors a replay refills; none for a backend captured for decode steps only.
+        self.graph_inputs = getattr(backend, "graph_inputs", None)
         self.mixed = (MixedRows(max_tokens, max_seqs, max_blocks_per_seq, block_size, scratch_block,
                                 device)
-                      if max_tokens > 1 and hasattr(backend, "graph_inputs") else None)
+                      if max_tokens > 1 and self.graph_inputs is not None else None)
         # (kind, padded size, graph key) -> the step captured: "decode" steps padded to a number
         # of sequences, "mixed" ones to a number of tokens.
         self.graphs: dict[tuple[str, int, Hashable], CapturedStep] = {}
@@ -282,28 +283,21 @@ class StepGraphs:
                     f"tensors (graph_safe)")
         return None
 
-    def serves(self, batch: RaggedBatch) -> bool:
-        """Whether `batch` is a step a graph can replay: decodes only, each sampling once, or one
-        with prompt chunks that the mixed buffers fit."""
-        if self.disabled_reason is not None:
-            return False
-        return self._serves_decode(batch) or (self.mixed is not None and self.mixed.serves(batch))
-
-    def _serves_decode(self, batch: RaggedBatch) -> bool:
-        return (batch.num_decodes == batch.num_seqs <= self.max_seqs
-                and batch.logits_indices.shape[0] == batch.num_seqs)
-
     def run(self, batch: RaggedBatch) -> torch.Tensor | None:
         """The step's logits [S, V] from a graph, captured now if it is the first of its kind; None
-        when no graph serves this step (the engine then runs it eagerly)."""
-        if not self.serves(batch):
+        when no graph serves this step (the engine then runs it eagerly): a graph replays decodes
+        only, each sampling once, or a step with prompt chunks that the mixed buffers fit."""
+        if self.disabled_reason is not None:
             return None
-        if self._serves_decode(batch):
+        if (batch.num_decodes == batch.num_seqs <= self.max_seqs
+                and batch.logits_indices.shape[0] == batch.num_seqs):
             kind, size = "decode", padded_size(batch.num_seqs)
             padded = self.decode.pad(batch, size)
-        else:
+        elif self.mixed is not None and self.mixed.serves(batch):
             kind, size = "mixed", padded_tokens(batch.num_tokens, self.mixed.max_tokens)
             padded = self.mixed.pad(batch, size)
+        else:
+            return None
         step = self._graph_for(kind, size, padded)
         if step is None:
             return None
@@ -340,7 +334,7 @@ class StepGraphs:
         key = self.backend.graph_key(plan)
         if key is None:
             return None
-        inputs = self.backend.graph_inputs(plan) if hasattr(self.backend, "graph_inputs") else {}
+        inputs = self.graph_inputs(plan) if self.graph_inputs is not None else {}
         step = self.graphs.get((kind, size, key))
         if step is not None:
             for name, tensor in inputs.items():

@@ -10,7 +10,7 @@ any fit, else decodes), shared by the prefill-first and static schedulers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from fastgen.config import Config
 from fastgen.request import Sequence
@@ -26,6 +26,12 @@ def to_compute(seq: Sequence) -> int:
     """A waiting sequence's tokens that admitting it computes: its pending ones after those the
     prefix cache holds (`Sequence.num_found_cached`)."""
     return seq.num_pending - seq.num_found_cached
+
+
+def admissible(waiting: Iterable[Sequence]) -> Iterator[Sequence]:
+    """The waiting sequences a step may admit, oldest first: not those whose next blocks another
+    sequence is computing (`Sequence.waits_for_prefix`), which are admitted once they are cached."""
+    return (seq for seq in waiting if not seq.waits_for_prefix)
 
 
 def split_running(running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
@@ -99,11 +105,9 @@ class PlanBuilder:
         longer than the whole budget goes only into an otherwise empty step, and alone: its
         budget-sized chunks fill the steps until its last, so it is never starved. A prompt
         whose next blocks another sequence is computing (`waits_for_prefix`) waits for them."""
-        for seq in waiting:
+        for seq in admissible(waiting):
             if self.full or self.num_running >= self.max_num_seqs:
                 break
-            if seq.waits_for_prefix:
-                continue
             n = to_compute(seq)
             if n > self.budget:
                 if self.plan.scheduled:

@@ -15,7 +15,7 @@ from fastgen.config import Config
 from fastgen.request import Sequence
 from fastgen.scheduler import StepPlan
 
-from ._plan_builder import PlanBuilder, to_compute
+from ._plan_builder import PlanBuilder, admissible, to_compute
 
 
 class SplitFuseScheduler:
@@ -34,11 +34,9 @@ class SplitFuseScheduler:
             return builder.plan  # blocks are short: admit nothing new this step
         # The unscheduled rest of running prompts keeps its blocks from new admissions.
         builder.reserve_pending(chunks)
-        for seq in waiting:
+        for seq in admissible(waiting):
             if builder.full:
                 break
-            if seq.waits_for_prefix:
-                continue   # its next blocks are being computed: admitted once they are cached
             if not builder.admit(seq, min(to_compute(seq), builder.budget)):
                 break  # first come, first served: no overtaking the oldest waiting prompt
         return builder.plan
