@@ -37,7 +37,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Which plugins do the work (each is the NAME of a KIND.NAME plugin).
     kernels: Annotated[str, _doc(
         "kernel backend plugin (kernels.NAME), or auto: the fastest backend that is ready on the "
-        "device without a build (on a GPU kernels.cuda once built, else kernels.triton; on a CPU "
+        "device without a build (on a GPU kernels.triton, else kernels.cuda once built; on a CPU "
         "kernels.cpu once built; else kernels.torch)")] = "auto"
     scheduler: Annotated[str, _doc("scheduler plugin (schedulers.NAME)")] = "splitfuse"
     transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "http"

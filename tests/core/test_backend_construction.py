@@ -215,9 +215,9 @@ def test_auto_takes_kernels_cpu_only_once_it_is_built(tmp_path, monkeypatch):
     assert choose_auto(classes, torch.device("meta"), str(tmp_path)) is TorchBackend
 
 
-def test_on_cuda_auto_ranks_a_built_kernels_cuda_over_kernels_triton_over_the_reference(
+def test_on_cuda_auto_ranks_kernels_triton_over_a_built_kernels_cuda_over_the_reference(
         tmp_path, monkeypatch, caplog):
-    """The ranks alone, which need no GPU: kernels.cuda only once built, kernels.triton at once."""
+    """The ranks alone, which need no GPU: kernels.triton at once, kernels.cuda only once built."""
     monkeypatch.setattr(cuda_build, "_loaded", None)   # as in a fresh process
     cache = str(tmp_path)
     assert TritonBackend.auto_rank(CUDA, cache) > TorchBackend.auto_rank(CUDA, cache)
@@ -227,19 +227,26 @@ def test_on_cuda_auto_ranks_a_built_kernels_cuda_over_kernels_triton_over_the_re
     library = cuda_build.build_dir(cache)
     library.mkdir(parents=True)
     (library / f"fastgen_cuda_{library.name}.so").write_bytes(b"")
-    assert CudaBackend.auto_rank(CUDA, cache) > TritonBackend.auto_rank(CUDA, cache)
+    assert TritonBackend.auto_rank(CUDA, cache) > CudaBackend.auto_rank(CUDA, cache) > \
+        TorchBackend.auto_rank(CUDA, cache)
     # Neither offers itself off a CUDA device: Triton only interprets on a CPU.
     assert TritonBackend.auto_rank(CPU, cache) is None and CudaBackend.auto_rank(CPU, cache) is None
 
 
-def test_on_cuda_auto_takes_kernels_cuda_once_built_else_kernels_triton(tmp_path, monkeypatch):
-    """choose_auto over the registered built-ins, as if both GPU backends could run here."""
-    for cls in (CudaBackend, TritonBackend):
+def test_on_cuda_auto_takes_kernels_triton_else_a_built_kernels_cuda(tmp_path, monkeypatch):
+    """choose_auto over the registered built-ins, as if this machine had a GPU, then as if Triton
+    could not run (not installed), then without kernels.cuda's build."""
+    for cls in (CudaBackend, TritonBackend, TorchBackend):
         monkeypatch.setattr(cls, "unavailable_reason", classmethod(lambda cls, device: None))
     monkeypatch.setattr(cuda_build, "_loaded", None)
     monkeypatch.setattr(cpu_build, "_loaded", {})
     classes = [TorchBackend, CudaBackend, CpuBackend, TritonBackend]
     assert choose_auto(classes, CUDA, str(tmp_path)) is TritonBackend
     monkeypatch.setattr(cuda_build, "_loaded", tmp_path / "lib.so")   # loaded in this process
+    assert choose_auto(classes, CUDA, str(tmp_path)) is TritonBackend
+    monkeypatch.setattr(TritonBackend, "unavailable_reason",
+                        classmethod(lambda cls, device: "no triton"))
     assert choose_auto(classes, CUDA, str(tmp_path)) is CudaBackend
+    monkeypatch.setattr(cuda_build, "_loaded", None)
+    assert choose_auto(classes, CUDA, str(tmp_path)) is TorchBackend
     assert choose_auto(classes, CPU, str(tmp_path)) is TorchBackend

@@ -81,11 +81,9 @@ class CudaBackend(ReferenceFallbackBackend):
 
     @classmethod
     def auto_rank(cls, device: torch.device, cache_dir: str | None = None) -> int | None:
-        """Above kernels.triton on a CUDA device, but only once built: `kernels = auto` never
-        starts the build itself. Measured offline throughput (NVIDIA H200, 2026-11-27, bf16, 32
-        requests x 512 prompt + 64 generated tokens, tokens/s): smollm2-135m 3078 eager and 5170
-        with cuda_graphs against kernels.triton's 1214 and 3522; llama-1b 3587 and 4596 against
-        2523 and 4388."""
+        """Second on a CUDA device, below kernels.triton (which its CUDA graphs made the faster
+        engine: see TritonBackend.auto_rank) and above kernels.torch, but only once built:
+        `kernels = auto` never starts the build itself."""
         if device.type != "cuda":
             return None
         from . import build

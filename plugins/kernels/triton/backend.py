@@ -59,12 +59,16 @@ class TritonBackend:
 
     @classmethod
     def auto_rank(cls, device: torch.device, cache_dir: str | None = None) -> int | None:
-        """Above kernels.torch on a CUDA device (below a built kernels.cuda); never on a CPU, where
-        it only interprets. Triton compiles its kernels at first use, in seconds, with no build to
-        wait for. Measured offline throughput (NVIDIA H200, 2026-11-27, bf16, 32 requests x 512
-        prompt + 64 generated tokens, tokens/s): smollm2-135m 1214 eager and 3522 with cuda_graphs
-        against kernels.torch's 770; llama-1b 2523 and 4388 against 1163."""
-        return 10 if device.type == "cuda" else None
+        """First on a CUDA device (above a built kernels.cuda, above kernels.torch); never on a
+        CPU, where it only interprets. Triton compiles its kernels at first use, in seconds, with
+        no build to wait for. Measured offline throughput with `cuda_graphs` on, as they are by
+        default on a GPU (NVIDIA H200, 2026-11-28, bf16, 32 requests x 512 prompt + 64 generated
+        tokens, tokens/s; docs/benchmarks.md): smollm2-135m greedy 10286 against kernels.cuda's
+        8913 (14566 against 12278 with overlap_steps); llama-1b sampled 7668 against 7143 (11347
+        against 9100). Its attention is the faster on every shape of the kernel suite. Without
+        graphs (cuda_graphs = false) its many launches make it the slower engine (1556 against
+        3276 tokens/s on smollm2-135m): name kernels.cuda there."""
+        return 30 if device.type == "cuda" else None
 
     def configure_kv_cache(self, num_kv_heads: int, head_dim: int) -> None:
         self.num_kv_heads = num_kv_heads
