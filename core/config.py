@@ -66,11 +66,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cuda_graph_max_tokens: Annotated[int | None, _doc(
         "with cuda_graphs, the largest step with prompt chunks replayed from a graph (tokens are "
         "padded to a power of two or this size); 0: decode steps only; unset: token_budget")] = None
-    overlap_steps: Annotated[bool, _doc(
+    overlap_steps: Annotated[bool | None, _doc(
         "launch each step before reading the previous step's sampled tokens, so that the host's "
-        "scheduling and postprocessing overlap the device's work (a GPU; on a CPU nothing runs "
-        "alongside); a sequence that stops on a token read late has computed one token more, "
-        "which is dropped")] = False
+        "scheduling and postprocessing overlap the device's work; a sequence that stops on a "
+        "token read late has computed one token more, which is dropped; unset: on for a GPU, off "
+        "on a CPU (where the forward pass runs as it is launched: nothing would overlap)")] = None
     seed: Annotated[int, _doc("seed for sampling requests that bring no seed of their own")] = 0
     threads: Annotated[int | None, _doc("CPU threads for torch; default: torch's choice")] = None
     cache_dir: Annotated[str | None, _doc(

@@ -5,12 +5,13 @@ it, and every block must come back."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import torch
 
 from fastgen.config import make_config
-from fastgen.engine import Engine
+from fastgen.engine import Engine, overlap_steps_on
 from fastgen.request import SamplingParams
 
 PROMPT_LENS = (1, 5, 17, 40, 70, 9, 33, 130)
@@ -179,3 +180,21 @@ def test_the_async_engine_streams_overlapped_steps_and_drops_a_request_left_mid_
     left, *finals = run(make_engine(folder, overlap=True), body)   # run() checks every block is back
     assert left == expected[2][:3]
     assert [f.token_ids for f in finals] == expected
+
+
+def test_unset_steps_overlap_on_a_gpu_only_and_a_setting_wins(folder, prompts, caplog):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert make_config().overlap_steps is None
+    assert overlap_steps_on(make_config(), cuda) and not overlap_steps_on(make_config(), cpu)
+    assert not overlap_steps_on(make_config(overlap_steps=False), cuda)
+    assert overlap_steps_on(make_config(overlap_steps=True), cpu)
+    # On the CPU by default a step's outputs come from that step, and nothing is warned.
+    with caplog.at_level(logging.WARNING, logger="fastgen.engine"):
+        engine = Engine(make_config(model=folder, token_budget=64, device="cpu"))
+    assert not engine.overlap_steps and "overlap_steps" not in caplog.text
+    engine.add_request(prompts[1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert len(engine.step()[0].token_ids) == 1
+    with caplog.at_level(logging.WARNING, logger="fastgen.engine"):
+        assert Engine(make_config(model=folder, token_budget=64, device="cpu",
+                                  overlap_steps=True)).overlap_steps
+    assert "overlap_steps on cpu" in caplog.text
