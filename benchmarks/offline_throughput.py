@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     p.add_argument("--kernels", default="torch",
                    help="fastgen kernel backends to run, comma-separated, one table row each (e.g. "
-                        "torch,cpu); NAME runs every step eagerly (cuda_graphs off), NAME+graphs with "
+                        "torch,cpu); NAME runs every step eagerly and in turn (cuda_graphs and "
+                        "overlap_steps off), NAME+graphs with "
                         "cuda_graphs on (decode steps and steps with prompt chunks), "
                         "NAME+decodegraphs with cuda_graphs on for decode steps only, "
                         "NAME+overlap with overlap_steps on, NAME+nocache with "
