@@ -44,8 +44,11 @@ from fastgen.plugin_manager import load_plugins  # noqa: E402
 
 # The GPU session cuts the sweep at its time limit, keeping the shapes done: the prompt shapes,
 # untuned longest, come second and third.
+# The last, a SplitFuse step of many long decodes beside a prompt chunk: whether the prompt
+# settings' keys per step (block_n 64 gained 3-15% on the two prompt shapes on the H100 and the
+# H200) cost the decodes they share a launch with.
 SHAPES = {s.name: s for s in (decode(1, 8192), prefill(2048), mixed(512, 16, 1024), decode(16, 8192),
-                               decode(64, 1024))}
+                               decode(64, 1024), mixed(2048, 64, 2048, 2048))}
 QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 # (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
 # Stages 3 and 4 keep 2 and 4 copies of keys in flight (the sm_90 TTGIR); block_n 128 and stages
