@@ -31,6 +31,7 @@ MAX_SHARD_BYTES = 2 << 30
 GGUF_MAGIC = b"GGUF"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPE = "auto"
 
 # GGUF tensor name -> Hugging Face name for Llama; "{}" is the layer number.
 LLAMA_TENSOR_NAMES = {
@@ -50,6 +51,30 @@ LLAMA_TENSOR_NAMES = {
 
 # Not weights: llama.cpp's precomputed Llama 3 RoPE factors, which become config.rope_scaling.
 LLAMA_ROPE_TENSORS = {"rope_freqs.weight"}
+
+
+def resolve_dtype(dtype: str, model: str | None, device: torch.device) -> str:
+    """The dtype to run: as given, or for `auto` float32 on a CPU (kernels.cpu's fast path; bf16
+    matmuls are emulated on CPUs without AMX) and on a GPU a 16-bit dtype (its tensor cores; a
+    float32 model on a GPU runs its matmuls and attention at a fraction of their rate): the
+    checkpoint folder's own float16 or bfloat16 (config.json's torch_dtype), else bfloat16, or
+    float16 where the GPU has no bfloat16 (before Ampere)."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    if device.type != "cuda":
+        return "float32"
+    bf16 = torch.cuda.is_bf16_supported()
+    config = Path(model).expanduser() / "config.json" if model else None
+    own = None
+    if config is not None and config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):
+            values = {}   # loading the model says what is wrong with it
+        own = values.get("torch_dtype") or values.get("dtype")
+    if own == "float16" or not bf16:
+        return "float16"
+    return "bfloat16"
 
 
 def resolve_checkpoint(model: str | None, cache_dir: str | None, dtype: str) -> Path:

@@ -183,7 +183,7 @@ def _bench_parser(sub) -> None:
     remote.add_argument("--api-key", help="bearer token for the server")
     engine = serve.add_argument_group("engine settings (as in `fastgen serve`)")
     engine.add_argument("--model", help="checkpoint folder or .gguf (default: the demo model)")
-    engine.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    engine.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     engine.add_argument("--device")
     engine.add_argument("--kernels")
     engine.add_argument("--threads", type=int)

@@ -105,19 +105,22 @@ class Engine:
         """`graph_capture` records and replays steps when `config.cuda_graphs` is on (by
         default wherever it can be): CUDA graphs unless given (tests give a stand-in that runs on
         the CPU)."""
-        from .checkpoint import DTYPES, resolve_checkpoint
+        from .checkpoint import DTYPES, resolve_checkpoint, resolve_dtype
 
         self.config = config
         self.plugins = plugins or load_plugins()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.dtype = DTYPES[config.dtype]
+        dtype_name = resolve_dtype(config.dtype, config.model, self.device)
+        if dtype_name != config.dtype:
+            log.info("dtype = %s: %s on %s", config.dtype, dtype_name, self.device)
+        self.dtype = DTYPES[dtype_name]
         self.backend = self._make_backend()
         scheduler_cls = self.plugins.registry.get("schedulers", config.scheduler).cls
         self.scheduler = scheduler_cls(config)
 
-        self.checkpoint = resolve_checkpoint(config.model, config.cache_dir, config.dtype)
+        self.checkpoint = resolve_checkpoint(config.model, config.cache_dir, dtype_name)
         self.model, self.hf_config = load_model(self.checkpoint, self.plugins, self.backend,
                                                 self.dtype, self.device)
         self.tokenizer, self.eos_token_ids = load_tokenizer(self.checkpoint, self.hf_config)

@@ -20,7 +20,7 @@ _CORPUS = [
 ]
 
 # Engine settings for the serving tests: small steps and pool, so requests really share them.
-SERVE_SETTINGS = dict(token_budget=32, num_blocks=64)   # 64 blocks of 16: max_model_len 1024
+SERVE_SETTINGS = dict(token_budget=32, num_blocks=64, dtype="float32")   # 64 blocks of 16: max_model_len 1024
 
 _LLAMA_FAMILY = dict(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=False)
 # arch -> (transformers class prefix: `{prefix}Config`, `{prefix}ForCausalLM`; settings).

@@ -133,7 +133,7 @@ def test_whole_models_give_the_reference_tokens(tmp_path, arch):
     tokens = {}
     for kernels in ("cuda", "torch"):
         llm = fastgen.LLM(model=str(tmp_path), kernels=kernels, device="cuda", token_budget=32,
-                          max_num_seqs=8, num_blocks=64)
+                          max_num_seqs=8, num_blocks=64, dtype="float32")
         tokens[kernels] = [o.token_ids for o in llm.generate(prompts, params)]
     assert tokens["cuda"] == tokens["torch"]
 
