@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0,
+                   help="fastgen KV cache GiB (fixed, so runs compare: on a GPU the engine's own "
+                        "default takes most of its memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--shared-prefix", type=int, default=0,
                    help="tokens every prompt begins with, the same in all (a system prompt); "
@@ -154,7 +157,7 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
     status(f"fastgen: loading the engine with kernels.{kernels}")
     # cuda_graphs explicit either way: its default (on where possible) would blur eager and graphs rows.
     settings = dict(dtype=args.dtype, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
-                    kernels=name, device=args.device,
+                    kernels=name, device=args.device, kv_cache_gb=args.kv_cache_gb,
                     cuda_graphs=bool({"graphs", "decodegraphs"} & set(options)),
                     overlap_steps="overlap" in options, prefix_caching="nocache" not in options)
     if "decodegraphs" in options:

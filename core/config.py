@@ -52,7 +52,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     block_size: Annotated[int, _doc("tokens per KV cache block")] = 16
     num_blocks: Annotated[int | None, _doc(
         "KV cache blocks; default: as many as kv_cache_gb holds")] = None
-    kv_cache_gb: Annotated[float, _doc("memory given to the KV cache when num_blocks is unset")] = 1.0
+    kv_cache_gb: Annotated[float | None, _doc(
+        "GiB given to the KV cache when num_blocks is unset; unset: 1 on a CPU, and on a GPU what "
+        "gpu_memory_utilization leaves once the model is loaded")] = None
+    gpu_memory_utilization: Annotated[float, _doc(
+        "share of the GPU's memory the engine may hold (weights, KV cache, activations, CUDA "
+        "graphs) when it sizes the KV cache itself (kv_cache_gb and num_blocks unset); what other "
+        "processes hold counts against it")] = 0.9
     prefix_caching: Annotated[bool, _doc(
         "keep the KV blocks of computed prompts (and answers) after their requests end, and let "
         "a new request whose tokens begin the same way start from them instead of computing "
@@ -103,8 +109,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2 (a prompt token and an answer), "
                               f"got {self.max_model_len}.")
-        if not self.kv_cache_gb > 0:
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ConfigError(f"kv_cache_gb must be more than 0, got {self.kv_cache_gb}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be more than 0 and at most 1, got "
+                              f"{self.gpu_memory_utilization}.")
 
 
 def config_fields() -> list[msgspec.structs.FieldInfo]:

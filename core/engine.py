@@ -16,6 +16,8 @@ from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
+from .kv_memory import (CPU_KV_CACHE_GB, GPU_FIXED_RESERVE, GiB, gpu_kv_cache_bytes,
+                        step_activation_bytes)
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
 from .model import load_model
@@ -196,11 +198,26 @@ class Engine:
         layers, kv_heads, head_dim = self.model.kv_cache_spec
         bs = self.config.block_size
         per_block = 2 * layers * bs * kv_heads * head_dim * self.dtype.itemsize
-        num_blocks = self.config.num_blocks or max(1, int(self.config.kv_cache_gb * 2**30 // per_block))
+        num_blocks = self.config.num_blocks or max(1, self._kv_cache_bytes() // per_block)
         shape = (num_blocks, bs, kv_heads, head_dim)
         # Zeroed, not empty: padding slots are masked out, but 0 * NaN garbage would still be NaN.
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(layers)]
+
+    def _kv_cache_bytes(self) -> int:
+        """As kv_cache_gb says; unset, 1 GiB on a CPU and on a GPU what gpu_memory_utilization
+        leaves with the model loaded (core/kv_memory.py)."""
+        if self.config.kv_cache_gb is not None:
+            return int(self.config.kv_cache_gb * GiB)
+        if self.device.type != "cuda":
+            return int(CPU_KV_CACHE_GB * GiB)
+        reserve = 2 * step_activation_bytes(   # eager steps, and the graphs' memory pool
+            self.hf_config, self.config.token_budget, self.config.max_num_seqs,
+            self.dtype.itemsize) + GPU_FIXED_RESERVE
+        size = gpu_kv_cache_bytes(self.device, self.config.gpu_memory_utilization, reserve)
+        log.info("KV cache: %.1f GiB (gpu_memory_utilization %s; %.1f GiB kept for activations)",
+                 size / GiB, self.config.gpu_memory_utilization, reserve / GiB)
+        return size
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ def prompts(tiny_llama):
 
 
 def make_engine(folder: str, overlap: bool, **settings) -> Engine:
-    settings = {"token_budget": 64, "device": "cpu", "dtype": "float32", **settings}
+    settings = {"token_budget": 64, "device": "cpu", "dtype": "float32", "kv_cache_gb": 1.0,
+                **settings}
     return Engine(make_config(model=folder, overlap_steps=overlap, **settings))
 
 

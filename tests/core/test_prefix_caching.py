@@ -25,7 +25,8 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def make_engine(folder: str, caching: bool = True, **settings) -> Engine:
-    settings = {"token_budget": 64, "device": "cpu", "dtype": "float32", **settings}
+    settings = {"token_budget": 64, "device": "cpu", "dtype": "float32", "kv_cache_gb": 1.0,
+                **settings}
     return Engine(make_config(model=folder, prefix_caching=caching, **settings))
 
 

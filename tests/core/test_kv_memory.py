@@ -1,0 +1,61 @@
+"""The KV cache's size when the settings do not give it: 1 GiB on a CPU; on a GPU what
+gpu_memory_utilization leaves with the model loaded and a step's activations kept."""
+
+import pytest
+import torch
+
+from fastgen.config import make_config
+from fastgen.engine import Engine
+from fastgen.errors import ConfigError
+from fastgen.kv_memory import gpu_kv_cache_bytes, step_activation_bytes
+
+GiB = 2**30
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def gpu_memory(monkeypatch):
+    """A stand-in GPU: set `state["free"]` and `state["total"]` in GiB."""
+    state = {"free": 60, "total": 80, "emptied": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (state["free"] * GiB, state["total"] * GiB))
+    monkeypatch.setattr(torch.cuda, "empty_cache",
+                        lambda: state.__setitem__("emptied", state["emptied"] + 1))
+    return state
+
+
+def test_the_gpu_cache_takes_the_share_left_after_what_is_in_use_and_the_reserve(gpu_memory):
+    # 90% of 80 GiB = 72; 20 in use (the model, other processes); 2 kept for activations.
+    assert gpu_kv_cache_bytes(CUDA, 0.9, 2 * GiB) == int(0.9 * 80 * GiB) - 20 * GiB - 2 * GiB
+    assert gpu_memory["emptied"] == 1   # torch's cached blocks are counted as free first
+    assert gpu_kv_cache_bytes(CUDA, 0.5, 2 * GiB) == 40 * GiB - 20 * GiB - 2 * GiB
+
+
+def test_no_room_left_is_a_clear_error(gpu_memory):
+    gpu_memory["free"] = 5   # another engine or process holds 75 of 80 GiB
+    with pytest.raises(ConfigError, match=r"5\.0 of its 80\.0 GiB are free.*gpu_memory_utilization "
+                                          r"0\.9.*kv_cache_gb or num_blocks"):
+        gpu_kv_cache_bytes(CUDA, 0.9, GiB)
+
+
+def test_the_activation_reserve_follows_the_budget_and_the_vocabulary(tiny_llama):
+    config = tiny_llama[1].config
+    small = step_activation_bytes(config, 64, 8, 2)
+    assert step_activation_bytes(config, 128, 8, 2) > small
+    assert step_activation_bytes(config, 64, 8, 4) > small
+    # Every token of a step may be scored (prompt logprobs): float32 logits for each, with copies.
+    assert small >= 3 * 64 * config.vocab_size * 4
+
+
+def test_on_a_cpu_unset_is_one_gib_and_settings_win(tiny_llama):
+    folder = str(tiny_llama[0])
+    assert make_config().kv_cache_gb is None and make_config().gpu_memory_utilization == 0.9
+    engine = Engine(make_config(model=folder, device="cpu", dtype="float32"))
+    layers, kv_heads, head_dim = engine.model.kv_cache_spec
+    per_block = 2 * layers * 16 * kv_heads * head_dim * 4
+    assert len(engine.kv_cache[0][0]) == GiB // per_block
+    engine = Engine(make_config(model=folder, device="cpu", dtype="float32", kv_cache_gb=0.25))
+    assert len(engine.kv_cache[0][0]) == GiB // 4 // per_block
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization must be more than 0 and at most 1"):
+            make_config(gpu_memory_utilization=bad)
