@@ -59,3 +59,19 @@ def test_on_a_cpu_unset_is_one_gib_and_settings_win(tiny_llama):
     for bad in (0, 1.5, -0.1):
         with pytest.raises(ConfigError, match="gpu_memory_utilization must be more than 0 and at most 1"):
             make_config(gpu_memory_utilization=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_default_cache_takes_its_share_and_a_dropped_engine_gives_it_back(tiny_llama):
+    def make():
+        return Engine(make_config(model=str(tiny_llama[0]), device="cuda", dtype="float32",
+                                  gpu_memory_utilization=0.5))
+
+    def cache_bytes(engine):
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in engine.kv_cache)
+
+    _, total = torch.cuda.mem_get_info()
+    first = cache_bytes(make())   # dropped at once, its memory held until collected
+    assert 0.4 * total < first <= 0.5 * total   # a tiny model: nearly all of the half
+    assert cache_bytes(make()) >= 0.99 * first
