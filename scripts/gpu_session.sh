@@ -307,7 +307,7 @@ step_tests() {
     bounded tests "$(limit_for tests "${CAP[tests]}" 1)" "tee:$WORK/tests.txt" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
         --junitxml="$OUT/tests.xml" "${PYTEST_ARGS[@]}" tests/plugins/kernels tests/plugins/models/test_llama_parity.py \
         tests/bench/test_cuda_device_timing.py tests/core/test_ragged_batch.py \
-        tests/core/test_overlap_steps.py tests/core/test_prefix_caching.py
+        tests/core/test_overlap_steps.py tests/core/test_prefix_caching.py tests/core/test_kv_memory.py
 }
 
 step_kernels() {
