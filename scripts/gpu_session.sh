@@ -9,7 +9,7 @@
 #            .cuda against kernels.torch), kernels.cuda's GPU tests, greedy parity with
 #            transformers for every backend on the GPU, the kernel benchmark's device timer, and
 #            the ragged batch's copy from pinned memory; overlap_steps against steps in turn;
-#            prefix-cached prompts against transformers
+#            prefix-cached prompts against transformers; the KV cache sized to the GPU
 #   kernels  fastgen bench kernels --check, full shapes, over the backends that run on the device
 #            (each case also checked against kernels.torch on its inputs); one run
 #            per model shape, llama3-8b then smollm2-135m, so a timeout costs that model's rows only
