@@ -50,11 +50,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _build_config(args)
     transport_cls = load_plugins().registry.get("transports", config.transport).cls
     engine = Engine(config)
-    print(f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
-          f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} "
-          f"({engine.allocator.num_blocks} KV blocks of {config.block_size} tokens)", file=sys.stderr)
+    print(serving_summary(engine), file=sys.stderr)
     transport_cls(AsyncEngine(engine).start(), config).run()
     return 0
+
+
+def serving_summary(engine) -> str:
+    """One line of what the engine runs, the defaults resolved: the backend `kernels = auto`
+    chose, the dtype, the KV cache's size, and whether steps replay from graphs and overlap."""
+    config = engine.config
+    cache_gib = sum(k.nbytes + v.nbytes for k, v in engine.kv_cache) / 2**30
+    graphs = "CUDA graphs" if engine.step_graphs is not None else "eager steps"
+    overlap = "overlapped" if engine.overlap_steps else "in turn"
+    return (f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
+            f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} in "
+            f"{str(engine.dtype).removeprefix('torch.')} ({engine.allocator.num_blocks} KV blocks of "
+            f"{config.block_size} tokens, {cache_gib:.2f} GiB; {graphs}, {overlap})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -160,3 +160,12 @@ def test_generate_command_with_a_checkpoint_folder(tiny_llama, capsys):
 def test_generate_command_reports_a_missing_model_folder(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_says_what_the_defaults_resolved_to(tiny_llama):
+    engine = Engine(make_config(model=str(tiny_llama[0]), device="cpu", kernels="torch",
+                                num_blocks=32))
+    line = cli.serving_summary(engine)
+    assert line.startswith(f"fastgen: serving {engine.model_name} with transports.http, kernels.torch, "
+                           f"schedulers.splitfuse on cpu in float32 (32 KV blocks of 16 tokens")
+    assert line.endswith("; eager steps, in turn)")   # a CPU: no graphs, nothing to overlap
