@@ -152,6 +152,7 @@ class AsyncEngine:
 
     def _serve_steps(self) -> None:
         engine = self.engine
+        engine.use_device_here()   # this thread runs the steps: its current CUDA device is theirs
         while not self._stop:
             adds, aborts = self._take_commands()
             for seq in adds:

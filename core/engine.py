@@ -114,6 +114,7 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        self.use_device_here()
         dtype_name = resolve_dtype(config.dtype, config.model, self.device)
         if dtype_name != config.dtype:
             log.info("dtype = %s: %s on %s", config.dtype, dtype_name, self.device)
@@ -162,6 +163,14 @@ class Engine:
         self._request_ids = itertools.count()   # next() is atomic: transports call from their thread
 
     # --- setup -------------------------------------------------------------------------------
+
+    def use_device_here(self) -> None:
+        """Make the engine's GPU the calling thread's current CUDA device: Triton launches, CUDA
+        graphs and new streams go to the current device, not to their tensors' (cuda:1 would
+        otherwise run on cuda:0). Each thread that runs steps calls it. Plain `cuda` means the
+        current device, whichever it is; a no-op off a GPU."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
 
     def _make_backend(self):
         if self.config.kernels == AUTO:

@@ -225,3 +225,19 @@ def test_consumer_loop_closed_does_not_kill_engine(engine):
             asyncio.run(async_engine.shutdown(timeout=0))
         for request_id in list(engine.sequences):   # the thread died: clean up for later tests
             engine.abort_request(request_id)
+
+
+def test_the_thread_that_runs_steps_makes_a_numbered_gpu_its_current_device(monkeypatch):
+    """Triton launches, CUDA graphs and new streams go to the current device: an engine on
+    cuda:1 sets it (in its own thread too); plain cuda and a CPU leave it alone."""
+    import types
+
+    import torch
+
+    from fastgen.engine import Engine
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("cuda:1", "cuda", "cpu"):
+        Engine.use_device_here(types.SimpleNamespace(device=torch.device(name)))
+    assert chosen == [torch.device("cuda:1")]
