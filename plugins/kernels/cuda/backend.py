@@ -142,6 +142,8 @@ class CudaBackend(ReferenceFallbackBackend):
     def sample(self, logits, meta, generator=None):
         # logits: [S, V] -> [S] int64
         logits = logits.float()
+        if meta.all_greedy:   # one reduction, as the kernel's greedy rows: first index on ties
+            return logits.argmax(dim=-1)
         seeds = row_seeds(meta, logits.shape[0], logits.device, generator)
         candidates = top_k_candidates(logits, meta)
         if candidates is None:

@@ -62,9 +62,14 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata,
            generator: torch.Generator | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
     """logits: [S, V] float32 -> next token ids [S] int64. A row is cut into chunks of
     `chunk_tokens` tokens drawn by programs of their own (default: by device)."""
+    if meta.all_greedy:
+        # One reduction instead of the noise, chunk and gather launches: the kernel's greedy rows
+        # take this argmax too (first index on ties, token 0 for a row of -inf), and all-greedy
+        # steps draw no seeds.
+        return logits.argmax(dim=1)
     rows, vocab = logits.shape
     logits = logits.contiguous()
-    if not meta.all_greedy and (meta.any_top_k or meta.any_top_p):
+    if meta.any_top_k or meta.any_top_p:
         cuts = thresholds(logits, meta)
     else:
         cuts = torch.full((rows,), float("-inf"), device=logits.device)

@@ -46,6 +46,20 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch(backend):
     assert tokens[0::2] != argmax[0::2]           # and the others sample
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["all-greedy", "beside-a-sampled-row"])
+def test_greedy_rows_break_ties_at_the_first_token_and_take_0_from_a_row_of_minus_inf(backend, mixed):
+    """All-greedy steps take a shortcut in the GPU samplers (one argmax): the same tokens as the
+    kernel's greedy rows beside sampled ones."""
+    logits = random_logits(4, 50)
+    logits[0, [7, 30]] = logits[0].max() + 1.0      # a tie: the first wins
+    logits[1] = float("-inf")                       # a row a logits processor banned whole
+    logits[2, 49] = logits[2].max() + 1.0           # the last token
+    params = [SamplingParams(temperature=0)] * 4 + [SamplingParams(temperature=1.0)] * mixed
+    if mixed:
+        logits = torch.cat([logits, random_logits(1, 50)])
+    assert draw(backend, logits, params)[:4] == [7, 0, 49, logits[3].argmax().item()]
+
+
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
 @pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-6}], ids=["top_k=1", "tiny-top_p"])
 def test_filters_that_keep_one_token_are_greedy_at_any_temperature(backend, cut, temperature):
