@@ -191,7 +191,10 @@ def test_sample_runs_the_kernel_with_a_seed_per_row(backend):
     logits = torch.randn(3, 10, dtype=torch.float64)
     greedy = metadata([SamplingParams(temperature=0)] * 3)
     assert be.sample(logits, greedy).tolist() == logits.argmax(-1).tolist()
-    assert ops.calls[-1] == ("sample", torch.float32, [0, 0, 0])   # greedy rows draw nothing
+    assert ops.calls == []   # an all-greedy step is one argmax, no kernel and no seeds
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)]
+    be.sample(logits[:2], metadata(params), torch.Generator().manual_seed(1))
+    assert ops.calls[-1][:2] == ("sample", torch.float32) and ops.calls[-1][2][0] != 0
     params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, seed=5),
               SamplingParams(temperature=0.5)]
     seeds = []
