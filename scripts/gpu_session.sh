@@ -347,21 +347,27 @@ step_e2e() {
     else
         kernels+=",torch+overlap"
     fi
+    # e2e_part NAME MODEL KERNELS ARGS...: one offline_throughput run, its table appended to
+    # e2e.md and its JSON merged, within what is left of the step's cap.
+    e2e_part() {
+        local name=$1 model=$2 rows=$3
+        shift 3
+        bounded "e2e:$name" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" "$WORK/e2e-$name.md" \
+            "$PY" benchmarks/offline_throughput.py --random-model "$model" --device "$DEVICE" \
+            --kernels "$rows" "${E2E_ARGS[@]}" "$@" --attn sdpa --skip-generate-batch \
+            --json "$WORK/e2e-$name.json"
+        { cat "$WORK/e2e-$name.md"; echo; } >> "$OUT/e2e.md"
+        merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
+        write_summary
+    }
     : > "$OUT/e2e.md"
     for m in "${E2E_MODELS[@]}"; do
-        bounded "e2e:$m" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" \
-            "$WORK/e2e-$m.md" \
-            "$PY" benchmarks/offline_throughput.py --random-model "$m" --device "$DEVICE" \
-            --kernels "$kernels" "${E2E_ARGS[@]}" "${sampling[@]}" --attn sdpa --skip-generate-batch \
-            --json "$WORK/e2e-$m.json"
+        e2e_part "$m" "$m" "$kernels" "${sampling[@]}"
         kernels=${graphs#,}
         [ -n "$kernels" ] || kernels=$BACKENDS
         # Two timed runs: the first of one row can still capture graphs of keys the warm-up
         # did not bring (kernels.triton on llama-1b: 2061 tokens/s in one run, 7668 best of 3).
         sampling=(--temperature 0.7 --top-k 50 --top-p 0.9 --repeat 2)
-        { cat "$WORK/e2e-$m.md"; echo; } >> "$OUT/e2e.md"
-        merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
-        write_summary
     done
     # The token budget: the last model again, as the defaults serve it on a GPU (graphs, overlap),
     # at 2048 tokens a step against the rows above at the default 512 (a larger budget fills the
@@ -370,14 +376,7 @@ step_e2e() {
     overlapped=$(tr , '\n' <<< "${graphs#,}" | grep '+overlap$' | paste -sd, -)
     if [ "$DRY" = 0 ] && [ -n "$overlapped" ]; then
         m=${E2E_MODELS[-1]}
-        bounded "e2e:$m-budget2048" "$(limit_for e2e $((CAP[e2e] - SECONDS + t0)) 1)" \
-            "$WORK/e2e-$m-budget2048.md" \
-            "$PY" benchmarks/offline_throughput.py --random-model "$m" --device "$DEVICE" \
-            --kernels "$overlapped" "${E2E_ARGS[@]}" "${sampling[@]}" --token-budget 2048 \
-            --attn sdpa --skip-generate-batch --json "$WORK/e2e-$m-budget2048.json"
-        { cat "$WORK/e2e-$m-budget2048.md"; echo; } >> "$OUT/e2e.md"
-        merge_json "$OUT/e2e.json" "$WORK"/e2e-*.json
-        write_summary
+        e2e_part "$m-budget2048" "$m" "$overlapped" "${sampling[@]}" --token-budget 2048
     fi
 }
 
