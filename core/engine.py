@@ -148,7 +148,7 @@ class Engine:
         if self.step_graphs is not None:
             self.step_graphs.capture_ahead()
         self.overlap_steps = overlap_steps_on(config, self.device)
-        if config.overlap_steps and self.device.type != "cuda":
+        if self.overlap_steps and self.device.type != "cuda":   # asked for on a CPU
             log.warning("overlap_steps on %s: a step's forward pass runs as it is launched, so "
                         "nothing overlaps, and each output comes a step later.", self.device)
 
