@@ -55,6 +55,9 @@ QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 # 2 were never the fastest (NVIDIA H200, 2026-11-27), so they are not timed again.
 DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64) for st in (3, 4)] + [
     (None, 64, 2, 3), (None, 64, 8, 3)]
+# Timed on the fresh prompt and the mixes and never ahead (NVIDIA H200, 2026-11-28, the fourth
+# session): 32-token tiles on 8 warps with 32 keys a step, 2 or 4 stages, and 128 keys at 3 stages
+# (which fit sm_90's shared memory); lazy rescaling of the running output (7-14% slower on prompts).
 PROMPT_SETTINGS = [(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
     (32, 64, 8, 3), (32, 128, 8, 2)]
 QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
