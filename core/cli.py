@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serving_summary(engine) -> str:
     """One line of what the engine runs, the defaults resolved: the backend `kernels = auto`
-    chose, the dtype, the KV cache's size, and whether steps replay from graphs and overlap."""
+    chose, the dtype, the KV cache's size, the token budget, and whether steps replay from graphs
+    and overlap."""
     config = engine.config
     cache_gib = sum(k.nbytes + v.nbytes for k, v in engine.kv_cache) / 2**30
     graphs = "CUDA graphs" if engine.step_graphs is not None else "eager steps"
@@ -65,7 +66,8 @@ def serving_summary(engine) -> str:
     return (f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
             f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} in "
             f"{str(engine.dtype).removeprefix('torch.')} ({engine.allocator.num_blocks} KV blocks of "
-            f"{config.block_size} tokens, {cache_gib:.2f} GiB; {graphs}, {overlap})")
+            f"{config.block_size} tokens, {cache_gib:.2f} GiB; steps of {config.token_budget} "
+            f"tokens, {graphs}, {overlap})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -44,8 +44,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     transport: Annotated[str, _doc("transport plugin used by `fastgen serve` (transports.NAME)")] = "http"
 
     # Scheduling.
-    token_budget: Annotated[int, _doc(
-        "tokens computed per forward pass (SplitFuse keeps every step at this size)")] = 512
+    token_budget: Annotated[int | None, _doc(
+        "tokens computed per forward pass (SplitFuse keeps every step at this size); unset: 512 "
+        "on a CPU, and on a GPU 2048 where a step that size leaves the KV cache most of the "
+        "memory (else 512)")] = None
     max_num_seqs: Annotated[int, _doc("most sequences in one step")] = 64
 
     # KV cache.
@@ -96,13 +98,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "seconds requests in flight get to finish after SIGINT/SIGTERM before they are aborted")] = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("token_budget", "max_num_seqs", "block_size", "max_body_bytes", "max_choices"):
+        for name in ("max_num_seqs", "block_size", "max_body_bytes", "max_choices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError(f"cuda_graph_max_tokens must be 0 (decode steps only) or more, got "
                               f"{self.cuda_graph_max_tokens}.")
-        for name in ("num_blocks", "threads"):
+        for name in ("token_budget", "num_blocks", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}.")

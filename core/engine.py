@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import torch
 
 from .block_allocator import BlockAllocator
@@ -16,8 +17,8 @@ from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
-from .kv_memory import (CPU_KV_CACHE_GB, GPU_FIXED_RESERVE, GiB, gpu_kv_cache_bytes,
-                        step_activation_bytes)
+from .kv_memory import (CPU_KV_CACHE_GB, GiB, default_token_budget, gpu_kv_cache_bytes,
+                        step_reserve_bytes)
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
 from .model import load_model
@@ -120,12 +121,15 @@ class Engine:
             log.info("dtype = %s: %s on %s", config.dtype, dtype_name, self.device)
         self.dtype = DTYPES[dtype_name]
         self.backend = self._make_backend()
-        scheduler_cls = self.plugins.registry.get("schedulers", config.scheduler).cls
-        self.scheduler = scheduler_cls(config)
 
         self.checkpoint = resolve_checkpoint(config.model, config.cache_dir, dtype_name)
         self.model, self.hf_config = load_model(self.checkpoint, self.plugins, self.backend,
                                                 self.dtype, self.device)
+        # The settings with what they left unset and the model decides filled in: every reader
+        # (the scheduler, transports' metrics, benchmarks) sees the numbers the engine runs with.
+        self.config = config = self._with_token_budget(config)
+        scheduler_cls = self.plugins.registry.get("schedulers", config.scheduler).cls
+        self.scheduler = scheduler_cls(config)
         self.tokenizer, self.eos_token_ids = load_tokenizer(self.checkpoint, self.hf_config)
         self.model_name = config.served_model_name or Path(config.model or "SmolLM2-135M-Instruct").stem
 
@@ -203,6 +207,16 @@ class Engine:
             log.debug("cuda_graphs (default): every step runs eagerly: %s.", reason)
         return reason is None
 
+    def _with_token_budget(self, config: Config) -> Config:
+        """`config` with its token budget: as set, or unset, the device's and the model's default
+        (core/kv_memory.py)."""
+        if config.token_budget is not None:
+            return config
+        budget = default_token_budget(self.device, self.hf_config, config.max_num_seqs,
+                                      self.dtype.itemsize, config.gpu_memory_utilization)
+        log.info("token_budget (default): %d on %s", budget, self.device)
+        return msgspec.structs.replace(config, token_budget=budget)
+
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, kv_heads, head_dim = self.model.kv_cache_spec
         bs = self.config.block_size
@@ -220,9 +234,8 @@ class Engine:
             return int(self.config.kv_cache_gb * GiB)
         if self.device.type != "cuda":
             return int(CPU_KV_CACHE_GB * GiB)
-        reserve = 2 * step_activation_bytes(   # eager steps, and the graphs' memory pool
-            self.hf_config, self.config.token_budget, self.config.max_num_seqs,
-            self.dtype.itemsize) + GPU_FIXED_RESERVE
+        reserve = step_reserve_bytes(self.hf_config, self.config.token_budget,
+                                     self.config.max_num_seqs, self.dtype.itemsize)
         size = gpu_kv_cache_bytes(self.device, self.config.gpu_memory_utilization, reserve)
         log.info("KV cache: %.1f GiB (gpu_memory_utilization %s; %.1f GiB kept for activations)",
                  size / GiB, self.config.gpu_memory_utilization, reserve / GiB)

@@ -31,6 +31,7 @@ class StepPlan:
 class Scheduler(Protocol):
     name: ClassVar[str]
 
+    # config.token_budget is set: the engine fills in its default before it makes the scheduler.
     def __init__(self, config: Config) -> None: ...
 
     def schedule(self, waiting: deque[Sequence], running: list[Sequence],

@@ -125,7 +125,6 @@ class InProcessTarget:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.name = config.scheduler
-        self.token_budget = config.token_budget
         self.engine = None
         self.async_engine = None
         self.recorder = StepRecorder()
@@ -145,6 +144,13 @@ class InProcessTarget:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def token_budget(self) -> int | None:
+        """As set, else the engine's default once it is open."""
+        if self.engine is not None:
+            return self.engine.config.token_budget
+        return self.config.token_budget
 
     @property
     def model_name(self) -> str:

@@ -168,4 +168,5 @@ def test_serve_says_what_the_defaults_resolved_to(tiny_llama):
     line = cli.serving_summary(engine)
     assert line.startswith(f"fastgen: serving {engine.model_name} with transports.http, kernels.torch, "
                            f"schedulers.splitfuse on cpu in float32 (32 KV blocks of 16 tokens")
-    assert line.endswith("; eager steps, in turn)")   # a CPU: no graphs, nothing to overlap
+    # A CPU: the CPU's token budget, no graphs, nothing to overlap.
+    assert line.endswith("; steps of 512 tokens, eager steps, in turn)")

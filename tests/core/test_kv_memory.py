@@ -1,13 +1,17 @@
-"""The KV cache's size when the settings do not give it: 1 GiB on a CPU; on a GPU what
-gpu_memory_utilization leaves with the model loaded and a step's activations kept."""
+"""The memory-bound defaults. The KV cache's size when the settings do not give it: 1 GiB on a
+CPU; on a GPU what gpu_memory_utilization leaves with the model loaded and a step's activations
+kept. The token budget: 512 on a CPU; on a GPU 2048 where its activations leave the cache most of
+the room."""
 
 import pytest
 import torch
 
+from fastgen import SamplingParams
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.errors import ConfigError
-from fastgen.kv_memory import gpu_kv_cache_bytes, step_activation_bytes
+from fastgen.kv_memory import (default_token_budget, gpu_kv_cache_bytes, step_activation_bytes,
+                               step_reserve_bytes)
 
 GiB = 2**30
 CUDA = torch.device("cuda")
@@ -59,6 +63,37 @@ def test_on_a_cpu_unset_is_one_gib_and_settings_win(tiny_llama):
     for bad in (0, 1.5, -0.1):
         with pytest.raises(ConfigError, match="gpu_memory_utilization must be more than 0 and at most 1"):
             make_config(gpu_memory_utilization=bad)
+
+
+def test_a_gpu_steps_2048_tokens_where_their_activations_leave_the_cache_most_of_the_room(
+        gpu_memory, tiny_llama):
+    config = tiny_llama[1].config
+    reserve = step_reserve_bytes(config, 2048, 64, 2)
+    # The room: 90% of the total less what is in use (the stand-in's 80 GiB, 20 in use: 52 GiB).
+    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 2048
+    # A GPU whose room is under four times the 2048-token reserve (a large model on a small GPU):
+    # the cache keeps it, and steps are 512 tokens.
+    gpu_memory["total"] = 10
+    gpu_memory["free"] = 10 - 9 + (4 * reserve - 1) / GiB     # room = 9 - in use = 4 x reserve - 1 B
+    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 512
+    gpu_memory["free"] += 2 / GiB
+    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 2048
+    assert default_token_budget(torch.device("cpu"), config, 64, 2, 0.9) == 512
+
+
+def test_the_engine_fills_in_the_token_budget_it_runs_with(tiny_llama):
+    folder = str(tiny_llama[0])
+    assert make_config().token_budget is None
+    for setting, budget in ((None, 512), (96, 96)):   # unset on a CPU: 512
+        engine = Engine(make_config(model=folder, device="cpu", dtype="float32", num_blocks=64,
+                                    token_budget=setting))
+        assert engine.config.token_budget == budget
+        engine.add_request([3 + i % 400 for i in range(700)], SamplingParams(max_tokens=1))
+        engine.step()
+        assert engine.last_stats.num_tokens == budget   # the first chunk of a 700-token prompt
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="token_budget must be at least 1"):
+            make_config(token_budget=bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
