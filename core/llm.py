@@ -19,8 +19,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **settings: Any) -> None:
-        self.config = make_config(model=model, **settings)
-        self.engine = Engine(self.config)
+        self.engine = Engine(make_config(model=model, **settings))
+        # The engine's: what was left unset filled in (the token budget), as it runs.
+        self.config = self.engine.config
 
     @property
     def tokenizer(self):

@@ -6,7 +6,7 @@ the room."""
 import pytest
 import torch
 
-from fastgen import SamplingParams
+from fastgen import LLM, SamplingParams
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.errors import ConfigError
@@ -91,6 +91,8 @@ def test_the_engine_fills_in_the_token_budget_it_runs_with(tiny_llama):
         engine.add_request([3 + i % 400 for i in range(700)], SamplingParams(max_tokens=1))
         engine.step()
         assert engine.last_stats.num_tokens == budget   # the first chunk of a 700-token prompt
+    # LLM's config is the engine's, as it runs.
+    assert LLM(model=folder, device="cpu", dtype="float32", num_blocks=64).config.token_budget == 512
     for bad in (0, -3):
         with pytest.raises(ConfigError, match="token_budget must be at least 1"):
             make_config(token_budget=bad)
