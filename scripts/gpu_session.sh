@@ -92,7 +92,7 @@ done
 # sweep 64 for six shapes.
 # The sweep's cap grew with its rows (tile order, a 128-key prompt setting): it rewrites its table
 # after each shape, so a cut keeps the shapes done.
-declare -A CAP=([tests]=250 [kernels]=110 [e2e]=180 [steps]=90 [sweep]=100 [profile]=60)
+declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [sweep]=100 [profile]=60)
 # The profile keeps no floor: it gets what the other steps leave, and runs alone in a second call
 # on the still warm machine (`bash scripts/gpu_session.sh profile`) where they leave too little.
 declare -A FLOOR=([tests]=90 [kernels]=75 [e2e]=60 [steps]=40 [sweep]=45 [profile]=0)
@@ -382,14 +382,20 @@ step_e2e() {
         # did not bring (kernels.triton on llama-1b: 2061 tokens/s in one run, 7668 best of 3).
         sampling=(--temperature 0.7 --top-k 50 --top-p 0.9 --repeat 2)
     done
-    # The token budget: the last model again, as the defaults serve it on a GPU (graphs, overlap),
-    # at 2048 tokens a step against the rows above at the default 512 (a larger budget fills the
-    # GPU's matmuls better in prompt steps; decodes beside a prompt chunk wait longer).
-    local overlapped
-    overlapped=$(tr , '\n' <<< "${graphs#,}" | grep '+overlap$' | paste -sd, -)
+    # Concurrency: the last model with 256 requests, as the defaults serve it on a GPU (graphs,
+    # overlap, a 2048-token budget; 8 GiB of KV cache hold all 256 at full length), at most 64
+    # sequences a step (the default) against 256 (vLLM's):
+    # whether a GPU's default max_num_seqs should be larger, and what capturing decode graphs of up
+    # to 256 sequences costs at start (session.log: "cuda_graphs: captured decode steps ...").
+    # (The 2048-token budget was chosen from this place's rows in the 2026-11-28 fourth session.)
+    local overlapped seqs
+    overlapped=$(tr , '\n' <<< "${graphs#,}" | grep '^triton+graphs+overlap$' | paste -sd, -)
     if [ "$DRY" = 0 ] && [ -n "$overlapped" ]; then
         m=${E2E_MODELS[-1]}
-        e2e_part "$m-budget2048" "$m" "$overlapped" "${sampling[@]}" --token-budget 2048
+        for seqs in 64 256; do
+            e2e_part "$m-256req-seqs$seqs" "$m" "$overlapped" "${sampling[@]}" --requests 256 \
+                --token-budget 2048 --max-num-seqs "$seqs" --kv-cache-gb 8 --repeat 1
+        done
     fi
 }
 
