@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def serving_summary(engine) -> str:
     """One line of what the engine runs, the defaults resolved: the backend `kernels = auto`
-    chose, the dtype, the KV cache's size, the token budget, and whether steps replay from graphs
+    chose, the dtype, the KV cache's size, the step sizes, and whether steps replay from graphs
     and overlap."""
     config = engine.config
     cache_gib = sum(k.nbytes + v.nbytes for k, v in engine.kv_cache) / 2**30
@@ -67,7 +67,7 @@ def serving_summary(engine) -> str:
             f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} in "
             f"{str(engine.dtype).removeprefix('torch.')} ({engine.allocator.num_blocks} KV blocks of "
             f"{config.block_size} tokens, {cache_gib:.2f} GiB; steps of {config.token_budget} "
-            f"tokens, {graphs}, {overlap})")
+            f"tokens and {config.max_num_seqs} sequences at most, {graphs}, {overlap})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -48,7 +48,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "tokens computed per forward pass (SplitFuse keeps every step at this size); unset: 512 "
         "on a CPU, and on a GPU 2048 where a step that size leaves the KV cache most of the "
         "memory (else 512)")] = None
-    max_num_seqs: Annotated[int, _doc("most sequences in one step")] = 64
+    max_num_seqs: Annotated[int | None, _doc(
+        "most sequences in one step (decode steps of that many are captured as CUDA graphs at "
+        "start); unset: 64 on a CPU, 256 on a GPU")] = None
 
     # KV cache.
     block_size: Annotated[int, _doc("tokens per KV cache block")] = 16
@@ -98,13 +100,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "seconds requests in flight get to finish after SIGINT/SIGTERM before they are aborted")] = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "block_size", "max_body_bytes", "max_choices"):
+        for name in ("block_size", "max_body_bytes", "max_choices"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError(f"cuda_graph_max_tokens must be 0 (decode steps only) or more, got "
                               f"{self.cuda_graph_max_tokens}.")
-        for name in ("token_budget", "num_blocks", "threads"):
+        for name in ("token_budget", "max_num_seqs", "num_blocks", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}.")

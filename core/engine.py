@@ -102,6 +102,14 @@ def overlap_steps_on(config: Config, device: torch.device) -> bool:
     return device.type == "cuda" if config.overlap_steps is None else config.overlap_steps
 
 
+def default_max_num_seqs(device: torch.device) -> int:
+    """Sequences a step may hold when unset: 64 on a CPU, where a step's time grows with each
+    sequence's matmul rows; 256 on a GPU (vLLM's default), where a decode step of 256 sequences
+    costs little more than one of 64 (the weights are read once a step either way) and a GPU-sized
+    KV cache holds them: more requests decode at once, and only a step's own padding waits."""
+    return 256 if device.type == "cuda" else 64
+
+
 class Engine:
     def __init__(self, config: Config, plugins: PluginManager | None = None,
                  graph_capture: Capture | None = None) -> None:
@@ -127,7 +135,7 @@ class Engine:
                                                 self.dtype, self.device)
         # The settings with what they left unset and the model decides filled in: every reader
         # (the scheduler, transports' metrics, benchmarks) sees the numbers the engine runs with.
-        self.config = config = self._with_token_budget(config)
+        self.config = config = self._with_step_sizes(config)
         scheduler_cls = self.plugins.registry.get("schedulers", config.scheduler).cls
         self.scheduler = scheduler_cls(config)
         self.tokenizer, self.eos_token_ids = load_tokenizer(self.checkpoint, self.hf_config)
@@ -207,15 +215,20 @@ class Engine:
             log.debug("cuda_graphs (default): every step runs eagerly: %s.", reason)
         return reason is None
 
-    def _with_token_budget(self, config: Config) -> Config:
-        """`config` with its token budget: as set, or unset, the device's and the model's default
-        (core/kv_memory.py)."""
-        if config.token_budget is not None:
+    def _with_step_sizes(self, config: Config) -> Config:
+        """`config` with its step sizes: as set, or unset, the device's default sequences a step
+        (default_max_num_seqs) and the device's and the model's token budget (core/kv_memory.py)."""
+        sizes = {}
+        if config.max_num_seqs is None:
+            sizes["max_num_seqs"] = default_max_num_seqs(self.device)
+        if config.token_budget is None:
+            sizes["token_budget"] = default_token_budget(
+                self.device, self.hf_config, sizes.get("max_num_seqs", config.max_num_seqs),
+                self.dtype.itemsize, config.gpu_memory_utilization)
+        if not sizes:
             return config
-        budget = default_token_budget(self.device, self.hf_config, config.max_num_seqs,
-                                      self.dtype.itemsize, config.gpu_memory_utilization)
-        log.info("token_budget (default): %d on %s", budget, self.device)
-        return msgspec.structs.replace(config, token_budget=budget)
+        log.info("on %s by default: %s", self.device, ", ".join(f"{k} {v}" for k, v in sizes.items()))
+        return msgspec.structs.replace(config, **sizes)
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, kv_heads, head_dim = self.model.kv_cache_spec

@@ -31,7 +31,8 @@ class StepPlan:
 class Scheduler(Protocol):
     name: ClassVar[str]
 
-    # config.token_budget is set: the engine fills in its default before it makes the scheduler.
+    # config.token_budget and max_num_seqs are set: the engine fills in their defaults before it
+    # makes the scheduler.
     def __init__(self, config: Config) -> None: ...
 
     def schedule(self, waiting: deque[Sequence], running: list[Sequence],

@@ -169,4 +169,4 @@ def test_serve_says_what_the_defaults_resolved_to(tiny_llama):
     assert line.startswith(f"fastgen: serving {engine.model_name} with transports.http, kernels.torch, "
                            f"schedulers.splitfuse on cpu in float32 (32 KV blocks of 16 tokens")
     # A CPU: the CPU's token budget, no graphs, nothing to overlap.
-    assert line.endswith("; steps of 512 tokens, eager steps, in turn)")
+    assert line.endswith("; steps of 512 tokens and 64 sequences at most, eager steps, in turn)")

@@ -8,7 +8,7 @@ import torch
 
 from fastgen import LLM, SamplingParams
 from fastgen.config import make_config
-from fastgen.engine import Engine
+from fastgen.engine import Engine, default_max_num_seqs
 from fastgen.errors import ConfigError
 from fastgen.kv_memory import (default_token_budget, gpu_kv_cache_bytes, step_activation_bytes,
                                step_reserve_bytes)
@@ -81,9 +81,16 @@ def test_a_gpu_steps_2048_tokens_where_their_activations_leave_the_cache_most_of
     assert default_token_budget(torch.device("cpu"), config, 64, 2, 0.9) == 512
 
 
-def test_the_engine_fills_in_the_token_budget_it_runs_with(tiny_llama):
+def test_the_engine_fills_in_the_step_sizes_it_runs_with(tiny_llama):
     folder = str(tiny_llama[0])
-    assert make_config().token_budget is None
+    assert make_config().token_budget is None and make_config().max_num_seqs is None
+    assert default_max_num_seqs(CUDA) == 256 and default_max_num_seqs(torch.device("cpu")) == 64
+    engine = Engine(make_config(model=folder, device="cpu", dtype="float32", num_blocks=64))
+    assert (engine.config.max_num_seqs, engine.scheduler.config.max_num_seqs) == (64, 64)
+    for _ in range(70):                # 70 short prompts: the first step takes 64 of them
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=1))
+    engine.step()
+    assert engine.last_stats.num_seqs == 64 and engine.last_stats.num_tokens == 64 * 3
     for setting, budget in ((None, 512), (96, 96)):   # unset on a CPU: 512
         engine = Engine(make_config(model=folder, device="cpu", dtype="float32", num_blocks=64,
                                     token_budget=setting))
@@ -109,6 +116,10 @@ def test_on_cuda_the_default_cache_takes_its_share_and_a_dropped_engine_gives_it
                    for k, v in engine.kv_cache)
 
     _, total = torch.cuda.mem_get_info()
-    first = cache_bytes(make())   # dropped at once, its memory held until collected
+    engine = make()
+    # A tiny model's 2048-token steps take little of the GPU: the GPU's step sizes.
+    assert (engine.config.token_budget, engine.config.max_num_seqs) == (2048, 256)
+    first = cache_bytes(engine)
+    del engine                    # dropped, its memory held until collected
     assert 0.4 * total < first <= 0.5 * total   # a tiny model: nearly all of the half
     assert cache_bytes(make()) >= 0.99 * first

@@ -25,8 +25,9 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def make_engine(folder: str, caching: bool = True, **settings) -> Engine:
-    settings = {"token_budget": 64, "device": "cpu", "dtype": "float32", "kv_cache_gb": 1.0,
-                **settings}
+    # max_num_seqs named: a GPU's default (256) would capture four times the decode graphs.
+    settings = {"token_budget": 64, "max_num_seqs": 64, "device": "cpu", "dtype": "float32",
+                "kv_cache_gb": 1.0, **settings}
     return Engine(make_config(model=folder, prefix_caching=caching, **settings))
 
 

@@ -227,8 +227,8 @@ def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, d
     params = [fastgen.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
               fastgen.SamplingParams(max_tokens=4, temperature=0.8, seed=11, ignore_eos=True),
               fastgen.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)]
-    settings = dict(model=str(folder), token_budget=16, device=device.type, dtype="float32",
-                    kv_cache_gb=1.0)
+    settings = dict(model=str(folder), token_budget=16, max_num_seqs=64, device=device.type,
+                    dtype="float32", kv_cache_gb=1.0)
     triton_out = fastgen.LLM(kernels="triton", **settings).generate(prompts, params)
     torch_out = fastgen.LLM(kernels="torch", **settings).generate(prompts, params)
     assert [o.token_ids for o in triton_out][0::2] == [o.token_ids for o in torch_out][0::2]
