@@ -76,8 +76,13 @@ def _checkpoint_folder(bench: ServeBenchmark):
 
 
 def _batch_cap(load: Load, bench: ServeBenchmark) -> int:
-    """Most requests a peer serves at once: the client count, else the engine's max_num_seqs."""
-    limit = bench.engine_settings.get("max_num_seqs") or make_config().max_num_seqs
+    """Most requests a peer serves at once: the client count, else the engine's max_num_seqs
+    (as set, or the default on the engine's device)."""
+    from ..engine import default_max_num_seqs, resolve_device
+
+    settings = bench.engine_settings
+    limit = settings.get("max_num_seqs") or default_max_num_seqs(
+        resolve_device(settings.get("device", "auto")))
     return min(load.clients, limit) if isinstance(load, ClosedLoop) else limit
 
 
