@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -41,7 +40,7 @@ from fastgen.bench.peers import continuous_batching_config, generate_draws, hf_g
 from fastgen.bench.workload import allowed_token_ids
 from fastgen.checkpoint import DTYPES
 from fastgen.engine import resolve_device
-from random_checkpoint import SHAPES, make_random_checkpoint
+from random_checkpoint import SHAPES, temporary_random_checkpoint
 
 
 def status(msg: str) -> None:
@@ -488,12 +487,9 @@ def main(argv=None) -> int:
     if not args.random_model:
         return run(args, resolve_checkpoint(args.model, None, args.dtype), device)
     status(f"building a random-weight {args.random_model} on {device}")
-    folder = make_random_checkpoint(args.random_model, DTYPES[args.dtype], device)
-    args.model = str(folder)
-    try:
+    with temporary_random_checkpoint(args.random_model, DTYPES[args.dtype], device) as folder:
+        args.model = str(folder)
         return run(args, folder, device)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(args, folder, device: torch.device) -> int:

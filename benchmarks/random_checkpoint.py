@@ -6,7 +6,10 @@ weights are noise, so only the timings mean anything, never the text.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,3 +64,14 @@ def make_random_checkpoint(shape: str, dtype: torch.dtype, device: torch.device 
     save_tokenizer(folder, config.vocab_size)
     del model
     return folder
+
+
+@contextmanager
+def temporary_random_checkpoint(shape: str, dtype: torch.dtype,
+                                device: torch.device | str = "cpu") -> Iterator[Path]:
+    """make_random_checkpoint's folder, removed when the block ends."""
+    folder = make_random_checkpoint(shape, dtype, device)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,6 @@ their names say which op they are; the rest are `other`, listed by name under th
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 
@@ -28,9 +27,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastgen import LLM, SamplingParams
-from fastgen.bench.workload import allowed_token_ids
 from fastgen.checkpoint import DTYPES
-from random_checkpoint import SHAPES, make_random_checkpoint
+from fastgen.cli import serving_summary
+from fastgen.engine import resolve_device
+from offline_throughput import device_name, make_prompts, timed
+from random_checkpoint import SHAPES, temporary_random_checkpoint
 
 # (group, substrings of a lowercased kernel or op name), first match wins: attention's reduce and
 # the KV write before matmul's generic names, sampling's before copies.
@@ -101,20 +102,11 @@ def window_table(title: str, times: dict[str, tuple[float, int]], steps: int, wa
     return "\n".join(lines)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profiled(run, device: torch.device):
     """(profiler, wall seconds) of run() under torch.profiler, the device's queued work included."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
     with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        wall = time.perf_counter() - t0
+        wall, _ = timed(run, device)
     return prof, wall
 
 
@@ -177,52 +169,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    folder = None
-    if args.random_model:
+    if not args.random_model:
+        text = profile_steps(args)
+    else:
         dtype = DTYPES["bfloat16" if args.dtype == "auto" else args.dtype]
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-        folder = make_random_checkpoint(args.random_model, dtype, device if device != "auto" else "cpu")
-        args.model = str(folder)
-    try:
-        settings = {k: v for k, v in dict(
-            model=args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
-            token_budget=args.token_budget, kv_cache_gb=args.kv_cache_gb, threads=args.threads,
-            cuda_graphs=False if args.no_cuda_graphs else None,
-            served_model_name=args.random_model and f"random {args.random_model}").items()
-            if v is not None}
-        llm = LLM(**settings)
-        engine = llm.engine
-        on_gpu = engine.device.type == "cuda"
-        vocab = engine.hf_config.vocab_size
-        allowed = torch.from_numpy(allowed_token_ids(engine.tokenizer, vocab))
-        gen = torch.Generator().manual_seed(0)
-        prompts = allowed[torch.randint(len(allowed), (args.requests, args.prompt_len),
-                                        generator=gen)].tolist()
-        print(f"[step_profile] warm-up: {args.requests} x {args.prompt_len} tokens", file=sys.stderr)
-        llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
-        config = engine.config
-        header = (f"## Step profile: {engine.model_name}, kernels.{engine.backend.name} on "
-                  f"{torch.cuda.get_device_name(engine.device) if on_gpu else 'cpu'}, "
-                  f"{str(engine.dtype).removeprefix('torch.')}, token budget {config.token_budget}, "
-                  f"{'CUDA graphs' if engine.step_graphs is not None else 'eager steps'}, "
-                  f"{'overlapped' if engine.overlap_steps else 'in turn'}; torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-        tables = [header, ""]
-        prof, wall, steps = prompt_window(llm, prompts)
-        tables.append(window_table(f"prompt steps ({args.requests} x {args.prompt_len} tokens)",
-                                   op_times(prof, on_gpu), steps, wall, on_gpu))
-        prof, wall, steps = decode_window(llm, prompts, args.steps)
-        tables.append(window_table(f"decode steps ({args.requests} sequences)",
-                                   op_times(prof, on_gpu), steps, wall, on_gpu))
-        text = "\n".join(tables)
-        print(text)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(text + "\n")
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        with temporary_random_checkpoint(args.random_model, dtype, resolve_device(args.device)) as folder:
+            args.model = str(folder)
+            text = profile_steps(args)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
     return 0
+
+
+def profile_steps(args) -> str:
+    """The two windows' tables for the engine the arguments describe, under a header saying
+    what it runs (the defaults resolved, as `fastgen serve` prints them)."""
+    settings = {k: v for k, v in dict(
+        model=args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+        token_budget=args.token_budget, kv_cache_gb=args.kv_cache_gb, threads=args.threads,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+        served_model_name=args.random_model and f"random {args.random_model}").items()
+        if v is not None}
+    llm = LLM(**settings)
+    engine = llm.engine
+    on_gpu = engine.device.type == "cuda"
+    prompts = make_prompts(engine.tokenizer, engine.hf_config.vocab_size, args.requests,
+                           args.prompt_len, seed=0)
+    print(f"[step_profile] warm-up: {args.requests} x {args.prompt_len} tokens", file=sys.stderr)
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    tables = [f"## Step profile on {device_name(engine.device)}; torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+              f"`{serving_summary(engine)}`", ""]
+    prof, wall, steps = prompt_window(llm, prompts)
+    tables.append(window_table(f"prompt steps ({args.requests} x {args.prompt_len} tokens)",
+                               op_times(prof, on_gpu), steps, wall, on_gpu))
+    prof, wall, steps = decode_window(llm, prompts, args.steps)
+    tables.append(window_table(f"decode steps ({args.requests} sequences)",
+                               op_times(prof, on_gpu), steps, wall, on_gpu))
+    return "\n".join(tables)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_profiles_a_prompt_window_and_a_decode_window(tmp_path):
                            "--markdown", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
-    assert "random llama-tiny, kernels." in table and "token budget 512" in table
+    assert "serving random llama-tiny with transports." in table
+    assert "steps of 512 tokens and 64 sequences at most" in table
     # 4 x 32 prompt tokens fit one step of 512; the decode window is the 3 steps asked for.
     assert re.search(r"### prompt steps \(4 x 32 tokens\): 1 steps, [\d.]+ ms a step", table)
     assert re.search(r"### decode steps \(4 sequences\): 3 steps, [\d.]+ ms a step", table)
