@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -17,8 +18,8 @@ from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
-from .kv_memory import (CPU_KV_CACHE_GB, GiB, default_token_budget, gpu_kv_cache_bytes,
-                        step_reserve_bytes)
+from .kv_memory import (CPU_KV_CACHE_GB, GiB, GpuMemory, default_token_budget,
+                        gpu_kv_cache_bytes, step_reserve_bytes)
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
 from .model import load_model
@@ -223,12 +224,20 @@ class Engine:
             sizes["max_num_seqs"] = default_max_num_seqs(self.device)
         if config.token_budget is None:
             sizes["token_budget"] = default_token_budget(
-                self.device, self.hf_config, sizes.get("max_num_seqs", config.max_num_seqs),
-                self.dtype.itemsize, config.gpu_memory_utilization)
+                self.hf_config, sizes.get("max_num_seqs", config.max_num_seqs),
+                self.dtype.itemsize, self._gpu_memory)
         if not sizes:
             return config
         log.info("on %s by default: %s", self.device, ", ".join(f"{k} {v}" for k, v in sizes.items()))
         return msgspec.structs.replace(config, **sizes)
+
+    @functools.cached_property
+    def _gpu_memory(self) -> GpuMemory | None:
+        """The GPU's memory with the model loaded (None off a GPU), measured when a default first
+        needs it: nothing the engine allocates on the GPU comes between the two that do."""
+        if self.device.type != "cuda":
+            return None
+        return GpuMemory.measure(self.device, self.config.gpu_memory_utilization)
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, kv_heads, head_dim = self.model.kv_cache_spec
@@ -249,7 +258,7 @@ class Engine:
             return int(CPU_KV_CACHE_GB * GiB)
         reserve = step_reserve_bytes(self.hf_config, self.config.token_budget,
                                      self.config.max_num_seqs, self.dtype.itemsize)
-        size = gpu_kv_cache_bytes(self.device, self.config.gpu_memory_utilization, reserve)
+        size = gpu_kv_cache_bytes(self._gpu_memory, reserve)
         log.info("KV cache: %.1f GiB (gpu_memory_utilization %s; %.1f GiB kept for activations)",
                  size / GiB, self.config.gpu_memory_utilization, reserve / GiB)
         return size

@@ -14,6 +14,7 @@ with a prompt chunk waits for the whole step, so the step stays at vLLM's online
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,42 +49,51 @@ def step_reserve_bytes(hf_config: Any, token_budget: int, max_num_seqs: int, ite
     return 2 * step_activation_bytes(hf_config, token_budget, max_num_seqs, itemsize) + GPU_FIXED_RESERVE
 
 
-def _gpu_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of the GPU, once what can be given back has been."""
-    gc.collect()                # engines dropped but not collected yet (cycles) give memory back,
-    torch.cuda.empty_cache()    # and torch's allocator the blocks it keeps cached
-    return torch.cuda.mem_get_info(device)
+@dataclass(frozen=True)
+class GpuMemory:
+    """A GPU's memory as the engine finds it with the model loaded: measured once, for both
+    defaults that follow from it (the token budget, then the KV cache's size)."""
+
+    device: torch.device
+    free: int
+    total: int
+    utilization: float          # the share of `total` the engine may hold
+
+    @classmethod
+    def measure(cls, device: torch.device, utilization: float) -> GpuMemory:
+        gc.collect()                # engines dropped but not collected yet (cycles) give memory back,
+        torch.cuda.empty_cache()    # and torch's allocator the blocks it keeps cached
+        free, total = torch.cuda.mem_get_info(device)
+        return cls(device, free, total, utilization)
+
+    @property
+    def room(self) -> int:
+        """What the engine may still take: its share of the memory, less what is in use (the
+        model, other processes)."""
+        return int(self.utilization * self.total) - (self.total - self.free)
 
 
-def gpu_room_bytes(device: torch.device, utilization: float) -> int:
-    """What the engine may still take on the GPU: `utilization` of its memory, less what is in
-    use now (the model, other processes)."""
-    free, total = _gpu_memory(device)
-    return int(utilization * total) - (total - free)
-
-
-def default_token_budget(device: torch.device, hf_config: Any, max_num_seqs: int, itemsize: int,
-                         utilization: float) -> int:
-    """The token budget when unset (see above): on a GPU, GPU_TOKEN_BUDGET where its step
-    reserve is at most GPU_BUDGET_RESERVE_SHARE of the room left with the model loaded (an 8B
-    model on an 80 GB GPU, not on a 24 GB one, where the cache would lose most of its room)."""
-    if device.type != "cuda":
+def default_token_budget(hf_config: Any, max_num_seqs: int, itemsize: int,
+                         gpu: GpuMemory | None) -> int:
+    """The token budget when unset (see above): off a GPU (`gpu` None) CPU_TOKEN_BUDGET; on one,
+    GPU_TOKEN_BUDGET where its step reserve is at most GPU_BUDGET_RESERVE_SHARE of the room left
+    with the model loaded (an 8B model on an 80 GB GPU, not on a 24 GB one, where the cache would
+    lose most of its room)."""
+    if gpu is None:
         return CPU_TOKEN_BUDGET
     reserve = step_reserve_bytes(hf_config, GPU_TOKEN_BUDGET, max_num_seqs, itemsize)
-    room = gpu_room_bytes(device, utilization)
-    return GPU_TOKEN_BUDGET if reserve <= GPU_BUDGET_RESERVE_SHARE * room else CPU_TOKEN_BUDGET
+    return GPU_TOKEN_BUDGET if reserve <= GPU_BUDGET_RESERVE_SHARE * gpu.room else CPU_TOKEN_BUDGET
 
 
-def gpu_kv_cache_bytes(device: torch.device, utilization: float, reserve: int) -> int:
-    """Bytes for the KV cache: `utilization` of the GPU's memory, less what is in use now (the
-    model, other processes) and `reserve`."""
-    free, total = _gpu_memory(device)
-    budget = int(utilization * total) - (total - free) - reserve
+def gpu_kv_cache_bytes(gpu: GpuMemory, reserve: int) -> int:
+    """Bytes for the KV cache: the GPU's room less `reserve`."""
+    budget = gpu.room - reserve
     if budget <= 0:
         raise ConfigError(
-            f"No room for a KV cache on {device}: {free / GiB:.1f} of its {total / GiB:.1f} GiB are "
-            f"free with the model loaded, gpu_memory_utilization {utilization} lets the engine "
-            f"hold {utilization * total / GiB:.1f} GiB in all, and a step's activations need "
-            f"about {reserve / GiB:.1f} GiB. Raise gpu_memory_utilization, free what other "
-            f"processes or engines hold on the GPU, or set kv_cache_gb or num_blocks.")
+            f"No room for a KV cache on {gpu.device}: {gpu.free / GiB:.1f} of its "
+            f"{gpu.total / GiB:.1f} GiB are free with the model loaded, gpu_memory_utilization "
+            f"{gpu.utilization} lets the engine hold {gpu.utilization * gpu.total / GiB:.1f} GiB in "
+            f"all, and a step's activations need about {reserve / GiB:.1f} GiB. Raise "
+            f"gpu_memory_utilization, free what other processes or engines hold on the GPU, or set "
+            f"kv_cache_gb or num_blocks.")
     return budget

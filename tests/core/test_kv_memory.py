@@ -10,8 +10,8 @@ from fastgen import LLM, SamplingParams
 from fastgen.config import make_config
 from fastgen.engine import Engine, default_max_num_seqs
 from fastgen.errors import ConfigError
-from fastgen.kv_memory import (default_token_budget, gpu_kv_cache_bytes, step_activation_bytes,
-                               step_reserve_bytes)
+from fastgen.kv_memory import (GpuMemory, default_token_budget, gpu_kv_cache_bytes,
+                               step_activation_bytes, step_reserve_bytes)
 
 GiB = 2**30
 CUDA = torch.device("cuda")
@@ -30,16 +30,18 @@ def gpu_memory(monkeypatch):
 
 def test_the_gpu_cache_takes_the_share_left_after_what_is_in_use_and_the_reserve(gpu_memory):
     # 90% of 80 GiB = 72; 20 in use (the model, other processes); 2 kept for activations.
-    assert gpu_kv_cache_bytes(CUDA, 0.9, 2 * GiB) == int(0.9 * 80 * GiB) - 20 * GiB - 2 * GiB
+    assert (gpu_kv_cache_bytes(GpuMemory.measure(CUDA, 0.9), 2 * GiB)
+            == int(0.9 * 80 * GiB) - 20 * GiB - 2 * GiB)
     assert gpu_memory["emptied"] == 1   # torch's cached blocks are counted as free first
-    assert gpu_kv_cache_bytes(CUDA, 0.5, 2 * GiB) == 40 * GiB - 20 * GiB - 2 * GiB
+    assert (gpu_kv_cache_bytes(GpuMemory.measure(CUDA, 0.5), 2 * GiB)
+            == 40 * GiB - 20 * GiB - 2 * GiB)
 
 
 def test_no_room_left_is_a_clear_error(gpu_memory):
     gpu_memory["free"] = 5   # another engine or process holds 75 of 80 GiB
     with pytest.raises(ConfigError, match=r"5\.0 of its 80\.0 GiB are free.*gpu_memory_utilization "
                                           r"0\.9.*kv_cache_gb or num_blocks"):
-        gpu_kv_cache_bytes(CUDA, 0.9, GiB)
+        gpu_kv_cache_bytes(GpuMemory.measure(CUDA, 0.9), GiB)
 
 
 def test_the_activation_reserve_follows_the_budget_and_the_vocabulary(tiny_llama):
@@ -70,15 +72,15 @@ def test_a_gpu_steps_2048_tokens_where_their_activations_leave_the_cache_most_of
     config = tiny_llama[1].config
     reserve = step_reserve_bytes(config, 2048, 64, 2)
     # The room: 90% of the total less what is in use (the stand-in's 80 GiB, 20 in use: 52 GiB).
-    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 2048
+    assert default_token_budget(config, 64, 2, GpuMemory.measure(CUDA, 0.9)) == 2048
     # A GPU whose room is under four times the 2048-token reserve (a large model on a small GPU):
     # the cache keeps it, and steps are 512 tokens.
     gpu_memory["total"] = 10
     gpu_memory["free"] = 10 - 9 + (4 * reserve - 1) / GiB     # room = 9 - in use = 4 x reserve - 1 B
-    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 512
+    assert default_token_budget(config, 64, 2, GpuMemory.measure(CUDA, 0.9)) == 512
     gpu_memory["free"] += 2 / GiB
-    assert default_token_budget(CUDA, config, 64, 2, 0.9) == 2048
-    assert default_token_budget(torch.device("cpu"), config, 64, 2, 0.9) == 512
+    assert default_token_budget(config, 64, 2, GpuMemory.measure(CUDA, 0.9)) == 2048
+    assert default_token_budget(config, 64, 2, None) == 512
 
 
 def test_the_engine_fills_in_the_step_sizes_it_runs_with(tiny_llama):
