@@ -26,6 +26,10 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
                          max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
+    # A forward pass of next to nothing, for timing the host's work around it (stream_overhead.py).
+    "llama-micro": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=1, num_key_value_heads=1, head_dim=64, vocab_size=512,
+                        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False),
     # Seconds on a CPU: for checking the benchmark's machinery, not for numbers.
     "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,

@@ -8,6 +8,7 @@ at once with a RequestError and never reaches the engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -24,6 +25,44 @@ class EngineDeadError(FastgenError):
     """The engine loop is not running (shut down, or never started)."""
 
 
+class _PendingOutputs:
+    """One request's outputs that its reader has not taken yet, on the reader's event loop.
+
+    Outputs that arrive while the reader is busy are merged into one (`RequestOutput.followed_by`):
+    a reader that falls behind the engine (a slow client, a loaded event loop) catches up with one
+    output, one event to format and one write, instead of one per step it missed. An error is
+    kept apart, after the outputs before it."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[RequestOutput | BaseException] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        items = self._items
+        if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
+            items[-1] = items[-1].followed_by(item)
+        else:
+            items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+def _put_each(batch: list[tuple[str, _PendingOutputs, object]]) -> None:
+    for _, pending, item in batch:
+        pending.put(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -31,8 +70,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._adds: list = []
         self._aborts: list[str] = []
-        # request id -> (event loop, queue) of the coroutine reading that request's outputs
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (event loop, pending outputs) of the coroutine reading that request's outputs
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _PendingOutputs]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
         self.accepting = True
@@ -74,7 +113,8 @@ class AsyncEngine:
                        request_id: str | None = None,
                        delta_outputs: bool = False) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it advances; the last has `finished` set. With
-        `delta_outputs`, those before the last carry only what is new (`RequestOutput`).
+        `delta_outputs`, those before the last carry only what is new (`RequestOutput`). Outputs
+        of steps that ended while the caller was busy come merged into one (`_PendingOutputs`).
 
         Leaving the iteration early (a client that went away) aborts the request, which frees
         its blocks at the engine's next step.
@@ -84,18 +124,18 @@ class AsyncEngine:
             raise EngineDeadError(f"The engine is not accepting requests (it is {state}).")
         seq = self.engine.make_sequence(prompt, params, request_id)
         seq.delta_outputs = delta_outputs
-        queue: asyncio.Queue = asyncio.Queue()
+        pending = _PendingOutputs()
         with self._lock:
             if seq.request_id in self._streams:
                 from .errors import RequestError
                 raise RequestError(f"Request id {seq.request_id!r} is already in use.")
-            self._streams[seq.request_id] = (asyncio.get_running_loop(), queue)
+            self._streams[seq.request_id] = (asyncio.get_running_loop(), pending)
             self._adds.append(seq)
         self._wake.set()
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await pending.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -114,20 +154,28 @@ class AsyncEngine:
 
     # --- the worker thread -------------------------------------------------------------------
 
-    def _deliver(self, request_id: str, item) -> None:
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand (request id, output or error) pairs to their readers: one wake-up of each reader's
+        event loop for them all. A wake-up per output cost about 30 us of the two threads' time
+        (the loop's self-pipe write and read, a callback each): 8 ms a step for 256 streams on a
+        2-core CPU, more than a decode step on a GPU."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, _PendingOutputs, object]]] = {}
         with self._lock:
-            last = isinstance(item, BaseException) or item.finished
-            target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if target is None:
-            return
-        loop, queue = target
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # that reader's event loop is closed: nobody will read this request
-            if not last:
-                with self._lock:
-                    self._streams.pop(request_id, None)
-                self.abort(request_id)
+            for request_id, item in items:
+                last = isinstance(item, BaseException) or item.finished
+                target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+                if target is not None:
+                    loop, pending = target
+                    by_loop.setdefault(loop, []).append((request_id, pending, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_each, batch)
+            except RuntimeError:  # that event loop is closed: nobody will read these requests
+                for request_id, _, item in batch:
+                    if not (isinstance(item, BaseException) or item.finished):
+                        with self._lock:
+                            self._streams.pop(request_id, None)
+                        self.abort(request_id)
 
     def _take_commands(self) -> tuple[list, list[str]]:
         with self._lock:
@@ -143,12 +191,8 @@ class AsyncEngine:
             self._stop = True
             error = EngineDeadError(f"The engine loop stopped ({type(e).__name__}: {e}); restart the server.")
             with self._lock:
-                streams, self._streams = self._streams, {}
-            for loop, queue in streams.values():
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, error)
-                except RuntimeError:
-                    pass
+                readers = list(self._streams)
+            self._deliver_all([(request_id, error) for request_id in readers])
 
     def _serve_steps(self) -> None:
         engine = self.engine
@@ -157,10 +201,8 @@ class AsyncEngine:
             adds, aborts = self._take_commands()
             for seq in adds:
                 engine.add_sequence(seq)
-            for request_id in aborts:
-                output = engine.abort_request(request_id)
-                if output is not None:
-                    self._deliver(request_id, output)
+            aborted = [(request_id, engine.abort_request(request_id)) for request_id in aborts]
+            self._deliver_all([(request_id, output) for request_id, output in aborted if output])
             if not engine.has_unfinished():
                 self._wake.wait()
                 self._wake.clear()
@@ -171,9 +213,9 @@ class AsyncEngine:
                 log.exception("engine step failed; aborting the requests in flight")
                 error = FastgenError(f"The engine failed while serving this request ({e}); "
                                      f"retry it, and report the error if it repeats.")
-                for request_id in list(engine.sequences):
+                failed = list(engine.sequences)
+                for request_id in failed:
                     engine.abort_request(request_id)
-                    self._deliver(request_id, error)
+                self._deliver_all([(request_id, error) for request_id in failed])
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_all([(output.request_id, output) for output in outputs])

@@ -314,6 +314,14 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     cumulative_logprob: float | None = None   # sum of `logprobs`' values, when either is asked for
     num_cached_tokens: int = 0    # prompt tokens found in the prefix cache, not computed
 
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """`later` carrying this output's new tokens, text and logprobs before its own: the one
+        output that tells a reader what the two would have."""
+        return msgspec.structs.replace(
+            later, new_text=self.new_text + later.new_text,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_logprobs=None if later.new_logprobs is None else (self.new_logprobs or []) + later.new_logprobs)
+
     @property
     def usage(self) -> dict:
         """OpenAI's usage object, `prompt_tokens_details.cached_tokens` included."""

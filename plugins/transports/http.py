@@ -555,6 +555,11 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
     Closing this iterator (or cancelling its reader) cancels the readers of every stream, which
     leaves their `async for` over `AsyncEngine.generate` and so aborts the requests not finished.
     """
+    if len(streams) == 1:   # the usual request: no task and queue between the engine and the reply
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for output in stream:
+                yield 0, output
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

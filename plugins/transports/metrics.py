@@ -18,6 +18,7 @@ docs/serving.md lists the metrics and what each one means.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -32,6 +33,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                 1.0, 2.5, 5.0, 10.0)
+STEP_PARTS = ("schedule", "forward", "sample", "postprocess")   # StepStats' `<part>_s` times
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                     40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 _UTILIZATION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -88,6 +90,12 @@ class ServerMetrics:
             ["cuda_graph"], registry=r)
         for how in ("replayed", "eager"):
             self.steps.labels(how)
+        self.step_seconds = Counter(
+            "fastgen_step_seconds", "Seconds the engine's steps spent, by part (StepStats): "
+            "schedule and postprocess are host work; forward and sample include waiting for the "
+            "device.", ["part"], registry=r)
+        for part in STEP_PARTS:
+            self.step_seconds.labels(part)
         self.requests_finished = Counter(
             "fastgen_requests_finished", "Finished requests, by finish reason (stop, length, abort).",
             ["finish_reason"], registry=r)
@@ -125,6 +133,8 @@ class ServerMetrics:
         self.step_token_budget_utilization.observe(stats.num_tokens / engine.config.token_budget)
         if stats.num_tokens:   # not a record of preemptions alone
             self.steps.labels("replayed" if stats.graph_replayed else "eager").inc()
+        for part in STEP_PARTS:
+            self.step_seconds.labels(part).inc(getattr(stats, f"{part}_s"))
 
     @fastgen.hookimpl
     def on_request_finished(self, engine: Engine, output: RequestOutput) -> None:
@@ -153,12 +163,14 @@ class ServerMetrics:
     # --- transport side ----------------------------------------------------------------------
 
     async def timed(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """`outputs` unchanged, observing the inter-token latency between those that add tokens."""
+        """`outputs` unchanged, observing the inter-token latency between those that add tokens.
+        Closing it closes `outputs` (an engine request left early is aborted at once)."""
         last_time = None
-        async for output in outputs:
-            if output.new_token_ids:
-                now = time.monotonic()
-                if last_time is not None:
-                    self.inter_token_latency.observe(now - last_time)
-                last_time = now
-            yield output
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                if output.new_token_ids:
+                    now = time.monotonic()
+                    if last_time is not None:
+                        self.inter_token_latency.observe(now - last_time)
+                    last_time = now
+                yield output

@@ -115,6 +115,55 @@ def test_delta_outputs_carry_what_is_new_and_the_last_carries_the_whole(engine, 
             assert all(o.new_logprobs is None for o in outputs) and final.logprobs is None
 
 
+@pytest.mark.parametrize("delta", [True, False])
+def test_a_reader_that_falls_behind_gets_the_steps_it_missed_merged(engine, llm, delta):
+    """Its event loop blocked while the engine steps on, the reader's next output carries every
+    token, the text and the logprobs of the steps it missed, and the pieces still add up."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=1)
+    whole = llm.generate(["The quick brown fox"], params)[0]
+
+    async def body(async_engine):
+        outputs = []
+        async for out in async_engine.generate("The quick brown fox", params, delta_outputs=delta):
+            outputs.append(out)
+            if len(outputs) == 2:
+                await wait_until(lambda: engine.totals.steps >= steps_at_start + 12)
+                time.sleep(0.2)   # the loop blocked: what the engine delivers now waits for it
+        return outputs
+
+    steps_at_start = engine.totals.steps
+    outputs = run(engine, body)
+    final = outputs[-1]
+    assert max(len(o.new_token_ids) for o in outputs) > 1   # merged
+    assert len(outputs) < len(whole.token_ids)
+    assert final.finished and final.token_ids == whole.token_ids and final.text == whole.text
+    assert [t for o in outputs for t in o.new_token_ids] == whole.token_ids
+    assert "".join(o.new_text for o in outputs) == whole.text
+    assert [e for o in outputs for e in o.new_logprobs] == whole.logprobs
+    assert not any(o.finished for o in outputs[:-1])
+
+
+def test_an_error_after_pending_outputs_comes_after_them():
+    from fastgen.async_engine import _PendingOutputs
+    from fastgen.request import RequestOutput
+
+    def output(tokens, text):
+        return RequestOutput(request_id="r", prompt_token_ids=[1], token_ids=[], text="",
+                             new_token_ids=tokens, new_text=text)
+
+    async def main():
+        pending = _PendingOutputs()
+        pending.put(output([4], "a"))
+        pending.put(output([5, 6], "bc"))
+        pending.put(RuntimeError("engine failed"))
+        pending.put(output([7], "d"))
+        return [await pending.get() for _ in range(3)]
+
+    merged, error, after = asyncio.run(main())
+    assert merged.new_token_ids == [4, 5, 6] and merged.new_text == "abc"
+    assert isinstance(error, RuntimeError) and after.new_token_ids == [7]
+
+
 @pytest.mark.parametrize("how", ["break", "cancel"])
 def test_consumer_leaving_aborts_and_frees_blocks(engine, how):
     async def body(async_engine):

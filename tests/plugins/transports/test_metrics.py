@@ -57,7 +57,7 @@ def scrape(server: Server) -> dict[str, float]:
 
 def test_metrics_add_up_to_the_requests_served(server, client):
     model = server.engine.model_name
-    before = scrape(server)
+    before, totals_before = scrape(server), dict(server.engine.totals.time)
     usages = [
         client.completions.create(model=model, prompt=[5, 17, 42], max_tokens=7, temperature=0,
                                   extra_body={"ignore_eos": True}).usage,
@@ -91,6 +91,11 @@ def test_metrics_add_up_to_the_requests_served(server, client):
     # Every step ran eagerly: CUDA graphs need a GPU.
     assert grew("fastgen_steps_total{cuda_graph=eager}") == steps
     assert after["fastgen_steps_total{cuda_graph=replayed}"] == 0
+    # The steps' time by part, as the engine's own totals count it.
+    totals = server.engine.totals.time
+    for part in ("schedule", "forward", "sample", "postprocess"):
+        spent = totals[f"{part}_s"] - totals_before[f"{part}_s"]
+        assert spent > 0 and grew(f"fastgen_step_seconds_total{{part={part}}}") == pytest.approx(spent)
 
     assert after["fastgen_kv_blocks_used"] + after["fastgen_kv_blocks_free"] == server.engine.allocator.num_blocks
     assert after["fastgen_kv_blocks_used"] == 0

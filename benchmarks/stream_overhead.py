@@ -1,0 +1,256 @@
+"""The host's cost of streaming many requests at once, without a GPU.
+
+    python benchmarks/stream_overhead.py [--streams 64,256] [--gen-len 128] [--through http,engine]
+        [--repeat 2] [--markdown FILE]
+
+On a GPU a decode step of a small model takes a millisecond or two, and everything the host does
+per streamed token (schedule, build the batch, append and detokenize, hand the output to its
+reader, format and write an SSE event) has to fit beside it, for every stream: at 256 streams,
+10 us a token is 2.6 ms a step. This measures that work on the CPU with a random model whose
+forward pass costs next to nothing (`llama-micro`, random_checkpoint.py), so the time is the
+host's:
+
+- `http`: `fastgen serve` in a subprocess (one torch thread) and N concurrent streaming clients
+  of /v1/completions in this process; the server's own CPU time (user + system, from /proc) per
+  generated token and per step.
+- `engine`: the AsyncEngine in this process, N concurrent `generate(..., delta_outputs=True)`
+  readers, no transport: this process's CPU time.
+
+Each row: generated tokens/s, CPU time per token and per step, the engine's steps, and events
+per token (below 1 when readers fell behind and got outputs merged, `AsyncEngine.generate`).
+A warm-up of 8 requests comes first; the best of --repeat runs is kept (the least CPU a token).
+Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from offline_throughput import status
+from random_checkpoint import temporary_random_checkpoint
+
+SHAPE = "llama-micro"
+WARMUP = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", default="64,256", help="concurrent requests, comma-separated")
+    p.add_argument("--gen-len", type=int, default=128, help="tokens each request generates")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--through", default="http,engine", help="http, engine or both")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    p.add_argument("--json", default=None, help="also write every run's numbers to this file")
+    return p.parse_args(argv)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+PARTS = ("schedule", "forward", "sample", "postprocess")   # the engine's step time, by part
+
+
+def engine_counts(metrics_text: str) -> dict[str, float]:
+    """Steps and seconds per part, from a server's /metrics."""
+    counts = {"steps": sum(float(v) for v in re.findall(
+        r"^fastgen_steps_total\{[^}]*\} (\S+)", metrics_text, re.M))}
+    for part in PARTS:
+        found = re.search(rf'^fastgen_step_seconds_total\{{part="{part}"\}} (\S+)', metrics_text, re.M)
+        counts[part] = float(found.group(1))
+    return counts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]
+
+
+class HttpRun:
+    """`fastgen serve` in a subprocess and streaming clients here."""
+
+    def __init__(self, folder, max_streams: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastgen.cli", "serve", "--model", str(folder), "--port",
+             str(self.port), "--threads", "1", "--device", "cpu", "--max-num-seqs", str(max_streams),
+             "--token-budget", "2048", "--kv-cache-gb", "0.5", "--no-prefix-caching"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+    async def _wait_ready(self, session) -> None:
+        import aiohttp
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fastgen serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                async with session.get(f"{self.url}/health") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        raise RuntimeError("fastgen serve did not answer /health within 120 s")
+
+    async def _stream(self, session, prompt: list[int], gen_len: int) -> tuple[int, int]:
+        body = {"prompt": prompt, "max_tokens": gen_len, "stream": True, "ignore_eos": True,
+                "temperature": 0}
+        events = 0
+        async with session.post(f"{self.url}/v1/completions", json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    events += 1
+        return gen_len, events
+
+    async def _counts(self, session) -> dict[str, float]:
+        async with session.get(f"{self.url}/metrics") as r:
+            return engine_counts(await r.text())
+
+    async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
+        import aiohttp
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            await self._wait_ready(session)
+            await asyncio.gather(*(self._stream(session, p, gen_len) for p in requests[:WARMUP]))
+            counts, cpu, start = await self._counts(session), process_cpu_seconds(self.proc.pid), time.perf_counter()
+            done = await asyncio.gather(*(self._stream(session, p, gen_len) for p in requests))
+            wall = time.perf_counter() - start
+            cpu = process_cpu_seconds(self.proc.pid) - cpu
+            after = await self._counts(session)
+        return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
+
+
+class EngineRun:
+    """The AsyncEngine in this process, read by coroutines."""
+
+    def __init__(self, folder, max_streams: int) -> None:
+        from fastgen.async_engine import AsyncEngine
+        from fastgen.config import Config
+        from fastgen.engine import Engine
+        torch.set_num_threads(1)
+        self.engine = Engine(Config(model=str(folder), device="cpu", max_num_seqs=max_streams,
+                                    token_budget=2048, kv_cache_gb=0.5, prefix_caching=False))
+        self.async_engine = AsyncEngine(self.engine)
+
+    def close(self) -> None:
+        pass
+
+    def _counts(self) -> dict[str, float]:
+        totals = self.engine.totals
+        return {"steps": totals.steps, **{part: totals.time[f"{part}_s"] for part in PARTS}}
+
+    async def _stream(self, prompt: list[int], gen_len: int) -> tuple[int, int]:
+        from fastgen import SamplingParams
+        params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+        tokens = events = 0
+        async for out in self.async_engine.generate(prompt, params, delta_outputs=True):
+            tokens += len(out.new_token_ids)
+            events += 1
+        return tokens, events
+
+    async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
+        self.async_engine.start()
+        try:
+            await asyncio.gather(*(self._stream(p, gen_len) for p in requests[:WARMUP]))
+            counts, cpu, start = self._counts(), time.process_time(), time.perf_counter()
+            done = await asyncio.gather(*(self._stream(p, gen_len) for p in requests))
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            after = self._counts()
+            return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
+        finally:
+            await self.async_engine.shutdown(timeout=5)
+            from fastgen.async_engine import AsyncEngine
+            self.async_engine = AsyncEngine(self.engine)
+
+
+def result(done: list[tuple[int, int]], wall: float, cpu: float, engine: dict[str, float]) -> dict:
+    """What a run did and where its CPU time went, per token and per step. The engine's host work
+    is its schedule and postprocess parts; its forward and sample parts are what a GPU computes;
+    what is left of the CPU time is outside the engine's steps: handing outputs to their readers,
+    the readers, the transport."""
+    tokens, events, steps = sum(t for t, _ in done), sum(e for _, e in done), max(int(engine["steps"]), 1)
+    host = engine["schedule"] + engine["postprocess"]
+    outside = cpu - sum(engine[part] for part in PARTS)
+    return {"tokens": tokens, "events": events, "steps": steps, "wall_s": wall, "cpu_s": cpu,
+            "tokens_per_s": tokens / wall, "cpu_us_per_token": cpu / tokens * 1e6,
+            "engine_host_us_per_token": host / tokens * 1e6,
+            "outside_us_per_token": outside / tokens * 1e6,
+            "cpu_ms_per_step": cpu / steps * 1e3, "engine_host_ms_per_step": host / steps * 1e3,
+            "events_per_token": events / tokens, "engine_s": engine}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    streams = [int(n) for n in args.streams.split(",")]
+    throughs = args.through.split(",")
+    unknown = set(throughs) - {"http", "engine"}
+    if unknown:
+        raise SystemExit(f"--through: unknown {sorted(unknown)}; use http, engine or both")
+    rows = []
+    with temporary_random_checkpoint(SHAPE, torch.float32) as folder:
+        for through in throughs:
+            run = (HttpRun if through == "http" else EngineRun)(folder, max(streams))
+            try:
+                for n in streams:
+                    requests = prompts(n, args.prompt_len, seed=n)
+                    runs = []
+                    for i in range(args.repeat):
+                        status(f"{through}, {n} streams, run {i + 1} of {args.repeat}")
+                        runs.append(asyncio.run(run.measure(requests, args.gen_len)))
+                    rows.append((through, n, runs))
+            finally:
+                run.close()
+    lines = [f"## Host cost of streaming ({SHAPE}, {args.prompt_len}-token prompts, "
+             f"{args.gen_len} tokens each, best of {args.repeat}, {time.strftime('%Y-%m-%d %H:%M')})",
+             "", "CPU time per generated token: all of it, the engine's host work (schedule and "
+             "postprocess), and what is outside the engine's steps (handing outputs over, readers, "
+             "transport); and per step.", "",
+             "| through | streams | tokens/s | CPU | engine host | outside steps | CPU per step | "
+             "engine host per step | steps | events per token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for through, n, runs in rows:
+        r = min(runs, key=lambda run: run["cpu_us_per_token"])
+        lines.append(f"| {through} | {n} | {r['tokens_per_s']:.0f} | {r['cpu_us_per_token']:.1f} us | "
+                     f"{r['engine_host_us_per_token']:.1f} us | {r['outside_us_per_token']:.1f} us | "
+                     f"{r['cpu_ms_per_step']:.2f} ms | {r['engine_host_ms_per_step']:.2f} ms | "
+                     f"{r['steps']} | {r['events_per_token']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "shape": SHAPE,
+                       "runs": [{"through": t, "streams": n, "runs": runs} for t, n, runs in rows]},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
