@@ -1,7 +1,7 @@
 """The host's cost of streaming many requests at once, without a GPU.
 
     python benchmarks/stream_overhead.py [--streams 64,256] [--gen-len 128] [--through http,engine]
-        [--repeat 2] [--markdown FILE]
+        [--repeat 2] [--markdown FILE] [--json FILE] [--random-model llama-micro] [--device cpu]
 
 On a GPU a decode step of a small model takes a millisecond or two, and everything the host does
 per streamed token (schedule, build the batch, append and detokenize, hand the output to its
@@ -15,6 +15,11 @@ host's:
   generated token and per step.
 - `engine`: the AsyncEngine in this process, N concurrent `generate(..., delta_outputs=True)`
   readers, no transport: this process's CPU time.
+
+With `--device cuda` (and a real shape, `--random-model smollm2-135m`) the engine runs with its
+GPU defaults (bf16, CUDA graphs, overlapped steps): then the forward and sample parts are the
+host's launches and its waits for the device, and tokens/s says whether the host or the GPU is
+the bound at that many streams.
 
 Each row: generated tokens/s, CPU time per token and per step, the engine's steps, and events
 per token (below 1 when readers fell behind and got outputs merged, `AsyncEngine.generate`).
@@ -38,9 +43,8 @@ import time
 import torch
 
 from offline_throughput import status
-from random_checkpoint import temporary_random_checkpoint
+from random_checkpoint import SHAPES, temporary_random_checkpoint
 
-SHAPE = "llama-micro"
 WARMUP = 8
 
 
@@ -51,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--through", default="http,engine", help="http, engine or both")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--random-model", default="llama-micro", choices=sorted(SHAPES),
+                   help="shape of the random checkpoint (default: llama-micro, a forward pass of "
+                        "next to nothing)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--json", default=None, help="also write every run's numbers to this file")
     return p.parse_args(argv)
@@ -82,20 +90,31 @@ def free_port() -> int:
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]
+    return [[rng.randrange(3, 500) for _ in range(length)] for _ in range(n)]   # in every shape's vocabulary
+
+
+def engine_settings(device: str, max_streams: int) -> dict:
+    """The Config fields both ways of running set: on a CPU, one torch thread, a fixed budget and
+    a small cache, so that the time is the host's; on a GPU, the engine's own defaults."""
+    settings = {"device": device, "max_num_seqs": max_streams, "prefix_caching": False}
+    if device == "cpu":
+        settings.update(threads=1, token_budget=2048, kv_cache_gb=0.5)
+    return settings
 
 
 class HttpRun:
     """`fastgen serve` in a subprocess and streaming clients here."""
 
-    def __init__(self, folder, max_streams: int) -> None:
+    def __init__(self, folder, settings: dict) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        flags = []
+        for key, value in settings.items():
+            flag = "--" + key.replace("_", "-")
+            flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastgen.cli", "serve", "--model", str(folder), "--port",
-             str(self.port), "--threads", "1", "--device", "cpu", "--max-num-seqs", str(max_streams),
-             "--token-budget", "2048", "--kv-cache-gb", "0.5", "--no-prefix-caching"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             str(self.port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -148,13 +167,11 @@ class HttpRun:
 class EngineRun:
     """The AsyncEngine in this process, read by coroutines."""
 
-    def __init__(self, folder, max_streams: int) -> None:
+    def __init__(self, folder, settings: dict) -> None:
         from fastgen.async_engine import AsyncEngine
         from fastgen.config import Config
         from fastgen.engine import Engine
-        torch.set_num_threads(1)
-        self.engine = Engine(Config(model=str(folder), device="cpu", max_num_seqs=max_streams,
-                                    token_budget=2048, kv_cache_gb=0.5, prefix_caching=False))
+        self.engine = Engine(Config(model=str(folder), **settings))
         self.async_engine = AsyncEngine(self.engine)
 
     def close(self) -> None:
@@ -212,9 +229,11 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--through: unknown {sorted(unknown)}; use http, engine or both")
     rows = []
-    with temporary_random_checkpoint(SHAPE, torch.float32) as folder:
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    settings = engine_settings(args.device, max(streams))
+    with temporary_random_checkpoint(args.random_model, dtype, args.device) as folder:
         for through in throughs:
-            run = (HttpRun if through == "http" else EngineRun)(folder, max(streams))
+            run = (HttpRun if through == "http" else EngineRun)(folder, settings)
             try:
                 for n in streams:
                     requests = prompts(n, args.prompt_len, seed=n)
@@ -225,7 +244,7 @@ def main(argv=None) -> int:
                     rows.append((through, n, runs))
             finally:
                 run.close()
-    lines = [f"## Host cost of streaming ({SHAPE}, {args.prompt_len}-token prompts, "
+    lines = [f"## Host cost of streaming (random {args.random_model} on {args.device}, {args.prompt_len}-token prompts, "
              f"{args.gen_len} tokens each, best of {args.repeat}, {time.strftime('%Y-%m-%d %H:%M')})",
              "", "CPU time per generated token: all of it, the engine's host work (schedule and "
              "postprocess), and what is outside the engine's steps (handing outputs over, readers, "
@@ -246,7 +265,7 @@ def main(argv=None) -> int:
             f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "shape": SHAPE,
+            json.dump({"settings": vars(args), "engine": settings,
                        "runs": [{"through": t, "streams": n, "runs": runs} for t, n, runs in rows]},
                       f, indent=1)
     return 0

@@ -2,7 +2,8 @@
 # A GPU session's checks and measurements (issue 5) in one command, run by the device tool in the
 # repository root, with the wheels that scripts/gpu_wheels.sh put in .whl/ (carry [".whl"]):
 #
-#   bash scripts/gpu_session.sh [tests] [kernels] [e2e] [steps] [sweep] [profile]    none: all six
+#   bash scripts/gpu_session.sh [tests] [kernels] [e2e] [steps] [serve] [sweep] [profile]
+#                                                                            none: all seven
 #
 #   tests    the GPU cases (-k "cuda and not emulated") of tests/plugins/kernels and of the
 #            Llama-family parity tests: the conformance suite on cuda (kernels.torch, .triton and
@@ -22,6 +23,10 @@
 #   steps    benchmarks/step_profile.py on the e2e models, as the engine's GPU defaults run them:
 #            each op group's device time in a prompt step and a decode step of 32 sequences
 #            (where a step's time goes: which kernels to fuse or tune next); into summary.md
+#   serve    benchmarks/stream_overhead.py on random smollm2-135m with the GPU defaults: 64 and
+#            256 concurrent streams through `fastgen serve` (SSE) and through the AsyncEngine
+#            alone; tokens/s and the host's CPU time per token (is serving host-bound?); into
+#            summary.md
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
 #            (llama3-8b shapes), to choose its defaults and tune the split rule
@@ -72,9 +77,9 @@ else PY=python3
 fi
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e steps sweep profile)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels e2e steps serve sweep profile)
 for s in "${STEPS[@]}"; do
-    case $s in tests|kernels|e2e|steps|sweep|profile) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e, steps, sweep, profile" >&2; exit 2 ;; esac
+    case $s in tests|kernels|e2e|steps|serve|sweep|profile) ;; *) echo "gpu_session: unknown step '$s'; the steps are tests, kernels, e2e, steps, serve, sweep, profile" >&2; exit 2 ;; esac
 done
 
 # Seconds: each step's cap (all its parts together), and the floor that the parts before it leave
@@ -92,10 +97,10 @@ done
 # sweep 64 for six shapes.
 # The sweep's cap grew with its rows (tile order, a 128-key prompt setting): it rewrites its table
 # after each shape, so a cut keeps the shapes done.
-declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [sweep]=100 [profile]=60)
+declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [serve]=120 [sweep]=100 [profile]=60)
 # The profile keeps no floor: it gets what the other steps leave, and runs alone in a second call
 # on the still warm machine (`bash scripts/gpu_session.sh profile`) where they leave too little.
-declare -A FLOOR=([tests]=90 [kernels]=75 [e2e]=60 [steps]=40 [sweep]=45 [profile]=0)
+declare -A FLOOR=([tests]=90 [kernels]=75 [e2e]=60 [steps]=40 [serve]=50 [sweep]=45 [profile]=0)
 # GPU_SESSION_PYTEST_K: a pytest -k expression for the tests step, e.g. to rerun what failed.
 # GPU_SESSION_KERNEL_MODELS (space-separated), GPU_SESSION_KERNEL_OPS (comma-separated) and
 # GPU_SESSION_KERNEL_K (a -k expression): a smaller kernels step, e.g. to time one change again.
@@ -105,6 +110,7 @@ if [ "$DRY" = 1 ]; then
     E2E_MODELS=(llama-tiny)
     E2E_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --gen-len 8 --repeat 1)
     STEP_PROFILE_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --steps 3)
+    SERVE_ARGS=(--random-model llama-micro --device cpu --streams 4,8 --gen-len 8 --repeat 1)
     PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-rms_norm_matches or (greedy_matches_transformers and torch-cpu)}")
 else
     unset TRITON_INTERPRET       # compiled Triton on the GPU, never the interpreter
@@ -116,6 +122,7 @@ else
     E2E_MODELS=(smollm2-135m llama-1b)
     E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
     STEP_PROFILE_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --steps 20)
+    SERVE_ARGS=(--random-model smollm2-135m --device cuda --streams 64,256 --gen-len 128 --repeat 2)
     # The CPU targets were tested where the CI runs; here only what needs the GPU.
     PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-cuda and not emulated}")
 fi
@@ -198,8 +205,10 @@ write_summary() {
         for f in kernels e2e sweep; do
             [ -s "$OUT/$f.md" ] && { echo; cat "$OUT/$f.md"; }
         done
-        # The step profiles come back in this file only (the tool returns 8 files at most).
+        # The step profiles and the streaming table come back in this file only (the tool returns 8
+        # files at most).
         [ -s "$WORK/steps.md" ] && { echo; cat "$WORK/steps.md"; }
+        [ -s "$WORK/serve.md" ] && { echo; cat "$WORK/serve.md"; }
         if [ -s "$WORK/ncu.txt" ]; then
             echo
             echo "## Nsight Compute: the main lines (the whole report is in session.log)"
@@ -408,6 +417,12 @@ step_steps() {
         { cat "$WORK/steps-$m.md"; echo; } >> "$WORK/steps.md"
         write_summary
     done
+}
+
+step_serve() {
+    bounded serve "$(limit_for serve "${CAP[serve]}" 1)" "$WORK/serve.md" \
+        "$PY" benchmarks/stream_overhead.py "${SERVE_ARGS[@]}"
+    write_summary
 }
 
 step_sweep() {
