@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "stream_overhead.py"
 
 
+@pytest.mark.slow   # two engines and a server started: 17 s
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU times from /proc")
 def test_streams_through_both_and_accounts_for_every_token(tmp_path):
     out, table = tmp_path / "runs.json", tmp_path / "table.md"
