@@ -552,8 +552,9 @@ _ABORTED = "The server shut down before this request finished; send it again."
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) from several engine requests as they come.
 
-    Closing this iterator (or cancelling its reader) cancels the readers of every stream, which
-    leaves their `async for` over `AsyncEngine.generate` and so aborts the requests not finished.
+    Closing this iterator (or cancelling its reader) closes a lone stream, or cancels the readers
+    of several, which leaves their `async for` over `AsyncEngine.generate` and so aborts the
+    requests not finished.
     """
     if len(streams) == 1:   # the usual request: no task and queue between the engine and the reply
         async with contextlib.aclosing(streams[0]) as stream:

@@ -163,14 +163,19 @@ class ServerMetrics:
     # --- transport side ----------------------------------------------------------------------
 
     async def timed(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """`outputs` unchanged, observing the inter-token latency between those that add tokens.
+        """`outputs` unchanged, observing the inter-token latency of each token after a request's
+        first: the time since the previous output with tokens, and 0 for the others of an output
+        that carries several (steps merged for a reader that fell behind: they reach it at once).
         Closing it closes `outputs` (an engine request left early is aborted at once)."""
         last_time = None
         async with contextlib.aclosing(outputs):
             async for output in outputs:
                 if output.new_token_ids:
                     now = time.monotonic()
-                    if last_time is not None:
-                        self.inter_token_latency.observe(now - last_time)
+                    gaps = len(output.new_token_ids) - (last_time is None)
+                    if gaps > 0:
+                        self.inter_token_latency.observe(0.0 if last_time is None else now - last_time)
+                        for _ in range(gaps - 1):
+                            self.inter_token_latency.observe(0.0)
                     last_time = now
                 yield output

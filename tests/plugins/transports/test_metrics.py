@@ -170,3 +170,33 @@ def test_preemptions_and_request_times_come_from_the_engine(tiny_llama):
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
     assert values["fastgen_time_to_first_token_seconds_count"] == 2
     assert values["fastgen_generation_tokens_total"] == 60
+
+
+def test_tokens_that_arrive_together_count_as_gaps_of_zero():
+    """An output carrying several tokens (steps merged for a reader that fell behind) observes one
+    gap for its first token and 0 for the others: a request still counts one gap per token after
+    its first."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from fastgen.plugins.transports.metrics import ServerMetrics
+    from fastgen.request import RequestOutput
+
+    histogram = Histogram("itl", "", buckets=(0.0, 0.01, 1.0), registry=CollectorRegistry())
+
+    async def outputs():
+        for tokens in ([1, 2], [], [3], [4, 5, 6]):
+            await asyncio.sleep(0.02)
+            yield RequestOutput(request_id="r", prompt_token_ids=[0], token_ids=[], text="",
+                                new_token_ids=tokens)
+
+    async def read():
+        return [o async for o in ServerMetrics.timed(SimpleNamespace(inter_token_latency=histogram), outputs())]
+
+    assert len(asyncio.run(read())) == 4
+    samples = {s.name + str(s.labels.get("le", "")): s.value for m in histogram.collect() for s in m.samples}
+    assert samples["itl_count"] == 5                 # tokens 2 to 6
+    assert samples["itl_bucket0.0"] == 3             # token 2 came with 1; 5 and 6 with 4
+    assert samples["itl_bucket0.01"] == 3 and samples["itl_sum"] >= 0.06   # 3 and 4 waited
