@@ -11,8 +11,9 @@ forward pass costs next to nothing (`llama-micro`, random_checkpoint.py), so the
 host's:
 
 - `http`: `fastgen serve` in a subprocess (one torch thread) and N concurrent streaming clients
-  of /v1/completions in this process; the server's own CPU time (user + system, from /proc) per
-  generated token and per step.
+  of /v1/completions in this process (the serving benchmark's, `fastgen bench serve --url`: the
+  tokens counted from each stream's usage chunk); the server's own CPU time (user + system, from
+  /proc) per generated token and per step.
 - `engine`: the AsyncEngine in this process, N concurrent `generate(..., delta_outputs=True)`
   readers, no transport: this process's CPU time.
 
@@ -34,14 +35,16 @@ import asyncio
 import json
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 import torch
 
+from fastgen.plugins.transports.metrics import STEP_PARTS
 from offline_throughput import status
 from random_checkpoint import SHAPES, temporary_random_checkpoint
 
@@ -69,16 +72,16 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-PARTS = ("schedule", "forward", "sample", "postprocess")   # the engine's step time, by part
-
-
 def engine_counts(metrics_text: str) -> dict[str, float]:
     """Steps and seconds per part, from a server's /metrics."""
-    counts = {"steps": sum(float(v) for v in re.findall(
-        r"^fastgen_steps_total\{[^}]*\} (\S+)", metrics_text, re.M))}
-    for part in PARTS:
-        found = re.search(rf'^fastgen_step_seconds_total\{{part="{part}"\}} (\S+)', metrics_text, re.M)
-        counts[part] = float(found.group(1))
+    from prometheus_client.parser import text_string_to_metric_families
+    counts = dict.fromkeys(("steps", *STEP_PARTS), 0.0)
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "fastgen_steps_total":
+                counts["steps"] += sample.value
+            elif sample.name == "fastgen_step_seconds_total":
+                counts[sample.labels["part"]] = sample.value
     return counts
 
 
@@ -103,64 +106,73 @@ def engine_settings(device: str, max_streams: int) -> dict:
 
 
 class HttpRun:
-    """`fastgen serve` in a subprocess and streaming clients here."""
+    """`fastgen serve` in a subprocess, streamed to by the serving benchmark's HTTP client
+    (`fastgen.bench.remote.HttpTarget`: completions of token-id prompts, the usage chunk's count)."""
 
     def __init__(self, folder, settings: dict) -> None:
+        self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         flags = []
         for key, value in settings.items():
             flag = "--" + key.replace("_", "-")
             flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        self.log = tempfile.TemporaryFile("w+")   # a file, not a pipe nobody reads while it runs
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastgen.cli", "serve", "--model", str(folder), "--port",
-             str(self.port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             str(self.port), *flags], stdout=subprocess.DEVNULL, stderr=self.log, text=True)
 
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
+        self.log.close()
 
-    async def _wait_ready(self, session) -> None:
-        import aiohttp
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+            return response.read().decode()
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"fastgen serve exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"fastgen serve exited: {self.log.read()[-2000:]}")
             try:
-                async with session.get(f"{self.url}/health") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
+                self._get("/health")
+                return
+            except OSError:
+                time.sleep(0.2)
         raise RuntimeError("fastgen serve did not answer /health within 120 s")
 
-    async def _stream(self, session, prompt: list[int], gen_len: int) -> tuple[int, int]:
-        body = {"prompt": prompt, "max_tokens": gen_len, "stream": True, "ignore_eos": True,
-                "temperature": 0}
-        events = 0
-        async with session.post(f"{self.url}/v1/completions", json=body) as r:
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
-            async for line in r.content:
-                if line.startswith(b"data: {"):
-                    events += 1
-        return gen_len, events
-
-    async def _counts(self, session) -> dict[str, float]:
-        async with session.get(f"{self.url}/metrics") as r:
-            return engine_counts(await r.text())
+    @staticmethod
+    async def _stream(target, index: int, prompt: list[int], gen_len: int) -> tuple[int, int]:
+        from fastgen.bench.workload import BenchRequest
+        tokens = events = 0
+        async for update in target.stream(BenchRequest(index, prompt, gen_len), f"r{index}"):
+            if update.finished:
+                tokens = update.num_generated
+            else:
+                events += 1   # an SSE event with text
+        return tokens, events
 
     async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
-        import aiohttp
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await self._wait_ready(session)
-            await asyncio.gather(*(self._stream(session, p, gen_len) for p in requests[:WARMUP]))
-            counts, cpu, start = await self._counts(session), process_cpu_seconds(self.proc.pid), time.perf_counter()
-            done = await asyncio.gather(*(self._stream(session, p, gen_len) for p in requests))
+        from fastgen.bench.remote import HttpTarget
+        self._wait_ready()
+        target = HttpTarget(f"{self.url}/v1", self.folder)
+        target.open()
+        await target.start()
+        try:
+            await asyncio.gather(*(self._stream(target, i, p, gen_len)
+                                   for i, p in enumerate(requests[:WARMUP])))
+            counts = engine_counts(self._get("/metrics"))
+            cpu, start = process_cpu_seconds(self.proc.pid), time.perf_counter()
+            done = await asyncio.gather(*(self._stream(target, i, p, gen_len)
+                                          for i, p in enumerate(requests)))
             wall = time.perf_counter() - start
             cpu = process_cpu_seconds(self.proc.pid) - cpu
-            after = await self._counts(session)
+            after = engine_counts(self._get("/metrics"))
+        finally:
+            await target.stop()
         return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
 
 
@@ -168,41 +180,39 @@ class EngineRun:
     """The AsyncEngine in this process, read by coroutines."""
 
     def __init__(self, folder, settings: dict) -> None:
-        from fastgen.async_engine import AsyncEngine
         from fastgen.config import Config
         from fastgen.engine import Engine
         self.engine = Engine(Config(model=str(folder), **settings))
-        self.async_engine = AsyncEngine(self.engine)
 
     def close(self) -> None:
         pass
 
     def _counts(self) -> dict[str, float]:
         totals = self.engine.totals
-        return {"steps": totals.steps, **{part: totals.time[f"{part}_s"] for part in PARTS}}
+        return {"steps": totals.steps, **{part: totals.time[f"{part}_s"] for part in STEP_PARTS}}
 
-    async def _stream(self, prompt: list[int], gen_len: int) -> tuple[int, int]:
+    @staticmethod
+    async def _stream(async_engine, prompt: list[int], gen_len: int) -> tuple[int, int]:
         from fastgen import SamplingParams
         params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
         tokens = events = 0
-        async for out in self.async_engine.generate(prompt, params, delta_outputs=True):
+        async for out in async_engine.generate(prompt, params, delta_outputs=True):
             tokens += len(out.new_token_ids)
             events += 1
         return tokens, events
 
     async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
-        self.async_engine.start()
+        from fastgen.async_engine import AsyncEngine
+        async_engine = AsyncEngine(self.engine).start()   # one per event loop: each run has its own
         try:
-            await asyncio.gather(*(self._stream(p, gen_len) for p in requests[:WARMUP]))
+            await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests[:WARMUP]))
             counts, cpu, start = self._counts(), time.process_time(), time.perf_counter()
-            done = await asyncio.gather(*(self._stream(p, gen_len) for p in requests))
+            done = await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests))
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             after = self._counts()
             return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
         finally:
-            await self.async_engine.shutdown(timeout=5)
-            from fastgen.async_engine import AsyncEngine
-            self.async_engine = AsyncEngine(self.engine)
+            await async_engine.shutdown(timeout=5)
 
 
 def result(done: list[tuple[int, int]], wall: float, cpu: float, engine: dict[str, float]) -> dict:
@@ -212,7 +222,7 @@ def result(done: list[tuple[int, int]], wall: float, cpu: float, engine: dict[st
     the readers, the transport."""
     tokens, events, steps = sum(t for t, _ in done), sum(e for _, e in done), max(int(engine["steps"]), 1)
     host = engine["schedule"] + engine["postprocess"]
-    outside = cpu - sum(engine[part] for part in PARTS)
+    outside = cpu - sum(engine[part] for part in STEP_PARTS)
     return {"tokens": tokens, "events": events, "steps": steps, "wall_s": wall, "cpu_s": cpu,
             "tokens_per_s": tokens / wall, "cpu_us_per_token": cpu / tokens * 1e6,
             "engine_host_us_per_token": host / tokens * 1e6,
