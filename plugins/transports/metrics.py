@@ -172,10 +172,9 @@ class ServerMetrics:
             async for output in outputs:
                 if output.new_token_ids:
                     now = time.monotonic()
-                    gaps = len(output.new_token_ids) - (last_time is None)
-                    if gaps > 0:
-                        self.inter_token_latency.observe(0.0 if last_time is None else now - last_time)
-                        for _ in range(gaps - 1):
-                            self.inter_token_latency.observe(0.0)
+                    if last_time is not None:
+                        self.inter_token_latency.observe(now - last_time)
+                    for _ in output.new_token_ids[1:]:
+                        self.inter_token_latency.observe(0.0)
                     last_time = now
                 yield output
