@@ -58,6 +58,11 @@ class _PendingOutputs:
         return self._items.popleft()
 
 
+def _ends_stream(item: RequestOutput | BaseException) -> bool:
+    """A request's last item for its reader: its finished output, or an error."""
+    return isinstance(item, BaseException) or item.finished
+
+
 def _put_each(batch: list[tuple[str, _PendingOutputs, object]]) -> None:
     for _, pending, item in batch:
         pending.put(item)
@@ -162,8 +167,8 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, _PendingOutputs, object]]] = {}
         with self._lock:
             for request_id, item in items:
-                last = isinstance(item, BaseException) or item.finished
-                target = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+                target = (self._streams.pop(request_id, None) if _ends_stream(item)
+                          else self._streams.get(request_id))
                 if target is not None:
                     loop, pending = target
                     by_loop.setdefault(loop, []).append((request_id, pending, item))
@@ -172,7 +177,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_each, batch)
             except RuntimeError:  # that event loop is closed: nobody will read these requests
                 for request_id, _, item in batch:
-                    if not (isinstance(item, BaseException) or item.finished):
+                    if not _ends_stream(item):
                         with self._lock:
                             self._streams.pop(request_id, None)
                         self.abort(request_id)
