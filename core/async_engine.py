@@ -12,11 +12,11 @@ import collections
 import logging
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from .engine import Engine
-from .errors import FastgenError
-from .request import RequestOutput, SamplingParams
+from .errors import FastgenError, RequestError
+from .request import RequestOutput, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class AsyncEngine:
             self.abort(request_id)
         while self._streams and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.01)
+        await self._stop_loop()
+
+    async def _stop_loop(self) -> None:
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -127,16 +130,15 @@ class AsyncEngine:
         if not self.alive or not self.accepting:
             state = "shutting down" if self._thread is not None else "not started"
             raise EngineDeadError(f"The engine is not accepting requests (it is {state}).")
-        seq = self.engine.make_sequence(prompt, params, request_id)
-        seq.delta_outputs = delta_outputs
+        params = params or SamplingParams()
+        token_ids = self.engine.check_request(prompt, params)
+        request_id = request_id or self.engine.next_request_id()
         pending = _PendingOutputs()
         with self._lock:
-            if seq.request_id in self._streams:
-                from .errors import RequestError
-                raise RequestError(f"Request id {seq.request_id!r} is already in use.")
-            self._streams[seq.request_id] = (asyncio.get_running_loop(), pending)
-            self._adds.append(seq)
-        self._wake.set()
+            if request_id in self._streams:
+                raise RequestError(f"Request id {request_id!r} is already in use.")
+            self._streams[request_id] = (asyncio.get_running_loop(), pending)
+        self._submit(request_id, token_ids, params, delta_outputs)
         finished = False
         try:
             while True:
@@ -150,7 +152,16 @@ class AsyncEngine:
                     return
         finally:
             if not finished:
-                self.abort(seq.request_id)
+                self.abort(request_id)
+
+    def _submit(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                delta_outputs: bool) -> None:
+        """Hand a checked request to the engine's loop."""
+        seq = self.engine.new_sequence(token_ids, params, request_id)
+        seq.delta_outputs = delta_outputs
+        with self._lock:
+            self._adds.append(seq)
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -182,7 +193,16 @@ class AsyncEngine:
                             self._streams.pop(request_id, None)
                         self.abort(request_id)
 
-    def _take_commands(self) -> tuple[list, list[str]]:
+    def _fail_readers(self, error: BaseException) -> None:
+        """End every reader's stream with `error` (the loop that served them is gone)."""
+        with self._lock:
+            readers = list(self._streams)
+        self._deliver_all([(request_id, error) for request_id in readers])
+
+    def _next_commands(self, idle: bool) -> tuple[list[Sequence], list[str]]:
+        if idle:
+            self._wake.wait()
+            self._wake.clear()
         with self._lock:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
@@ -190,37 +210,43 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         try:
-            self._serve_steps()
+            serve_steps(self.engine, self._next_commands, self._deliver_all, lambda: self._stop)
         except BaseException as e:  # never leave readers waiting on a thread that is gone
             log.exception("the engine loop died")
             self._stop = True
-            error = EngineDeadError(f"The engine loop stopped ({type(e).__name__}: {e}); restart the server.")
-            with self._lock:
-                readers = list(self._streams)
-            self._deliver_all([(request_id, error) for request_id in readers])
+            self._fail_readers(EngineDeadError(
+                f"The engine loop stopped ({type(e).__name__}: {e}); restart the server."))
 
-    def _serve_steps(self) -> None:
-        engine = self.engine
-        engine.use_device_here()   # this thread runs the steps: its current CUDA device is theirs
-        while not self._stop:
-            adds, aborts = self._take_commands()
-            for seq in adds:
-                engine.add_sequence(seq)
-            aborted = [(request_id, engine.abort_request(request_id)) for request_id in aborts]
-            self._deliver_all([(request_id, output) for request_id, output in aborted if output])
-            if not engine.has_unfinished():
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as e:  # a failed step fails its requests, not the server
-                log.exception("engine step failed; aborting the requests in flight")
-                error = FastgenError(f"The engine failed while serving this request ({e}); "
-                                     f"retry it, and report the error if it repeats.")
-                failed = list(engine.sequences)
-                for request_id in failed:
-                    engine.abort_request(request_id)
-                self._deliver_all([(request_id, error) for request_id in failed])
-                continue
-            self._deliver_all([(output.request_id, output) for output in outputs])
+
+Commands = Callable[[bool], tuple[list[Sequence], list[str]]]
+Deliver = Callable[[list[tuple[str, object]]], None]
+
+
+def serve_steps(engine: Engine, next_commands: Commands, deliver: Deliver,
+                stopping: Callable[[], bool]) -> None:
+    """Run `engine`'s steps until `stopping()`: take the new requests and aborts
+    (`next_commands(idle)`, which waits for some when the engine has nothing to do), step, and
+    `deliver` (request id, output or error) pairs. A failed step fails the requests in flight,
+    not the loop. The AsyncEngine's thread runs it, and so does an engine process
+    (`fastgen.engine_process`)."""
+    engine.use_device_here()   # this thread runs the steps: its current CUDA device is theirs
+    while not stopping():
+        adds, aborts = next_commands(not engine.has_unfinished())
+        for seq in adds:
+            engine.add_sequence(seq)
+        aborted = [(request_id, engine.abort_request(request_id)) for request_id in aborts]
+        deliver([(request_id, output) for request_id, output in aborted if output])
+        if not engine.has_unfinished():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as e:  # a failed step fails its requests, not the server
+            log.exception("engine step failed; aborting the requests in flight")
+            error = FastgenError(f"The engine failed while serving this request ({e}); "
+                                 f"retry it, and report the error if it repeats.")
+            failed = list(engine.sequences)
+            for request_id in failed:
+                engine.abort_request(request_id)
+            deliver([(request_id, error) for request_id in failed])
+            continue
+        deliver([(output.request_id, output) for output in outputs])

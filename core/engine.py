@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from .scheduler import StepPlan
 from .staging import HostCopy, staged
 from .request import (FinishReason, RequestMetrics, RequestOutput, SamplingParams, Sequence,
                       SequenceStatus)
+from .request_intake import RequestIntake
 from .step_graphs import Capture, CudaGraphCapture, StepGraphs
 from .tokenizer import load_tokenizer
 
@@ -111,7 +111,7 @@ def default_max_num_seqs(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
 
-class Engine:
+class Engine(RequestIntake):
     def __init__(self, config: Config, plugins: PluginManager | None = None,
                  graph_capture: Capture | None = None) -> None:
         """`graph_capture` records and replays steps when `config.cuda_graphs` is on (by
@@ -119,6 +119,7 @@ class Engine:
         the CPU)."""
         from .checkpoint import DTYPES, resolve_checkpoint, resolve_dtype
 
+        super().__init__()
         self.config = config
         self.plugins = plugins or load_plugins()
         if config.threads:
@@ -173,7 +174,6 @@ class Engine:
         self.totals = EngineTotals()
         self.last_stats = StepStats()
         self._in_flight: LaunchedStep | None = None   # with overlap_steps: launched, tokens unread
-        self._request_ids = itertools.count()   # next() is atomic: transports call from their thread
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -265,29 +265,9 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        vocab = self.hf_config.vocab_size
-        bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"Prompt token ids must be integers in [0, {vocab}); got {bad[:3]}.",
-                               param="prompt")
-        return list(prompt)
-
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
-                      request_id: str | None = None) -> Sequence:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
-        params = params or SamplingParams()
-        params.check_vocab(self.hf_config.vocab_size)
-        token_ids = self.tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise RequestError(f"The prompt has {len(token_ids)} tokens; this engine serves at most "
-                               f"{self.max_model_len - 1} prompt tokens (max_model_len "
-                               f"{self.max_model_len}). Shorten the prompt.", param="prompt")
-        if request_id is None:
-            request_id = f"req-{next(self._request_ids)}"
-        seq = Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
+    def new_sequence(self, token_ids: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> Sequence:
+        seq = super().new_sequence(token_ids, params, request_id)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return seq
@@ -325,6 +305,10 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def occupancy(self) -> tuple[int, int, int, int]:
+        """(running sequences, waiting sequences, KV blocks used, KV blocks free), now."""
+        return len(self.running), len(self.waiting), self.allocator.num_used, self.allocator.num_free
 
     # --- the step ----------------------------------------------------------------------------
 

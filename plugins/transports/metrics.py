@@ -44,7 +44,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST   # of `render()`: the Prometheus text format
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine) -> None:   # or an EngineProcess's EngineFront
         self.engine = engine
         self.registry = CollectorRegistry()
         self.plugin_name = f"metrics-{id(self):x}"   # its name in the engine's plugin manager
@@ -102,8 +102,7 @@ class ServerMetrics:
         for reason in ("stop", "length", "abort"):
             self.requests_finished.labels(reason)   # shown at 0 before the first one
 
-        allocator = engine.allocator
-        self._set_state(len(engine.running), len(engine.waiting), allocator.num_used, allocator.num_free)
+        self._set_state(*engine.occupancy())
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -151,8 +150,7 @@ class ServerMetrics:
             if m.first_token_time is not None:
                 self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
         # An abort between steps frees blocks that no later step may report: show it now.
-        allocator = engine.allocator
-        self._set_state(len(engine.running), len(engine.waiting), allocator.num_used, allocator.num_free)
+        self._set_state(*engine.occupancy())
 
     def _set_state(self, running: int, waiting: int, blocks_used: int, blocks_free: int) -> None:
         self.num_requests_running.set(running)
