@@ -49,9 +49,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _build_config(args)
     transport_cls = load_plugins().registry.get("transports", config.transport).cls
-    engine = Engine(config)
-    print(serving_summary(engine), file=sys.stderr)
-    transport_cls(AsyncEngine(engine).start(), config).run()
+    if config.engine_process:
+        from .engine_process import EngineProcess
+
+        async_engine = EngineProcess(config)
+        print(async_engine.engine.summary, file=sys.stderr)
+    else:
+        engine = Engine(config)
+        print(serving_summary(engine), file=sys.stderr)
+        async_engine = AsyncEngine(engine)
+    transport_cls(async_engine.start(), config).run()
     return 0
 
 
@@ -63,6 +70,8 @@ def serving_summary(engine) -> str:
     cache_gib = sum(k.nbytes + v.nbytes for k, v in engine.kv_cache) / 2**30
     graphs = "CUDA graphs" if engine.step_graphs is not None else "eager steps"
     overlap = "overlapped" if engine.overlap_steps else "in turn"
+    if config.engine_process:
+        overlap += ", in an engine process"
     return (f"fastgen: serving {engine.model_name} with transports.{config.transport}, "
             f"kernels.{engine.backend.name}, schedulers.{config.scheduler} on {engine.device} in "
             f"{str(engine.dtype).removeprefix('torch.')} ({engine.allocator.num_blocks} KV blocks of "

@@ -96,6 +96,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_body_bytes: Annotated[int, _doc(
         "largest request body a network transport accepts (larger: 413)")] = 16 * 2**20
     max_choices: Annotated[int, _doc("most completions one HTTP request may start (prompts x n)")] = 128
+    engine_process: Annotated[bool, _doc(
+        "run the engine's steps in a process of its own, so that a transport's work (parsing, "
+        "formatting, socket writes) and the engine's host work run on two cores instead of taking "
+        "turns on one interpreter; for many concurrent streams where the host, not the device, "
+        "bounds the tokens a second")] = False
     shutdown_timeout: Annotated[float, _doc(
         "seconds requests in flight get to finish after SIGINT/SIGTERM before they are aborted")] = 30.0
 

@@ -44,7 +44,8 @@ def test_every_setting_is_a_flag_a_file_key_and_a_keyword(tmp_path):
               "served_model_name": "x", "kernels": "k", "scheduler": "s", "transport": "t",
               "token_budget": 33, "max_num_seqs": 5, "block_size": 8, "num_blocks": 9,
               "kv_cache_gb": 0.5, "gpu_memory_utilization": 0.8, "prefix_caching": False, "cuda_graphs": True, "cuda_graph_max_tokens": 32, "overlap_steps": True, "seed": 3, "threads": 1, "cache_dir": "/c", "host": "::1",
-              "port": 9, "api_key": "k", "max_body_bytes": 1000, "max_choices": 4, "shutdown_timeout": 2.5}
+              "port": 9, "api_key": "k", "max_body_bytes": 1000, "max_choices": 4, "engine_process": True,
+              "shutdown_timeout": 2.5}
     assert sorted(values) == sorted(fields), "update this test with the new setting"
     toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
     (tmp_path / "fastgen.toml").write_text(toml)

@@ -730,14 +730,39 @@ def test_registered_as_transports_http(plugin_manager):
     assert plugin_manager.registry.get("transports", "http").cls is HttpTransport
 
 
-def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
-    """SIGTERM: stop listening, let the requests in flight finish, shut the engine down, exit 0.
-    The server takes its API key from FASTGEN_API_KEY and says that it requires one."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the state on, or None for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is `pid`."""
+    return {int(e) for e in filter(str.isdigit, os.listdir("/proc"))
+            if (fields := _stat(int(e))) and fields[0] != "Z" and int(fields[1]) == pid}
+
+
+def running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"   # a zombie has exited
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_fastgen_serve_shuts_down_gracefully_on_a_signal(tiny_llama, engine_process):
+    """SIGTERM, or with the engine in a process of its own Ctrl-C's SIGINT to the whole process
+    group (the engine's process too): stop listening, let the requests in flight finish, shut the
+    engine down, exit 0, no process left. The server takes its API key from FASTGEN_API_KEY and
+    says that it requires one."""
     key = "sk-from-the-environment"
     process = subprocess.Popen(
         [sys.executable, "-m", "fastgen.cli", "serve", "--model", str(tiny_llama[0]),
-         "--plugin", "transports.http", "--port", "0", "--token-budget", "32", "--num-blocks", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FASTGEN_API_KEY": key})
+         "--plugin", "transports.http", "--port", "0", "--token-budget", "32", "--num-blocks", "64",
+         *(["--engine-process"] if engine_process else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "FASTGEN_API_KEY": key})
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
     reader.start()
@@ -747,10 +772,16 @@ def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
             stderr.append(lines.get(timeout=60))
         port = int(match.group(1))
         assert "API key required" in "".join(stderr)
+        assert ("in an engine process" in "".join(stderr)) == engine_process
+        engine_children = children(process.pid) if engine_process else set()
+        assert bool(engine_children) == engine_process   # the engine's (and multiprocessing's tracker)
         assert request(port, "GET", "/v1/models")[0] == 401
         stream = open_stream(port, max_tokens=1000, stream_options={"include_usage": True},
                              headers={"Authorization": f"Bearer {key}"})
-        process.send_signal(signal.SIGTERM)
+        if engine_process:
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         wait_until(lambda: "shutting down" in "".join(stderr + list(lines.queue)))
         with pytest.raises(ConnectionRefusedError):   # no new connections ...
             request(port, "GET", "/health")
@@ -758,6 +789,7 @@ def test_fastgen_serve_shuts_down_gracefully_on_sigterm(tiny_llama):
         assert data[-1] == "[DONE]" and data[-2]["usage"]["completion_tokens"] == 1000
         assert data[-3]["choices"][0]["finish_reason"] == "length"
         assert process.wait(30) == 0
+        wait_until(lambda: not any(running(pid) for pid in engine_children))
     finally:
         if process.poll() is None:
             process.kill()
