@@ -14,8 +14,12 @@ host's:
   of /v1/completions in this process (the serving benchmark's, `fastgen bench serve --url`: the
   tokens counted from each stream's usage chunk); the server's own CPU time (user + system, from
   /proc) per generated token and per step.
+- `http-process`: the same with `engine_process` on, the engine's steps in a child process of
+  the server (both processes' CPU time counted).
 - `engine`: the AsyncEngine in this process, N concurrent `generate(..., delta_outputs=True)`
   readers, no transport: this process's CPU time.
+- `engine-process`: the same readers of an EngineProcess (`engine_process`: the steps in a
+  child process; both processes' CPU time).
 
 With `--device cuda` (and a real shape, `--random-model smollm2-135m`) the engine runs with its
 GPU defaults (bf16, CUDA graphs, overlapped steps): then the forward and sample parts are the
@@ -44,6 +48,7 @@ import urllib.request
 
 import torch
 
+import fastgen
 from fastgen.plugins.transports.metrics import STEP_PARTS
 from offline_throughput import status
 from random_checkpoint import SHAPES, temporary_random_checkpoint
@@ -56,7 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--streams", default="64,256", help="concurrent requests, comma-separated")
     p.add_argument("--gen-len", type=int, default=128, help="tokens each request generates")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--through", default="http,engine", help="http, engine or both")
+    p.add_argument("--through", default="http,engine",
+                   help="comma-separated: http, http-process, engine, engine-process (the "
+                        "-process ones with the engine's steps in a process of their own, "
+                        "`engine_process`)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--random-model", default="llama-micro", choices=sorted(SHAPES),
                    help="shape of the random checkpoint (default: llama-micro, a forward pass of "
@@ -67,9 +75,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (field 3 on)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def process_cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User and system CPU time of a process and its running children (an engine process)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    pids.append(int(entry))
+            except (OSError, IndexError):   # gone since listed
+                continue
+    ticks = 0
+    for p in pids:
+        fields = _stat(p)
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def engine_counts(metrics_text: str) -> dict[str, float]:
@@ -176,20 +202,39 @@ class HttpRun:
         return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
 
 
+class StepTotals:
+    """An observer of one engine: its steps and the seconds of each part."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.counts = dict.fromkeys(("steps", *STEP_PARTS), 0.0)
+
+    @fastgen.hookimpl
+    def on_step_finished(self, engine, stats) -> None:
+        if engine is self.engine and stats.num_tokens:
+            self.counts["steps"] += 1
+            for part in STEP_PARTS:
+                self.counts[part] += getattr(stats, f"{part}_s")
+
+
 class EngineRun:
-    """The AsyncEngine in this process, read by coroutines."""
+    """The AsyncEngine in this process, read by coroutines; with `engine_process`, an
+    EngineProcess (the engine's steps in a child process, both processes' CPU time counted)."""
 
     def __init__(self, folder, settings: dict) -> None:
+        from fastgen.async_engine import AsyncEngine
         from fastgen.config import Config
         from fastgen.engine import Engine
-        self.engine = Engine(Config(model=str(folder), **settings))
+        from fastgen.engine_process import EngineProcess
+        config = Config(model=str(folder), **settings)
+        self.async_engine = (EngineProcess(config) if config.engine_process
+                             else AsyncEngine(Engine(config))).start()
+        self.totals = StepTotals(self.async_engine.engine)
+        self.async_engine.engine.plugins.register(self.totals, name="stream-overhead-totals")
 
     def close(self) -> None:
-        pass
-
-    def _counts(self) -> dict[str, float]:
-        totals = self.engine.totals
-        return {"steps": totals.steps, **{part: totals.time[f"{part}_s"] for part in STEP_PARTS}}
+        self.async_engine.engine.plugins.unregister("stream-overhead-totals")
+        asyncio.run(self.async_engine.shutdown(timeout=5))
 
     @staticmethod
     async def _stream(async_engine, prompt: list[int], gen_len: int) -> tuple[int, int]:
@@ -202,17 +247,17 @@ class EngineRun:
         return tokens, events
 
     async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
-        from fastgen.async_engine import AsyncEngine
-        async_engine = AsyncEngine(self.engine).start()   # one per event loop: each run has its own
-        try:
-            await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests[:WARMUP]))
-            counts, cpu, start = self._counts(), time.process_time(), time.perf_counter()
-            done = await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests))
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-            after = self._counts()
-            return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
-        finally:
-            await async_engine.shutdown(timeout=5)
+        async_engine = self.async_engine
+        await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests[:WARMUP]))
+        counts, cpu, start = dict(self.totals.counts), process_cpu_seconds(os.getpid()), time.perf_counter()
+        done = await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests))
+        wall, cpu = time.perf_counter() - start, process_cpu_seconds(os.getpid()) - cpu
+        after = self.totals.counts
+        return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
+
+
+RUNS = {"http": (HttpRun, {}), "http-process": (HttpRun, {"engine_process": True}),
+        "engine": (EngineRun, {}), "engine-process": (EngineRun, {"engine_process": True})}
 
 
 def result(done: list[tuple[int, int]], wall: float, cpu: float, engine: dict[str, float]) -> dict:
@@ -235,15 +280,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     streams = [int(n) for n in args.streams.split(",")]
     throughs = args.through.split(",")
-    unknown = set(throughs) - {"http", "engine"}
+    unknown = set(throughs) - set(RUNS)
     if unknown:
-        raise SystemExit(f"--through: unknown {sorted(unknown)}; use http, engine or both")
+        raise SystemExit(f"--through: unknown {sorted(unknown)}; use {', '.join(RUNS)}")
     rows = []
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     settings = engine_settings(args.device, max(streams))
     with temporary_random_checkpoint(args.random_model, dtype, args.device) as folder:
         for through in throughs:
-            run = (HttpRun if through == "http" else EngineRun)(folder, settings)
+            run_cls, extra = RUNS[through]
+            run = run_cls(folder, {**settings, **extra})
             try:
                 for n in streams:
                     requests = prompts(n, args.prompt_len, seed=n)

@@ -25,8 +25,9 @@
 #            (where a step's time goes: which kernels to fuse or tune next); into summary.md
 #   serve    benchmarks/stream_overhead.py on random smollm2-135m with the GPU defaults: 64 and
 #            256 concurrent streams through `fastgen serve` (SSE) and through the AsyncEngine
-#            alone; tokens/s and the host's CPU time per token (is serving host-bound?); into
-#            summary.md
+#            alone, each with the engine's steps in the serving process and in one of their own
+#            (`engine_process`); tokens/s and the host's CPU time per token (is serving
+#            host-bound, and does a process of its own for the engine lift it?); into summary.md
 #   sweep    benchmarks/attention_sweep.py: kernels.triton's attention over its launch settings
 #            and split-KV counts, beside kernels.cuda's and torch's SDPA on the same work
 #            (llama3-8b shapes), to choose its defaults and tune the split rule
@@ -97,7 +98,7 @@ done
 # sweep 64 for six shapes.
 # The sweep's cap grew with its rows (tile order, a 128-key prompt setting): it rewrites its table
 # after each shape, so a cut keeps the shapes done.
-declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [serve]=120 [sweep]=100 [profile]=60)
+declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [serve]=200 [sweep]=100 [profile]=60)
 # The profile keeps no floor: it gets what the other steps leave, and runs alone in a second call
 # on the still warm machine (`bash scripts/gpu_session.sh profile`) where they leave too little.
 declare -A FLOOR=([tests]=90 [kernels]=75 [e2e]=60 [steps]=40 [serve]=50 [sweep]=45 [profile]=0)
@@ -110,7 +111,8 @@ if [ "$DRY" = 1 ]; then
     E2E_MODELS=(llama-tiny)
     E2E_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --gen-len 8 --repeat 1)
     STEP_PROFILE_ARGS=(--dtype float32 --requests 4 --prompt-len 32 --steps 3)
-    SERVE_ARGS=(--random-model llama-micro --device cpu --streams 4,8 --gen-len 8 --repeat 1)
+    SERVE_ARGS=(--random-model llama-micro --device cpu --streams 4,8 --gen-len 8 --repeat 1
+                --through http,http-process,engine,engine-process)
     PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-rms_norm_matches or (greedy_matches_transformers and torch-cpu)}")
 else
     unset TRITON_INTERPRET       # compiled Triton on the GPU, never the interpreter
@@ -122,7 +124,8 @@ else
     E2E_MODELS=(smollm2-135m llama-1b)
     E2E_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --gen-len 64 --repeat 2)
     STEP_PROFILE_ARGS=(--dtype bfloat16 --requests 32 --prompt-len 512 --steps 20)
-    SERVE_ARGS=(--random-model smollm2-135m --device cuda --streams 64,256 --gen-len 128 --repeat 2)
+    SERVE_ARGS=(--random-model smollm2-135m --device cuda --streams 64,256 --gen-len 128 --repeat 2
+                --through http,http-process,engine,engine-process)
     # The CPU targets were tested where the CI runs; here only what needs the GPU.
     PYTEST_ARGS=(-k "${GPU_SESSION_PYTEST_K:-cuda and not emulated}")
 fi
