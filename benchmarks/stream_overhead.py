@@ -276,16 +276,49 @@ def result(done: list[tuple[int, int]], wall: float, cpu: float, engine: dict[st
             "events_per_token": events / tokens, "engine_s": engine}
 
 
+def table_row(through: str, n: int, runs: list[dict]) -> str:
+    r = min(runs, key=lambda run: run["cpu_us_per_token"])
+    return (f"| {through} | {n} | {r['tokens_per_s']:.0f} | {r['cpu_us_per_token']:.1f} us | "
+            f"{r['engine_host_us_per_token']:.1f} us | {r['outside_us_per_token']:.1f} us | "
+            f"{r['cpu_ms_per_step']:.2f} ms | {r['engine_host_ms_per_step']:.2f} ms | "
+            f"{r['steps']} | {r['events_per_token']:.2f} |")
+
+
 def main(argv=None) -> int:
+    """Each row is printed, and the files written, as soon as it is measured: a run cut short (the
+    GPU script's time limit) keeps the rows it finished."""
     args = parse_args(argv)
     streams = [int(n) for n in args.streams.split(",")]
     throughs = args.through.split(",")
     unknown = set(throughs) - set(RUNS)
     if unknown:
         raise SystemExit(f"--through: unknown {sorted(unknown)}; use {', '.join(RUNS)}")
-    rows = []
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     settings = engine_settings(args.device, max(streams))
+    lines = [f"## Host cost of streaming (random {args.random_model} on {args.device}, {args.prompt_len}-token prompts, "
+             f"{args.gen_len} tokens each, best of {args.repeat}, {time.strftime('%Y-%m-%d %H:%M')})",
+             "", "CPU time per generated token: all of it, the engine's host work (schedule and "
+             "postprocess), and what is outside the engine's steps (handing outputs over, readers, "
+             "transport); and per step.", "",
+             "| through | streams | tokens/s | CPU | engine host | outside steps | CPU per step | "
+             "engine host per step | steps | events per token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    rows = []
+
+    def add_row(through: str, n: int, runs: list[dict]) -> None:
+        rows.append((through, n, runs))
+        lines.append(table_row(through, n, runs))
+        print(lines[-1], flush=True)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"settings": vars(args), "engine": settings,
+                           "runs": [{"through": t, "streams": n, "runs": runs} for t, n, runs in rows]},
+                          f, indent=1)
+
     with temporary_random_checkpoint(args.random_model, dtype, args.device) as folder:
         for through in throughs:
             run_cls, extra = RUNS[through]
@@ -297,33 +330,9 @@ def main(argv=None) -> int:
                     for i in range(args.repeat):
                         status(f"{through}, {n} streams, run {i + 1} of {args.repeat}")
                         runs.append(asyncio.run(run.measure(requests, args.gen_len)))
-                    rows.append((through, n, runs))
+                    add_row(through, n, runs)
             finally:
                 run.close()
-    lines = [f"## Host cost of streaming (random {args.random_model} on {args.device}, {args.prompt_len}-token prompts, "
-             f"{args.gen_len} tokens each, best of {args.repeat}, {time.strftime('%Y-%m-%d %H:%M')})",
-             "", "CPU time per generated token: all of it, the engine's host work (schedule and "
-             "postprocess), and what is outside the engine's steps (handing outputs over, readers, "
-             "transport); and per step.", "",
-             "| through | streams | tokens/s | CPU | engine host | outside steps | CPU per step | "
-             "engine host per step | steps | events per token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for through, n, runs in rows:
-        r = min(runs, key=lambda run: run["cpu_us_per_token"])
-        lines.append(f"| {through} | {n} | {r['tokens_per_s']:.0f} | {r['cpu_us_per_token']:.1f} us | "
-                     f"{r['engine_host_us_per_token']:.1f} us | {r['outside_us_per_token']:.1f} us | "
-                     f"{r['cpu_ms_per_step']:.2f} ms | {r['engine_host_ms_per_step']:.2f} ms | "
-                     f"{r['steps']} | {r['events_per_token']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "engine": settings,
-                       "runs": [{"through": t, "streams": n, "runs": runs} for t, n, runs in rows]},
-                      f, indent=1)
     return 0
 
 

@@ -77,7 +77,8 @@ class EngineProcess(AsyncEngine):
 
     Building it starts the child and waits until its engine is built (the model loaded, graphs
     captured); an engine that fails to build raises its error here. `start()` starts the thread
-    that reads the child's outputs."""
+    that reads the child's outputs. The child is spawned, so it imports the main module again: a
+    script that makes an EngineProcess keeps its work under `if __name__ == "__main__":`."""
 
     def __init__(self, config: Config) -> None:
         context = multiprocessing.get_context("spawn")   # a forked CUDA or torch runtime is unsafe
@@ -94,7 +95,9 @@ class EngineProcess(AsyncEngine):
         except EOFError:
             self._process.join(5)
             raise FastgenError(f"The engine process exited while starting (exit code "
-                               f"{self._process.exitcode}); its log above says why.") from None
+                               f"{self._process.exitcode}); its log above says why. (A script that "
+                               f"makes an EngineProcess needs `if __name__ == '__main__':` around "
+                               f"its work: the child imports the script's module again.)") from None
         if kind == "failed":
             self._process.join(5)
             raise FastgenError(payload)
