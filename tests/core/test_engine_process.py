@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -225,3 +227,16 @@ def test_a_child_that_dies_fails_its_requests_and_refuses_new_ones(tiny_llama):
 def test_an_engine_that_cannot_start_raises_its_error(tmp_path):
     with pytest.raises(FastgenError, match="Unknown device 'tpu'"):
         EngineProcess(make_config(model=str(tmp_path), device="tpu"))
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_engine_did_not_start(tiny_llama, tmp_path):
+    """The child is spawned: it imports the script's module again, which would start a child of
+    its own. multiprocessing refuses; the script's error says what to change."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from fastgen.config import make_config\n"
+                      "from fastgen.engine_process import EngineProcess\n"
+                      f"EngineProcess(make_config(model={str(tiny_llama[0])!r}, num_blocks=64))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "FastgenError: The engine process exited while starting" in done.stderr
+    assert "if __name__ == '__main__':" in done.stderr

@@ -283,14 +283,17 @@ def test_registered_as_transports_stdin(plugin_manager):
     assert plugin_manager.registry.get("transports", "stdin").cls is StdinTransport
 
 
-def test_fastgen_serve_end_to_end(tiny_llama, llm):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_fastgen_serve_end_to_end(tiny_llama, llm, engine_process):
+    """The answers of `fastgen serve --plugin transports.stdin`, with the engine's steps in the
+    serving process and in a process of their own (`--engine-process`)."""
     folder = str(tiny_llama[0])
     requests = [{**r, **GREEDY} for r in REQUESTS[:3]]
     requests += [{"id": "s", "prompt": "The quick brown fox", "max_tokens": 16, "stream": True, **GREEDY},
                  "{not json", {"id": "after", "prompt": "Paris", "max_tokens": 3, **GREEDY}]
     process = subprocess.run(
         [sys.executable, "-m", "fastgen.cli", "serve", "--model", folder, "--plugin", "transports.stdin",
-         "--token-budget", "32", "--num-blocks", "64"],
+         "--token-budget", "32", "--num-blocks", "64", *(["--engine-process"] if engine_process else [])],
         input=encode(requests), capture_output=True, timeout=120)
     assert process.returncode == 0, process.stderr.decode()
     assert b"Traceback" not in process.stderr, process.stderr.decode()
