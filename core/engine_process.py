@@ -215,41 +215,65 @@ def _to_wire(item: RequestOutput | BaseException):
 
 
 class _StepServer:
-    """The child's side of the pipe: requests in, each step's outputs and hook events out."""
+    """The child's side of the pipe: requests in, each step's outputs and hook events out.
+
+    A thread of its own takes the serving process's messages as they come: a long prompt is
+    larger than the pipe's buffer, and the server's send would otherwise wait (its event loop
+    with it) until the step in progress ended."""
 
     def __init__(self, engine, conn) -> None:
         self.engine = engine
         self.conn = conn
         self.events: list[tuple[str, object, tuple[int, int, int, int]]] = []
         self.stopping = False
+        self._server_gone = False
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._adds: list[Sequence] = []
+        self._aborts: list[str] = []
         engine.plugins.register(self, name="engine-process-relay")
+        threading.Thread(target=self._receive, name="fastgen-engine-commands", daemon=True).start()
 
     def run(self) -> None:
         try:
             serve_steps(self.engine, self.next_commands, self.deliver, lambda: self.stopping)
-        except (EOFError, OSError):   # the serving process is gone: nobody to serve
+        except OSError:   # the serving process is gone: nobody to serve
             return
         except BaseException as e:
             log.exception("the engine loop died")
             self.conn.send(("dead", f"{type(e).__name__}: {e}"))
             return
-        self.conn.send(("stopped",))
+        if not self._server_gone:
+            self.conn.send(("stopped",))
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                kind, *args = self.conn.recv()
+                with self._lock:
+                    if kind == "add":
+                        request_id, token_ids, params, delta_outputs, arrival_time = args
+                        seq = self.engine.new_sequence(token_ids, params, request_id)
+                        seq.delta_outputs, seq.arrival_time = delta_outputs, arrival_time
+                        self._adds.append(seq)
+                    elif kind == "abort":
+                        self._aborts.append(args[0])
+                    elif kind == "stop":
+                        self.stopping = True
+                self._arrived.set()
+                if kind == "stop":
+                    return
+        except (EOFError, OSError):   # the serving process is gone: stop serving
+            self._server_gone = self.stopping = True
+            self._arrived.set()
 
     def next_commands(self, idle: bool) -> tuple[list[Sequence], list[str]]:
-        adds, aborts = [], []
         if idle:
-            self.conn.poll(None)
-        while self.conn.poll():
-            kind, *args = self.conn.recv()
-            if kind == "add":
-                request_id, token_ids, params, delta_outputs, arrival_time = args
-                seq = self.engine.new_sequence(token_ids, params, request_id)
-                seq.delta_outputs, seq.arrival_time = delta_outputs, arrival_time
-                adds.append(seq)
-            elif kind == "abort":
-                aborts.append(args[0])
-            elif kind == "stop":
-                self.stopping = True
+            self._arrived.wait()
+        self._arrived.clear()
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
         return adds, aborts
 
     def deliver(self, items: list[tuple[str, object]]) -> None:
