@@ -88,19 +88,18 @@ class ServerMetrics:
         self.steps = Counter(
             "fastgen_steps", "Forward passes, by how they ran: replayed from a CUDA graph, or eager.",
             ["cuda_graph"], registry=r)
-        for how in ("replayed", "eager"):
-            self.steps.labels(how)
+        # Each label's child, looked up once: labels() costs 2.6 us a call, five a step.
+        self._steps_by_how = {how: self.steps.labels(how) for how in ("replayed", "eager")}
         self.step_seconds = Counter(
             "fastgen_step_seconds", "Seconds the engine's steps spent, by part (StepStats): "
             "schedule and postprocess are host work; forward and sample include waiting for the "
             "device.", ["part"], registry=r)
-        for part in STEP_PARTS:
-            self.step_seconds.labels(part)
+        self._step_seconds_by_part = {part: self.step_seconds.labels(part) for part in STEP_PARTS}
         self.requests_finished = Counter(
             "fastgen_requests_finished", "Finished requests, by finish reason (stop, length, abort).",
             ["finish_reason"], registry=r)
-        for reason in ("stop", "length", "abort"):
-            self.requests_finished.labels(reason)   # shown at 0 before the first one
+        self._finished_by_reason = {reason: self.requests_finished.labels(reason)   # shown at 0
+                                    for reason in ("stop", "length", "abort")}    # before the first
 
         self._set_state(*engine.occupancy())
 
@@ -131,9 +130,9 @@ class ServerMetrics:
             self.prefix_cache_hit_tokens.inc(stats.num_cached_tokens)
         self.step_token_budget_utilization.observe(stats.num_tokens / engine.config.token_budget)
         if stats.num_tokens:   # not a record of preemptions alone
-            self.steps.labels("replayed" if stats.graph_replayed else "eager").inc()
-        for part in STEP_PARTS:
-            self.step_seconds.labels(part).inc(getattr(stats, f"{part}_s"))
+            self._steps_by_how["replayed" if stats.graph_replayed else "eager"].inc()
+        for part, counter in self._step_seconds_by_part.items():
+            counter.inc(getattr(stats, f"{part}_s"))
 
     @fastgen.hookimpl
     def on_request_finished(self, engine: Engine, output: RequestOutput) -> None:
@@ -141,7 +140,7 @@ class ServerMetrics:
             return
         self.prompt_tokens.inc(len(output.prompt_token_ids))
         self.generation_tokens.inc(len(output.token_ids))
-        self.requests_finished.labels(output.finish_reason).inc()
+        self._finished_by_reason[output.finish_reason].inc()
         m = output.metrics
         if m is not None:
             self.e2e_request_latency.observe(m.finished_time - m.arrival_time)
