@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -185,6 +186,9 @@ def _child_main(config: Config, conn, log_level: int) -> None:
 
     # Ctrl-C reaches the whole process group: the serving process decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Whatever the engine's side prints (a plugin, a library's progress bar) is diagnostics: it
+    # goes to stderr, never into a transport's answers on stdout (transports.stdin).
+    os.dup2(2, 1)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = Engine(config)
