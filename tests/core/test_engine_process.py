@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import fastgen
@@ -240,3 +241,23 @@ def test_a_script_without_a_main_guard_is_told_why_its_engine_did_not_start(tiny
     assert done.returncode != 0
     assert "FastgenError: The engine process exited while starting" in done.stderr
     assert "if __name__ == '__main__':" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_an_engine_process_answers_as_the_offline_engine(tiny_llama):
+    """The child initialises CUDA itself (spawned, never forked), with the GPU defaults: CUDA
+    graphs and overlapped steps where the backend allows them."""
+    settings = dict(num_blocks=64, device="cuda", dtype="float32")
+    greedy = [(p, sp) for p, sp in REQUESTS if sp.temperature == 0]   # batched or alone alike
+    offline = LLM(model=str(tiny_llama[0]), **settings)
+    expected = [offline.generate(p, sp)[0] for p, sp in greedy]
+    del offline
+    process = EngineProcess(make_config(model=str(tiny_llama[0]), **settings)).start()
+    try:
+        async def body():
+            return await asyncio.gather(*(final(process, p, sp) for p, sp in greedy))
+        served = run(body())
+    finally:
+        asyncio.run(process.shutdown(timeout=0))
+    assert [o.token_ids for o in served] == [o.token_ids for o in expected]
+    assert [o.text for o in served] == [o.text for o in expected]
