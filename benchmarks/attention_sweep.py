@@ -47,8 +47,11 @@ from fastgen.plugin_manager import load_plugins  # noqa: E402
 # The last, a SplitFuse step of many long decodes beside a prompt chunk: whether the prompt
 # settings' keys per step (block_n 64 gained 3-15% on the two prompt shapes on the H100 and the
 # H200) cost the decodes they share a launch with.
-SHAPES = {s.name: s for s in (decode(1, 8192), prefill(2048), mixed(512, 16, 1024), decode(16, 8192),
-                               decode(64, 1024), mixed(2048, 64, 2048, 2048))}
+# A prompt chunk after 2048 cached tokens, with no decodes beside it, comes fourth: with the fresh
+# prompt, whether steps of prompt tiles alone would do better on their own launch settings.
+SHAPES = {s.name: s for s in (decode(1, 8192), prefill(2048), mixed(512, 16, 1024),
+                               prefill(2048, cached=2048), decode(16, 8192), decode(64, 1024),
+                               mixed(2048, 64, 2048, 2048))}
 QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
 # (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
 # Stages 3 and 4 keep 2 and 4 copies of keys in flight (the sm_90 TTGIR); block_n 128 and stages
@@ -59,7 +62,11 @@ DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64) for st in (3, 4)] + [
 # session): 32-token tiles on 8 warps with 32 keys a step, 2 or 4 stages, and 128 keys at 3 stages
 # (which fit sm_90's shared memory); lazy rescaling of the running output (7-14% slower on prompts).
 PROMPT_SETTINGS = [(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
-    (32, 64, 8, 3), (32, 128, 8, 2)]
+    (32, 64, 8, 3), (32, 128, 8, 2),
+    # Halving the tiles let the split rule split the 512-token mix in two (0.60x there, NVIDIA
+    # H200, 2026-11-28): the fresh prompt's best setting again with one split, to tell the tile's
+    # cost from the split's.
+    (32, 64, 8, 3, 1)]
 QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
 # Split-KV counts forced on decode shapes (each backend's own launch settings), beside the count the
 # shared rule (plugins/kernels/split_kv.py) picks: the data to tune that rule with.
@@ -81,15 +88,18 @@ class Result:
 def setting_name(setting) -> str:
     if setting is None:
         return "auto"
-    tile, block_n, warps, stages = setting
+    tile, block_n, warps, stages, *splits = setting
     parts = ([f"tile={tile}"] if tile else []) + [f"block_n={block_n}", f"warps={warps}"]
-    return " ".join(parts + ([f"stages={stages}"] if stages else []))
+    parts += [f"stages={stages}"] if stages else []
+    return " ".join(parts + [f"splits={n}" for n in splits])
 
 
 def apply(backend, setting) -> None:
-    tile, block_n, warps, stages = setting or (None, None, None, None)
+    """A setting: (tile_tokens, block_n, num_warps, num_stages[, forced split count])."""
+    tile, block_n, warps, stages, *splits = setting or (None, None, None, None)
     backend.tile_tokens, backend.attention_block_n = tile, block_n
     backend.attention_num_warps, backend.attention_num_stages = warps, stages
+    backend.num_kv_splits = splits[0] if splits else None
 
 
 def sdpa_call(shape: BatchShape, heads: int, kv_heads: int, dim: int, dtype, device):
