@@ -230,6 +230,7 @@ def test_an_engine_that_cannot_start_raises_its_error(tmp_path):
         EngineProcess(make_config(model=str(tmp_path), device="tpu"))
 
 
+@pytest.mark.slow   # a script's interpreter and its child's, each importing torch: 12 s
 def test_a_script_without_a_main_guard_is_told_why_its_engine_did_not_start(tiny_llama, tmp_path):
     """The child is spawned: it imports the script's module again, which would start a child of
     its own. multiprocessing refuses; the script's error says what to change."""

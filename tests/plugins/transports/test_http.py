@@ -750,7 +750,9 @@ def running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"   # a zombie has exited
 
 
-@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+# The engine-process case starts a second interpreter that imports torch: the slow step's.
+@pytest.mark.parametrize("engine_process", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["engine-thread", "engine-process"])
 def test_fastgen_serve_shuts_down_gracefully_on_a_signal(tiny_llama, engine_process):
     """SIGTERM, or with the engine in a process of its own Ctrl-C's SIGINT to the whole process
     group (the engine's process too): stop listening, let the requests in flight finish, shut the

@@ -283,7 +283,9 @@ def test_registered_as_transports_stdin(plugin_manager):
     assert plugin_manager.registry.get("transports", "stdin").cls is StdinTransport
 
 
-@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+# The engine-process case starts a second interpreter that imports torch: the slow step's.
+@pytest.mark.parametrize("engine_process", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["engine-thread", "engine-process"])
 def test_fastgen_serve_end_to_end(tiny_llama, llm, engine_process):
     """The answers of `fastgen serve --plugin transports.stdin`, with the engine's steps in the
     serving process and in a process of their own (`--engine-process`)."""
