@@ -63,6 +63,41 @@ def _ends_stream(item: RequestOutput | BaseException) -> bool:
     return isinstance(item, BaseException) or item.finished
 
 
+class CommandInbox:
+    """New sequences and aborts for the engine's step loop, put from other threads; the loop takes
+    all of them at once (`take`, which `serve_steps` calls), waiting for some while it has
+    nothing to do."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._arrived = threading.Event()
+        self._adds: list[Sequence] = []
+        self._aborts: list[str] = []
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._adds.append(seq)
+        self._arrived.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._arrived.set()
+
+    def wake(self) -> None:
+        """End the loop's wait without a command (it is to check whether it should stop)."""
+        self._arrived.set()
+
+    def take(self, idle: bool) -> tuple[list[Sequence], list[str]]:
+        if idle:
+            self._arrived.wait()
+        self._arrived.clear()
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        return adds, aborts
+
+
 def _put_each(batch: list[tuple[str, _PendingOutputs, object]]) -> None:
     for _, pending, item in batch:
         pending.put(item)
@@ -71,10 +106,8 @@ def _put_each(batch: list[tuple[str, _PendingOutputs, object]]) -> None:
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._adds: list = []
-        self._aborts: list[str] = []
+        self._lock = threading.Lock()   # guards _streams
+        self._inbox = CommandInbox()
         # request id -> (event loop, pending outputs) of the coroutine reading that request's outputs
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _PendingOutputs]] = {}
         self._thread: threading.Thread | None = None
@@ -111,7 +144,7 @@ class AsyncEngine:
 
     async def _stop_loop(self) -> None:
         self._stop = True
-        self._wake.set()
+        self._inbox.wake()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
 
@@ -159,14 +192,10 @@ class AsyncEngine:
         """Hand a checked request to the engine's loop."""
         seq = self.engine.new_sequence(token_ids, params, request_id)
         seq.delta_outputs = delta_outputs
-        with self._lock:
-            self._adds.append(seq)
-        self._wake.set()
+        self._inbox.add(seq)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborts.append(request_id)
-        self._wake.set()
+        self._inbox.abort(request_id)
 
     # --- the worker thread -------------------------------------------------------------------
 
@@ -199,18 +228,9 @@ class AsyncEngine:
             readers = list(self._streams)
         self._deliver_all([(request_id, error) for request_id in readers])
 
-    def _next_commands(self, idle: bool) -> tuple[list[Sequence], list[str]]:
-        if idle:
-            self._wake.wait()
-            self._wake.clear()
-        with self._lock:
-            adds, self._adds = self._adds, []
-            aborts, self._aborts = self._aborts, []
-        return adds, aborts
-
     def _loop(self) -> None:
         try:
-            serve_steps(self.engine, self._next_commands, self._deliver_all, lambda: self._stop)
+            serve_steps(self.engine, self._inbox.take, self._deliver_all, lambda: self._stop)
         except BaseException as e:  # never leave readers waiting on a thread that is gone
             log.exception("the engine loop died")
             self._stop = True
@@ -225,7 +245,8 @@ Deliver = Callable[[list[tuple[str, object]]], None]
 def serve_steps(engine: Engine, next_commands: Commands, deliver: Deliver,
                 stopping: Callable[[], bool]) -> None:
     """Run `engine`'s steps until `stopping()`: take the new requests and aborts
-    (`next_commands(idle)`, which waits for some when the engine has nothing to do), step, and
+    (`next_commands(idle)`, which waits for some when the engine has nothing to do: a
+    `CommandInbox`'s `take`), step, and
     `deliver` (request id, output or error) pairs. A failed step fails the requests in flight,
     not the loop. The AsyncEngine's thread runs it, and so does an engine process
     (`fastgen.engine_process`)."""

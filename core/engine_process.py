@@ -29,11 +29,11 @@ import msgspec
 
 import fastgen
 
-from .async_engine import AsyncEngine, EngineDeadError, serve_steps
+from .async_engine import AsyncEngine, CommandInbox, EngineDeadError, serve_steps
 from .config import Config
 from .errors import FastgenError
 from .plugin_manager import PluginManager
-from .request import RequestOutput, SamplingParams, Sequence
+from .request import RequestOutput, SamplingParams
 from .request_intake import RequestIntake
 from .tokenizer import load_tokenizer
 
@@ -231,16 +231,13 @@ class _StepServer:
         self.events: list[tuple[str, object, tuple[int, int, int, int]]] = []
         self.stopping = False
         self._server_gone = False
-        self._lock = threading.Lock()
-        self._arrived = threading.Event()
-        self._adds: list[Sequence] = []
-        self._aborts: list[str] = []
+        self.inbox = CommandInbox()
         engine.plugins.register(self, name="engine-process-relay")
         threading.Thread(target=self._receive, name="fastgen-engine-commands", daemon=True).start()
 
     def run(self) -> None:
         try:
-            serve_steps(self.engine, self.next_commands, self.deliver, lambda: self.stopping)
+            serve_steps(self.engine, self.inbox.take, self.deliver, lambda: self.stopping)
         except OSError:   # the serving process is gone: nobody to serve
             return
         except BaseException as e:
@@ -254,31 +251,20 @@ class _StepServer:
         try:
             while True:
                 kind, *args = self.conn.recv()
-                with self._lock:
-                    if kind == "add":
-                        request_id, token_ids, params, delta_outputs, arrival_time = args
-                        seq = self.engine.new_sequence(token_ids, params, request_id)
-                        seq.delta_outputs, seq.arrival_time = delta_outputs, arrival_time
-                        self._adds.append(seq)
-                    elif kind == "abort":
-                        self._aborts.append(args[0])
-                    elif kind == "stop":
-                        self.stopping = True
-                self._arrived.set()
-                if kind == "stop":
+                if kind == "add":
+                    request_id, token_ids, params, delta_outputs, arrival_time = args
+                    seq = self.engine.new_sequence(token_ids, params, request_id)
+                    seq.delta_outputs, seq.arrival_time = delta_outputs, arrival_time
+                    self.inbox.add(seq)
+                elif kind == "abort":
+                    self.inbox.abort(args[0])
+                elif kind == "stop":
+                    self.stopping = True
+                    self.inbox.wake()
                     return
         except (EOFError, OSError):   # the serving process is gone: stop serving
             self._server_gone = self.stopping = True
-            self._arrived.set()
-
-    def next_commands(self, idle: bool) -> tuple[list[Sequence], list[str]]:
-        if idle:
-            self._arrived.wait()
-        self._arrived.clear()
-        with self._lock:
-            adds, self._adds = self._adds, []
-            aborts, self._aborts = self._aborts, []
-        return adds, aborts
+            self.inbox.wake()
 
     def deliver(self, items: list[tuple[str, object]]) -> None:
         if items or self.events:
