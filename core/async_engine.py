@@ -165,7 +165,8 @@ class AsyncEngine:
             raise EngineDeadError(f"The engine is not accepting requests (it is {state}).")
         params = params or SamplingParams()
         token_ids = self.engine.check_request(prompt, params)
-        request_id = request_id or self.engine.next_request_id()
+        if request_id is None:
+            request_id = self.engine.next_request_id()
         pending = _PendingOutputs()
         with self._lock:
             if request_id in self._streams:

@@ -56,8 +56,9 @@ class RequestIntake:
     def new_sequence(self, token_ids: list[int], params: SamplingParams,
                      request_id: str | None = None) -> Sequence:
         """A sequence of checked token ids (`check_request`)."""
-        return Sequence(request_id or self.next_request_id(), token_ids, params,
-                        frozenset(self.eos_token_ids))
+        if request_id is None:
+            request_id = self.next_request_id()
+        return Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None) -> Sequence:
