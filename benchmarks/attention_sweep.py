@@ -6,7 +6,8 @@ and torch's SDPA on the same work.
         [--markdown FILE] [--json FILE]
 
 For each batch shape, each launch setting (tile tokens for prompt tiles, keys per loop step, warps,
-pipelining stages; `auto` is what the backend chooses by itself) runs on the same inputs, and on
+pipelining stages, and the KV cache's block size with K/V read as TMA copies or not; `auto` is
+what the backend chooses by itself) runs on the same inputs, and on
 decode shapes each forced split-KV count (`splits=N`, for kernels.cuda too), beside the count the
 shared rule picks (the `splits` column of `auto`), and on shapes with prompt chunks each backend's
 tiles in batch order beside its own order, longest first (`tiles in batch order`). Its
@@ -36,8 +37,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from fastgen.bench.kernels import (MODELS, BatchShape, build_batch, decode, median_time,  # noqa: E402
-                                   mixed, prefill)
+from fastgen.bench.kernels import (BLOCK_SIZE, MODELS, BatchShape, build_batch, decode,  # noqa: E402
+                                   median_time, mixed, prefill)
 from fastgen.checkpoint import DTYPES  # noqa: E402
 from fastgen.kernels import configure_kv_cache, make_backend  # noqa: E402
 from fastgen.plugin_manager import load_plugins  # noqa: E402
@@ -53,21 +54,61 @@ SHAPES = {s.name: s for s in (decode(1, 8192), prefill(2048), mixed(512, 16, 102
                                prefill(2048, cached=2048), decode(16, 8192), decode(64, 1024),
                                mixed(2048, 64, 2048, 2048))}
 QUICK_SHAPES = {s.name: s for s in (decode(2, 600), prefill(40))}
-# (tile_tokens, block_n, num_warps, num_stages); decodes have one-token tiles, so no tile_tokens.
+@dataclass(frozen=True)
+class Setting:
+    """kernels.triton's attention launch settings; None: the backend's own choice. `cache_block`:
+    the tokens per KV cache block the inputs are laid out in; `tma`: K/V read as TMA copies,
+    which needs cache blocks that hold whole steps of keys."""
+
+    tile: int | None = None         # new tokens per prompt tile (decodes have one-token tiles)
+    block_n: int | None = None      # keys per loop step
+    warps: int | None = None
+    stages: int | None = None
+    splits: int | None = None       # a forced split-KV count
+    cache_block: int = BLOCK_SIZE
+    tma: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [f"tile={self.tile}"] if self.tile else []
+        parts += [f"block_n={self.block_n}"] if self.block_n else []
+        parts += [f"warps={self.warps}"] if self.warps else []
+        parts += [f"stages={self.stages}"] if self.stages else []
+        parts += [f"splits={self.splits}"] if self.splits else []
+        parts += [f"cache_block={self.cache_block}"] if self.cache_block != BLOCK_SIZE else []
+        parts += ["tma"] if self.tma else []
+        return " ".join(parts) or "auto"
+
+
+AUTO = Setting()
 # Stages 3 and 4 keep 2 and 4 copies of keys in flight (the sm_90 TTGIR); block_n 128 and stages
 # 2 were never the fastest (NVIDIA H200, 2026-11-27), so they are not timed again.
-DECODE_SETTINGS = [(None, n, 4, st) for n in (32, 64) for st in (3, 4)] + [
-    (None, 64, 2, 3), (None, 64, 8, 3)]
+DECODE_SETTINGS = [Setting(block_n=n, warps=4, stages=st) for n in (32, 64) for st in (3, 4)] + [
+    Setting(block_n=64, warps=2, stages=3), Setting(block_n=64, warps=8, stages=3)]
 # Timed on the fresh prompt and the mixes and never ahead (NVIDIA H200, 2026-11-28, the fourth
 # session): 32-token tiles on 8 warps with 32 keys a step, 2 or 4 stages, and 128 keys at 3 stages
 # (which fit sm_90's shared memory); lazy rescaling of the running output (7-14% slower on prompts).
-PROMPT_SETTINGS = [(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
-    (32, 64, 8, 3), (32, 128, 8, 2),
+PROMPT_SETTINGS = [Setting(t, n, 4, st) for t in (16, 32) for n in (32, 64) for st in (3, 4)] + [
+    Setting(32, 64, 8, 3), Setting(32, 128, 8, 2),
     # Halving the tiles let the split rule split the 512-token mix in two (0.60x there, NVIDIA
     # H200, 2026-11-28): the fresh prompt's best setting again with one split, to tell the tile's
     # cost from the split's.
-    (32, 64, 8, 3, 1)]
-QUICK_SETTINGS = [(None, 32, 4, None), (16, 64, 4, None)]
+    Setting(32, 64, 8, 3, splits=1)]
+# Cache blocks of 64 (or 128) tokens: each step's keys in one block, read at one block id
+# (gather) or as one TMA copy of K and one of V (sm_90+). Untimed so far: the next GPU session's.
+# In the sm_90 SASS (Triton 3.6, scripts/triton_sass_loops.py on the fresh 2048-token prompt) the
+# TMA prompt tile takes 143 registers against 224 for the gather from 16-token blocks, and its
+# unmasked loop 352 instructions against 398; two stages leave 81 KiB of shared memory, room for
+# two programs an SM. 128 keys a step on 8 warps with 32-token tiles: 210 registers (255 with the
+# gather), 0.24 instructions a key and query row in that loop against 0.36 for the fastest setting
+# timed so far (32-token tiles, 64 keys, 8 warps, gather).
+CACHE_BLOCK_SETTINGS = [Setting(cache_block=64), Setting(cache_block=64, tma=True)]
+PROMPT_SETTINGS += CACHE_BLOCK_SETTINGS + [
+    Setting(t, 64, w, 3, cache_block=64, tma=tma) for t, w in ((16, 4), (32, 8)) for tma in (False, True)
+] + [Setting(16, 64, 4, 2, cache_block=64, tma=True), Setting(32, 128, 8, 2, cache_block=128, tma=True)]
+DECODE_SETTINGS += CACHE_BLOCK_SETTINGS + [Setting(block_n=64, warps=4, stages=3, cache_block=64, tma=True)]
+QUICK_SETTINGS = [Setting(block_n=32, warps=4), Setting(16, 64, 4),
+                  Setting(16, 32, 4, cache_block=32, tma=True)]
 # Split-KV counts forced on decode shapes (each backend's own launch settings), beside the count the
 # shared rule (plugins/kernels/split_kv.py) picks: the data to tune that rule with.
 SPLIT_COUNTS = [1, 4, 8, 16, 32]
@@ -85,21 +126,10 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def setting_name(setting) -> str:
-    if setting is None:
-        return "auto"
-    tile, block_n, warps, stages, *splits = setting
-    parts = ([f"tile={tile}"] if tile else []) + [f"block_n={block_n}", f"warps={warps}"]
-    parts += [f"stages={stages}"] if stages else []
-    return " ".join(parts + [f"splits={n}" for n in splits])
-
-
-def apply(backend, setting) -> None:
-    """A setting: (tile_tokens, block_n, num_warps, num_stages[, forced split count])."""
-    tile, block_n, warps, stages, *splits = setting or (None, None, None, None)
-    backend.tile_tokens, backend.attention_block_n = tile, block_n
-    backend.attention_num_warps, backend.attention_num_stages = warps, stages
-    backend.num_kv_splits = splits[0] if splits else None
+def apply(backend, setting: Setting) -> None:
+    backend.tile_tokens, backend.attention_block_n = setting.tile, setting.block_n
+    backend.attention_num_warps, backend.attention_num_stages = setting.warps, setting.stages
+    backend.num_kv_splits, backend.attention_tma = setting.splits, setting.tma
 
 
 def sdpa_call(shape: BatchShape, heads: int, kv_heads: int, dim: int, dtype, device):
@@ -163,14 +193,15 @@ class AttentionInputs:
         return None if ok else f"max error {error:.3g}"
 
 
-def attention_inputs(shape: BatchShape, model, dtype, device, reference) -> AttentionInputs:
+def attention_inputs(shape: BatchShape, model, dtype, device, reference,
+                     cache_block: int = BLOCK_SIZE) -> AttentionInputs:
     g = torch.Generator().manual_seed(0)
-    cache_shape = (shape.num_blocks, 16, model.num_kv_heads, model.head_dim)
+    cache_shape = (shape.blocks(cache_block), cache_block, model.num_kv_heads, model.head_dim)
     k_cache = torch.randn(*cache_shape, generator=g).to(dtype).to(device)
     v_cache = torch.randn(*cache_shape, generator=g).to(dtype).to(device)
     q = torch.randn(shape.num_tokens, model.num_heads, model.head_dim, generator=g).to(dtype).to(device)
     scale = model.head_dim ** -0.5
-    batch = build_batch(shape, device)
+    batch = build_batch(shape, device, cache_block)
     batch.attn_metadata = reference.prepare(batch)
     expected = reference.attention(q, k_cache, v_cache, batch, scale, model.sliding_window).float()
     return AttentionInputs(batch, q, k_cache, v_cache, scale, model.sliding_window, expected)
@@ -196,13 +227,17 @@ def sweep_shape(shape: BatchShape, model, dtype, device, settings, split_counts,
     registry = load_plugins().registry
     triton = make_backend(registry.get("kernels", "triton").cls, device)
     reference = make_backend(registry.get("kernels", "torch").cls, device)
-    work = attention_inputs(shape, model, dtype, device, reference)
-    inputs = (work, dtype, device, repeats)
+    # The shape's work laid out in caches of each block size the settings ask for (random values
+    # drawn for each).
+    works = {block: attention_inputs(shape, model, dtype, device, reference, block)
+             for block in dict.fromkeys(s.cache_block for s in [AUTO, *settings])}
     results = []
-    for setting in [None, *settings]:
+    for setting in [AUTO, *settings]:
         apply(triton, setting)
-        results.append(_checked_and_timed(Result(shape.name, setting_name(setting)), triton, *inputs))
-    apply(triton, None)
+        results.append(_checked_and_timed(Result(shape.name, setting.name), triton,
+                                          works[setting.cache_block], dtype, device, repeats))
+    apply(triton, AUTO)
+    inputs = (works[BLOCK_SIZE], dtype, device, repeats)
     # kernels.cuda's attention on the same work, where it runs: the other kernel authors' bar.
     backends = [("auto", triton)]
     cuda = registry.get("kernels", "cuda").cls

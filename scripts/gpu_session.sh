@@ -96,9 +96,10 @@ done
 # The 2026-11-28 second H200 session's (tests, e2e, sweep): setup 46, tests cut at 250 with 526
 # done (the 38 left took 30 s on the warm machine), e2e 57 + 48 + 36 (the budget-2048 rows),
 # sweep 64 for six shapes.
-# The sweep's cap grew with its rows (tile order, a 128-key prompt setting): it rewrites its table
-# after each shape, so a cut keeps the shapes done.
-declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [serve]=200 [sweep]=100 [profile]=60)
+# The sweep's cap grew with its rows (tile order, a 128-key prompt setting, then 64-token cache
+# blocks with and without TMA copies: 17 prompt and 9 decode settings a shape): it rewrites its
+# table after each shape, so a cut keeps the shapes done.
+declare -A CAP=([tests]=250 [kernels]=110 [e2e]=240 [steps]=90 [serve]=200 [sweep]=140 [profile]=60)
 # The profile keeps no floor: it gets what the other steps leave, and runs alone in a second call
 # on the still warm machine (`bash scripts/gpu_session.sh profile`) where they leave too little.
 declare -A FLOOR=([tests]=90 [kernels]=75 [e2e]=60 [steps]=40 [serve]=50 [sweep]=45 [profile]=0)

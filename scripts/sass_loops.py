@@ -30,14 +30,17 @@ def functions(sass: str) -> dict[str, list[tuple[int, str]]]:
 
 
 def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int, list[str]]]:
-    """(start, end, instructions) of each backward branch's span that holds a global load."""
+    """(start, end, instructions) of each backward branch's span that holds a global load (LDG,
+    or UTMALDG: a TMA copy)."""
     spans = []
     for address, text in instructions:
-        target = re.search(r"\bBRA 0x([0-9a-f]+)", text)
+        # A loop closes with a predicated branch back; an unpredicated one jumps back from code
+        # placed after the function's end (Triton's retries of a TMA barrier wait).
+        target = re.search(r"^@!?U?P\w+\s+BRA 0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
             start = int(target.group(1), 16)
             body = [t for a, t in instructions if start <= a <= address]
-            if any(re.search(r"(^|\s)LDG", t) for t in body):
+            if any(re.search(r"(^|\s)(UTMA)?LDG", t) for t in body):
                 spans.append((start, address, body))
     return spans
 

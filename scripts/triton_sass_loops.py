@@ -3,7 +3,7 @@ compiled for a GPU on a machine without one (Triton's own toolchain: `compile_ch
 its SASS as scripts/sass_loops.py reads kernels.cuda's:
 
     python scripts/triton_sass_loops.py prefill_2048_cached0 [--model llama3-8b] [--arch 90]
-        [--block-n 64] [--warps 8] [--tile 32] [--stages 3]
+        [--block-n 64] [--warps 8] [--tile 32] [--stages 3] [--block-size 64 [--tma]]
 
 The launch settings default to the backend's own for that case. Each loop is a backward branch's
 span holding a global load (the key loops: the unmasked one, then the masked one); the counts are
@@ -20,7 +20,8 @@ os.environ.pop("TRITON_INTERPRET", None)   # compiled, not interpreted, launches
 
 from sass_loops import functions, print_loops  # noqa: E402
 
-KINDS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "IMAD", "LDGSTS", "LDG", "LDS", "SHFL", "BAR")
+KINDS = ("HGMMA", "HMMA", "MUFU", "FFMA", "FMUL", "IMAD", "LDGSTS", "LDG", "UTMALDG", "LDS", "SHFL",
+         "BAR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int)
     parser.add_argument("--tile", type=int, help="new tokens per prompt tile")
     parser.add_argument("--stages", type=int)
+    parser.add_argument("--block-size", type=int, help="tokens per KV cache block (default: 16)")
+    parser.add_argument("--tma", action="store_true", help="K/V as TMA copies (needs --block-size "
+                        "a multiple of the keys a step)")
     args = parser.parse_args(argv)
 
     from triton.backends.compiler import GPUTarget
@@ -44,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     TritonBackend.attention_block_n, TritonBackend.attention_num_warps = args.block_n, args.warps
     TritonBackend.tile_tokens, TritonBackend.attention_num_stages = args.tile, args.stages
     launches = [launch for launch in compile_check.record_cases([args.dtype], models=[args.model],
-                                                                ops=["attention"], arch=args.arch)
+                                                                ops=["attention"], arch=args.arch,
+                                                                cache_block=args.block_size,
+                                                                tma=args.tma)
                 if launch.case.endswith(f"-{args.shape}-attention")
                 and launch.kernel.__name__ == "_attention_kernel"]
     if not launches:

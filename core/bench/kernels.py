@@ -78,7 +78,11 @@ class BatchShape:
 
     @property
     def num_blocks(self) -> int:
-        return sum(-(-(c + n) // BLOCK_SIZE) for c, n in self.sequences)
+        return self.blocks(BLOCK_SIZE)
+
+    def blocks(self, block_size: int) -> int:
+        """The cache blocks of `block_size` tokens the shape's sequences hold."""
+        return sum(-(-(c + n) // block_size) for c, n in self.sequences)
 
 
 def decode(batch: int, context: int) -> BatchShape:
@@ -318,18 +322,19 @@ def kept_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return torch.where(greedy[:, None], logits == logits.amax(dim=-1, keepdim=True), kept)
 
 
-def build_batch(shape: BatchShape, device: torch.device) -> RaggedBatch:
-    """The RaggedBatch of a shape, every sequence sampling, its blocks scattered over the cache
-    in a random order as they are after a while of serving."""
-    order = torch.randperm(shape.num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+def build_batch(shape: BatchShape, device: torch.device, block_size: int | None = None) -> RaggedBatch:
+    """The RaggedBatch of a shape, every sequence sampling, its blocks (of BLOCK_SIZE tokens
+    unless told) scattered over the cache in a random order as they are after a while of serving."""
+    block_size = block_size or BLOCK_SIZE
+    order = torch.randperm(shape.blocks(block_size), generator=torch.Generator().manual_seed(0)).tolist()
     pairs, used = [], 0
     for i, (cached, new) in enumerate(shape.sequences):
         seq = Sequence(f"bench-{i}", [0] * (cached + new), SAMPLING)
         seq.num_computed = cached
-        blocks = -(-(cached + new) // BLOCK_SIZE)
+        blocks = -(-(cached + new) // block_size)
         seq.block_ids, used = order[used:used + blocks], used + blocks
         pairs.append((seq, new))
-    return RaggedBatch.build(pairs, BLOCK_SIZE, device)
+    return RaggedBatch.build(pairs, block_size, device)
 
 
 def free_memory(device: torch.device) -> int:

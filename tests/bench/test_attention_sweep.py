@@ -27,7 +27,8 @@ def test_quick_sweep_checks_and_ranks_every_setting(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(results.read_text())
     settings = [(r["shape"], r["setting"]) for r in rows]
-    sweep = ["auto", "block_n=32 warps=4", "tile=16 block_n=64 warps=4"]
+    sweep = ["auto", "block_n=32 warps=4", "tile=16 block_n=64 warps=4",
+             "tile=16 block_n=32 warps=4 cache_block=32 tma"]
     # Decode shapes also run a forced split count, prompt shapes the tiles in batch order;
     # kernels.cuda, which needs a GPU, is left out.
     assert settings == ([("prefill_40_cached0", s) for s in [*sweep, "auto tiles in batch order",

@@ -9,6 +9,11 @@ steps every row of the tile sees whole, without masks, then the masked ones (the
 window's edge). Each step's block ids are loaded a step ahead, so the pipeliner keeps the next
 steps' K/V copies in flight while a step computes.
 
+With a cache block of at least a step's keys (a `block_size` of 64, say), each step's keys lie in
+one block: its id is one number, and on sm_90 and later the step's K and V can be read as TMA
+copies (`tma`), one box of [keys a step, head size] each, issued by one thread through a tensor
+descriptor of the cache, instead of a gather whose addresses every thread works out.
+
 Split-KV (flash-decoding): when the tiles are too few to fill the GPU and the contexts are long,
 each tile's key range is cut into `num_splits` parts run by separate programs; each writes its
 unnormalised output with its running max and sum, and a reduce kernel combines them.
@@ -57,13 +62,15 @@ class AttentionPlan:
     block_n: int | None = None      # keys per step of a program's loop
     num_warps: int | None = None
     num_stages: int | None = None   # software pipelining depth of that loop (Triton's default: 3)
+    tma: bool = False               # K/V steps as TMA copies (sm_90+; steps inside a cache block)
     graph_padded: bool = False      # planned for a CUDA graph's padded batch: tiles padded too
 
 
 def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None = None,
                    split_min_keys: int = MIN_SPLIT_KEYS, kv_heads: int = 1,
                    block_n: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None, longest_tiles_first: bool = True) -> AttentionPlan:
+                   num_stages: int | None = None, longest_tiles_first: bool = True,
+                   tma: bool = False) -> AttentionPlan:
     """Tiles for every sequence's new tokens and the split count, from the host-side metadata;
     the launch settings given, if any, are kept for paged_attention. `kv_heads`: the model's KV
     heads per layer, each tile's programs without a split. `longest_tiles_first`: the tiles that walk
@@ -96,7 +103,7 @@ def plan_attention(batch, tile_tokens: int | None = None, num_splits: int | None
         tile_tokens=tokens, num_splits=max(1, num_splits),
         query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
         block_tables=batch.block_tables, block_size=batch.block_size,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
         graph_padded=batch.graph_padded)
 
 
@@ -108,11 +115,21 @@ def decode_only(plan: AttentionPlan) -> bool:
 
 
 @triton.jit
-def _block_ids(table_ptr, keys, hi, CACHE_BLOCK: tl.constexpr, LARGE_CACHE: tl.constexpr):
-    """[N] the cache block of each of `keys` (block 0 for a key at or past `hi`); int64 only where
-    a cache's offsets need it."""
-    block = tl.load(table_ptr + keys // CACHE_BLOCK, mask=keys < hi, other=0)
-    if LARGE_CACHE:
+def _block_ids(table_ptr, step, cols, hi, BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr,
+               LARGE_CACHE: tl.constexpr, TMA: tl.constexpr):
+    """Where step `step`'s keys lie in the cache: [N] the block of each key (block 0 for a key at
+    or past `hi`) when a step may cross blocks; one block id when a cache block holds whole steps;
+    with TMA, the row of the step's first key in the cache seen as [blocks x block size, KV heads
+    x head size]. int64 only where a cache's offsets need it (a TMA coordinate is 32 bits)."""
+    first = step * BLOCK_N
+    if CACHE_BLOCK % BLOCK_N == 0:
+        block = tl.load(table_ptr + first // CACHE_BLOCK, mask=first < hi, other=0)
+        if TMA:
+            block = block * CACHE_BLOCK + first % CACHE_BLOCK
+    else:
+        keys = first + cols
+        block = tl.load(table_ptr + keys // CACHE_BLOCK, mask=keys < hi, other=0)
+    if LARGE_CACHE and not TMA:
         block = block.to(tl.int64)
     return block
 
@@ -122,23 +139,31 @@ def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_
             q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
             CACHE_BLOCK: tl.constexpr, MASKED: tl.constexpr, SLIDING: tl.constexpr,
-            FP32_DOT: tl.constexpr):
-    """One step of the online softmax over BLOCK_N keys, whose cache blocks are `block`. Unmasked,
-    every row sees every key (the caller's promise): no key range check, no -inf to guard.
-    `slot_off`: each key's offset within its block (slot and KV head), the same every step when
-    steps hold whole blocks; else worked out here."""
+            FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+    """One step of the online softmax over BLOCK_N keys, which lie where `block` says
+    (_block_ids). Unmasked, every row sees every key (the caller's promise): no key range check, no
+    -inf to guard. `slot_off`: each key's offset within its block (slot and KV head), the same
+    every step when steps hold whole blocks; else worked out here. With TMA the caches are tensor
+    descriptors and `head_off` the KV head's first column."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    if BLOCK_N % CACHE_BLOCK != 0:
-        slot_off = (keys % CACHE_BLOCK) * stride_cs + head_off
-    # K and V share a layout (paged_attention checks): one row offset addresses both.
-    rows = (block * stride_cb + slot_off)[:, None] + d[None, :]
     if MASKED:
         key_ok = keys < hi
-        kv_mask = key_ok[:, None] & d_ok[None, :]
+    if TMA:
+        # A box copy has no per-key mask: keys at or past `hi` in the step's block are read as they
+        # are (the cache is zeroed when made and only ever holds written keys, so they are finite)
+        # and get no weight below.
+        k = k_cache_ptr.load([block, head_off])
     else:
-        kv_mask = d_ok[None, :]
-    k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)          # [N, D]
+        if BLOCK_N % CACHE_BLOCK != 0:
+            slot_off = (keys % CACHE_BLOCK) * stride_cs + head_off
+        # K and V share a layout (paged_attention checks): one row offset addresses both.
+        rows = (block * stride_cb + slot_off)[:, None] + d[None, :]
+        if MASKED:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)          # [N, D]
     if FP32_DOT:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -160,7 +185,10 @@ def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_
     alpha = tl.exp2(running_max - new_max_safe)
     p = tl.exp2(scores * scale_log2 - new_max_safe[:, None])
     running_sum = running_sum * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
+    if TMA:
+        v = v_cache_ptr.load([block, head_off])
+    else:
+        v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
     if FP32_DOT:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -182,7 +210,8 @@ def _attention_kernel(
         GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         CACHE_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SLIDING: tl.constexpr,
-        FP32_DOT: tl.constexpr, TILES_LISTED: tl.constexpr, LARGE_CACHE: tl.constexpr):
+        FP32_DOT: tl.constexpr, TILES_LISTED: tl.constexpr, LARGE_CACHE: tl.constexpr,
+        TMA: tl.constexpr):
     # KV heads vary fastest in launch order: a tile's heads start together, in the plan's order.
     kv_head = tl.program_id(0)
     tile = tl.program_id(1)
@@ -232,33 +261,34 @@ def _attention_kernel(
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    head_off = kv_head * stride_ch
+    # A TMA copy is addressed by (row, column) in the cache seen as 2-D: the head's first column.
+    head_off = kv_head * (HEAD_DIM if TMA else stride_ch)
     # Each key's offset within its block: the same every step when steps hold whole blocks.
     slot_off = (cols % CACHE_BLOCK) * stride_cs + head_off
     table = block_tables_ptr + seq * stride_bt
     # Each step's block ids are loaded a step ahead and carried: a K/V load whose address comes
     # from a load in its own step is one Triton's pipeliner issues only after the step's work, so
     # no copy would overlap a product (seen in the sm_90 TTGIR, Triton 3.6 and 3.9).
-    block = _block_ids(table, a * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
+    block = _block_ids(table, a, cols, hi, BLOCK_N, CACHE_BLOCK, LARGE_CACHE, TMA)
     for step in range(a, b):
-        next_block = _block_ids(table, (step + 1) * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
+        next_block = _block_ids(table, step + 1, cols, hi, BLOCK_N, CACHE_BLOCK, LARGE_CACHE, TMA)
         acc, running_max, running_sum = _attend(
             acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
             v_cache_ptr, slot_off, q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
-            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, False, SLIDING, FP32_DOT)
+            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, False, SLIDING, FP32_DOT, TMA)
         block = next_block
     # The masked steps: [first_step, a) below the window's edge and [b, end_step) at the diagonal.
     num_below = a - first_step
     masked_step = tl.where(num_below > 0, first_step, b)
-    block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
+    block = _block_ids(table, masked_step, cols, hi, BLOCK_N, CACHE_BLOCK, LARGE_CACHE, TMA)
     for i in range(0, num_below + end_step - b):
         step = masked_step
         masked_step = tl.where(i + 1 < num_below, first_step + i + 1, b + i + 1 - num_below)
-        next_block = _block_ids(table, masked_step * BLOCK_N + cols, hi, CACHE_BLOCK, LARGE_CACHE)
+        next_block = _block_ids(table, masked_step, cols, hi, BLOCK_N, CACHE_BLOCK, LARGE_CACHE, TMA)
         acc, running_max, running_sum = _attend(
             acc, running_max, running_sum, q, step * BLOCK_N + cols, block, k_cache_ptr,
             v_cache_ptr, slot_off, q_pos, hi, scale_log2, window, stride_cb, stride_cs, head_off,
-            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, True, SLIDING, FP32_DOT)
+            BLOCK_N, BLOCK_D, HEAD_DIM, CACHE_BLOCK, True, SLIDING, FP32_DOT, TMA)
         block = next_block
 
     store_mask = row_ok[:, None] & d_ok[None, :]
@@ -308,6 +338,57 @@ def pipeline_stages(block_m: int, block_n: int, block_d: int, itemsize: int,
     return 3 if shared_limit is None or needs <= shared_limit else 2
 
 
+def tma_unfit_reason(k_cache: torch.Tensor, block_n: int, block_d: int) -> str | None:
+    """Why the attention cannot read `k_cache` in TMA copies of `block_n` keys, or None."""
+    num_blocks, block_size, kv_heads, dim = k_cache.shape
+    if block_d != dim:
+        return f"a copy spans one head, and head size {dim} is not a power of 2 of at least 16"
+    if block_size % block_n:
+        return (f"a step's {block_n} keys must lie in one cache block, and a block holds "
+                f"{block_size} tokens: use a block_size that is a multiple of {block_n}")
+    if not k_cache.is_contiguous():
+        return f"the copies address the cache as one [blocks x block size, heads x head size] " \
+               f"matrix, which needs it contiguous (strides {k_cache.stride()})"
+    if k_cache.device.type == "cuda" and torch.cuda.get_device_capability(k_cache.device)[0] < 9:
+        return "TMA copies need an sm_90 GPU or later (Hopper, Blackwell)"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return f"this Triton ({triton.__version__}) has no tensor descriptors: Triton 3.4 or later has"
+    return None
+
+
+# (K and V caches' addresses, shape, dtype, keys a step) -> their descriptors. A descriptor keeps
+# its cache's memory alive, so no other cache can take that address while its entry is here.
+_DESCRIPTORS: dict[tuple, tuple] = {}
+_MAX_DESCRIPTORS = 256
+
+
+def cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block_d: int):
+    """Tensor descriptors of the K and V caches seen as [blocks x block size, KV heads x head size]
+    matrices, each copy a [block_n, head size] box; ValueError where the cache does not allow them.
+    Made once per layer's caches (16 us for the pair on the host, every layer of every step)."""
+    key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.device, tuple(k_cache.shape),
+           k_cache.dtype, block_n)
+    found = _DESCRIPTORS.get(key)
+    if found is not None:
+        return found
+    reason = tma_unfit_reason(k_cache, block_n, block_d)
+    if reason:
+        raise ValueError(f"kernels.triton attention cannot read the KV cache in TMA copies: {reason}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_blocks, block_size, kv_heads, dim = k_cache.shape
+    shape = [num_blocks * block_size, kv_heads * dim]
+    found = tuple(TensorDescriptor(cache.view(shape), shape, [shape[1], 1], [block_n, dim])
+                  for cache in (k_cache, v_cache))
+    if k_cache.device.type != "meta":    # meta tensors (compile_check) all sit at address 0
+        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
+            _DESCRIPTORS.clear()
+        _DESCRIPTORS[key] = found
+    return found
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     plan: AttentionPlan, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
@@ -334,13 +415,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_warps = plan.num_warps or (4 if block_m * block_d <= 64 * 128 else 8)
     stages = plan.num_stages or pipeline_stages(block_m, block_n, block_d, q.element_size(),
                                                 max_shared_bytes(q.device))
+    k_source, v_source = k_cache, v_cache
+    if plan.tma:
+        k_source, v_source = cache_descriptors(k_cache, v_cache, block_n, block_d)
     grid = (kv_heads, plan.num_tiles, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
     listed = not decode_only(plan)
     tile_seq = plan.tile_seq if listed else plan.seq_lens
     tile_start = plan.tile_start if listed else plan.seq_lens
     _attention_kernel[grid](
-        q, k_cache, v_cache, out, part_out, part_max, part_sum,
+        q, k_source, v_source, out, part_out, part_max, part_sum,
         tile_seq, tile_start, plan.query_start_loc, plan.seq_lens, plan.block_tables,
         scale * LOG2E, window or 0, tokens, heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -348,7 +432,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, TILE_TOKENS=plan.tile_tokens, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, HEAD_DIM=dim, CACHE_BLOCK=plan.block_size, NUM_SPLITS=splits,
         SLIDING=window is not None, FP32_DOT=q.dtype == torch.float32, TILES_LISTED=listed,
-        LARGE_CACHE=k_cache.numel() >= LARGE_CACHE_ELEMENTS,
+        LARGE_CACHE=k_cache.numel() >= LARGE_CACHE_ELEMENTS, TMA=plan.tma,
         num_warps=num_warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
     if splits > 1:
         _reduce_splits_kernel[(tokens, heads)](

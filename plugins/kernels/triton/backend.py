@@ -30,6 +30,10 @@ class TritonBackend:
     attention_block_n: int | None = None
     attention_num_warps: int | None = None
     attention_num_stages: int | None = None
+    # K/V read as TMA copies (attention.py), where the KV cache's blocks hold whole steps of keys
+    # (a block_size of 64) on an sm_90 GPU or later. Off until a GPU session has timed it against
+    # the gather (benchmarks/attention_sweep.py's `tma` rows).
+    attention_tma: bool = False
     # Prompt tiles longest first (query_tiles.py); False keeps batch order, for the sweep to compare.
     longest_tiles_first: bool = True
     # KV heads per layer, from configure_kv_cache(): the split-KV rule counts a step's programs,
@@ -78,7 +82,7 @@ class TritonBackend:
             batch, self.tile_tokens, self.num_kv_splits, kv_heads=self.num_kv_heads,
             block_n=self.attention_block_n,
             num_warps=self.attention_num_warps, num_stages=self.attention_num_stages,
-            longest_tiles_first=self.longest_tiles_first)
+            longest_tiles_first=self.longest_tiles_first, tma=self.attention_tma)
 
     def graph_key(self, plan):
         # A decode-only step's plan has no tile tensors (tile i is sequence i) and reads lengths

@@ -11,7 +11,7 @@ fail to compile or launch on that GPU fails here, and each launch's registers, s
 memory are reported.
 
     python -m fastgen.plugins.kernels.triton.compile_check [--arch 90] [--dtype bfloat16,float16]
-        [--models A,B] [--sets A,B] [--ops A,B] [--json FILE]
+        [--models A,B] [--sets A,B] [--ops A,B] [--cache-block N [--tma]] [--json FILE]
 
 It needs TRITON_INTERPRET unset, so it runs in a process of its own (tests start one).
 """
@@ -90,20 +90,27 @@ def recorded_launches(launches: list[Launch], case: str):
         JITFunction.run = original
 
 
-def record_cases(dtypes: list[str], models=None, sets=None, ops=None,
-                 arch: int = DEFAULT_ARCH) -> list[Launch]:
+def record_cases(dtypes: list[str], models=None, sets=None, ops=None, arch: int = DEFAULT_ARCH,
+                 cache_block: int | None = None, tma: bool = False) -> list[Launch]:
     """Every launch kernels.triton makes for the benchmark's (full) cases, on meta tensors, its
-    launch settings chosen as on an sm_`arch` GPU (the shared memory a program may use)."""
+    launch settings chosen as on an sm_`arch` GPU (the shared memory a program may use); the KV
+    cache in blocks of `cache_block` tokens (the benchmark's own unless told), its K/V read as
+    TMA copies where `tma`."""
+    from fastgen.bench import kernels as bench_kernels
+
     from . import _tiling
 
     _tiling.META_SHARED_BYTES = SHARED_LIMIT.get(arch)
+    block_size = bench_kernels.BLOCK_SIZE
+    bench_kernels.BLOCK_SIZE = cache_block or block_size
     try:
-        return _record_cases(dtypes, models, sets, ops)
+        return _record_cases(dtypes, models, sets, ops, tma)
     finally:
         _tiling.META_SHARED_BYTES = None
+        bench_kernels.BLOCK_SIZE = block_size
 
 
-def _record_cases(dtypes: list[str], models, sets, ops) -> list[Launch]:
+def _record_cases(dtypes: list[str], models, sets, ops, tma: bool) -> list[Launch]:
     from fastgen.bench.kernels import Selection
     from fastgen.plugin_manager import load_plugins
 
@@ -115,6 +122,7 @@ def _record_cases(dtypes: list[str], models, sets, ops) -> list[Launch]:
     selection.backends = [registry.get("kernels", TritonBackend.name)]
     selection.device = META
     backend = TritonBackend(META)
+    backend.attention_tma = tma
     launches: list[Launch] = []
     for case in selection.cases():
         with recorded_launches(launches, case.id):
@@ -238,12 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", metavar="A,B", help="model shapes (default: all of the benchmark's)")
     parser.add_argument("--sets", metavar="A,B", help="shape sets: decode, prefill, mixed (default: all)")
     parser.add_argument("--ops", metavar="A,B", help="ops (default: all)")
+    parser.add_argument("--cache-block", type=int, metavar="N",
+                        help="tokens per KV cache block (default: the kernel benchmark's, 16)")
+    parser.add_argument("--tma", action="store_true",
+                        help="attention reads K/V as TMA copies (sm_90+; --cache-block a multiple "
+                             "of the keys a step, e.g. 64)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check compiles kernels: run it with TRITON_INTERPRET unset.", file=sys.stderr)
         return 2
-    launches = record_cases(args.dtype.split(","), args.models, args.sets, args.ops, args.arch)
+    launches = record_cases(args.dtype.split(","), args.models, args.sets, args.ops, args.arch,
+                            args.cache_block, args.tma)
     results = compile_launches(launches, args.arch)
     print(format_report(results, args.arch))
     if args.json:

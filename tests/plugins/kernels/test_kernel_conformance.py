@@ -119,10 +119,11 @@ def test_attention_matches_reference(backend, reference, shapes, heads, window, 
     assert_close(actual, expected, dtype)
 
 
-@pytest.mark.parametrize("block_size", [5, 12, 32])
+@pytest.mark.parametrize("block_size", [5, 12, 32, 128])
 def test_attention_matches_reference_with_other_block_sizes(backend, reference, block_size):
     """Blocks of sizes other than 16, powers of two or not: a key's block and slot within it are
-    the backends' own arithmetic (kernels.cuda divides by a multiply and a shift)."""
+    the backends' own arithmetic (kernels.cuda divides by a multiply and a shift; kernels.triton
+    reads one block id a step where a block holds whole steps of keys, as 128 does)."""
     heads, kv_heads, dim = HEADS["gqa2-d128"]
     num_blocks = sum(-(-(c + n) // block_size) for c, n in MIXED) + 4
     shape = (num_blocks, block_size, kv_heads, dim)

@@ -71,14 +71,14 @@ def test_split_kv_counts_each_tiles_programs_one_per_kv_head(device):
     assert backend.prepare(few_long).num_splits == 1
 
 
-def _with_reference(backend, shapes, num_blocks, seed, window):
+def _with_reference(backend, shapes, num_blocks, seed, window, block_size=BLOCK_SIZE_DEFAULT):
     """(backend's attention, the reference's, the batch) on a batch of (cached, new) `shapes`, with
     random caches (2 KV heads of 64) and queries (4 heads) drawn on the CPU: the same values on
     every device."""
     device = backend.device
-    batch = ragged_batch(shapes, BLOCK_SIZE_DEFAULT, num_blocks=num_blocks, device=device)
+    batch = ragged_batch(shapes, block_size, num_blocks=num_blocks, device=device)
     g = torch.Generator().manual_seed(seed)
-    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE_DEFAULT, 2, 64, generator=g).to(device)
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, 2, 64, generator=g).to(device)
                         for _ in range(2))
     q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
     outs = []
@@ -123,6 +123,33 @@ def test_short_key_steps_through_every_kind_of_step_match_reference(device, spli
     actual, expected, _ = _with_reference(backend, [(150, 1), (33, 1), (97, 30), (0, 45)],
                                           num_blocks=40, seed=1, window=window)
     torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
+@pytest.mark.parametrize("block_n, window", [(16, 40), (32, None)], ids=["16keys-window40", "32keys-full"])
+def test_cache_blocks_holding_whole_steps_match_reference(device, tma, block_n, window):
+    """Cache blocks of 32 tokens, steps of 16 or 32 keys: each step's keys lie in one block, read
+    at one block id, or (tma) as one box copy each of K and V, which reads the rest of a
+    sequence's last block too (the random cache's other keys: they must get no weight). Decodes,
+    a chunk after a context that ends mid-block, and a fresh prompt; with 16-key steps each tile's
+    keys split in three (a split starts mid-block)."""
+    if tma and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA copies need sm_90 or later")
+    backend = make_backend("triton", device)
+    backend.attention_block_n, backend.tile_tokens, backend.attention_tma = block_n, 8, tma
+    backend.num_kv_splits = 3 if block_n == 16 else 1
+    actual, expected, batch = _with_reference(backend, [(150, 1), (33, 1), (97, 30), (0, 45)],
+                                              num_blocks=20, seed=5, window=window, block_size=32)
+    assert backend.prepare(batch).num_splits == backend.num_kv_splits
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
+
+
+def test_tma_copies_where_the_cache_does_not_allow_them_say_why(device):
+    backend = make_backend("triton", device)
+    backend.attention_block_n, backend.attention_tma = 32, True
+    with pytest.raises(ValueError, match="a step's 32 keys must lie in one cache block, and a block "
+                                         "holds 16 tokens: use a block_size that is a multiple of 32"):
+        _with_reference(backend, [(20, 1)], num_blocks=4, seed=0, window=None)
 
 
 @pytest.mark.parametrize("longest_first", [True, False], ids=["longest-first", "batch-order"])

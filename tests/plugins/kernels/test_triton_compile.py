@@ -75,6 +75,19 @@ def test_every_kernel_compiles_for_hopper_in_bfloat16(tmp_path):
     assert any("NUM_SPLITS=1," in c for c in attention) and any("SLIDING=True" in c for c in attention)
 
 
+def test_attention_with_tma_copies_compiles_for_hopper(tmp_path):
+    """K/V read as TMA copies from 64-token cache blocks (`attention_tma`), which the interpreter
+    runs without the compiler's say: each attention launch of Llama-3-8B's cases compiles, with
+    the copies in it, and without spills."""
+    done, report = _run_check(tmp_path, "--arch", "90", "--dtype", "bfloat16", "--ops", "attention",
+                              "--models", "llama3-8b", "--cache-block", "64", "--tma")
+    _assert_clean(done, report, 90, every_kernel=False)
+    attention = [launch["constants"] for launch in report["launches"]
+                 if launch["kernel"] == "_attention_kernel"]
+    assert attention and all("CACHE_BLOCK=64," in c and "TMA=True," in c for c in attention)
+    assert any("TILE_TOKENS=1," in c for c in attention) and any("TILE_TOKENS=16," in c for c in attention)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, dtypes, ops", [(90, "float16,float32", None), (80, "bfloat16", None),
                                                (86, "float32", "attention")])
