@@ -27,6 +27,20 @@ def backend(request):
     return make_backend(*request.param)
 
 
+# The Triton interpreter runs a program per row, 20-60 ms each: the tests that count hundreds of
+# draws take it 7-23 s each, so they run with the slow cases there (CI's separate step), as every
+# other target runs them here.
+INTERPRETED = ("triton", torch.device("cpu"))
+
+
+@pytest.fixture(params=[pytest.param(t, id=target_name(t),
+                                     marks=[pytest.mark.slow] if t == INTERPRETED else [])
+                        for t in TARGETS])
+def counting_backend(request):
+    """`backend`, for the tests that count many draws."""
+    return make_backend(*request.param)
+
+
 def chi2(observed: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs.double() * observed.sum()
     return float(((observed - expected) ** 2 / expected).sum())
@@ -68,9 +82,9 @@ def test_filters_that_keep_one_token_are_greedy_at_any_temperature(backend, cut,
     assert draw(backend, logits, params) == logits.argmax(-1).tolist()
 
 
-def test_top_k_draws_only_from_the_k_best(backend):
+def test_top_k_draws_only_from_the_k_best(counting_backend):
     logits = random_logits(1, 64, scale=0.2)[0]
-    drawn = counts(backend, logits, SamplingParams(temperature=1.0, top_k=3), 100)
+    drawn = counts(counting_backend, logits, SamplingParams(temperature=1.0, top_k=3), 100)
     assert set(drawn.nonzero().flatten().tolist()) == set(logits.topk(3).indices.tolist())
 
 
@@ -78,39 +92,38 @@ def test_top_k_draws_only_from_the_k_best(backend):
 PROBS = torch.tensor([0.04, 0.6, 0.11, 0.15, 0.1])
 
 
-def test_top_k_and_top_p_keep_the_same_tokens_here(backend):
+def test_top_k_and_top_p_keep_the_same_tokens_here(counting_backend):
     # top_k=2 keeps 0.6 and 0.15. top_p=0.7 keeps a token while the mass before it is under 0.7:
     # 0.6 (mass 0), 0.15 (0.6), but not 0.11 (0.75); a cut on the mass up to and including a
     # token would keep 0.6 alone.
     for cut in ({"top_k": 2}, {"top_p": 0.7}):
-        drawn = counts(backend, PROBS.log(), SamplingParams(temperature=1.0, **cut), 200)
+        drawn = counts(counting_backend, PROBS.log(), SamplingParams(temperature=1.0, **cut), 200)
         assert set(drawn.nonzero().flatten().tolist()) == {1, 3}, cut
         # renormalised in proportion: 0.8 and 0.2 (a uniform pick gives chi2 over 100)
         kept = drawn[[1, 3]]
         assert chi2(kept, torch.tensor([0.8, 0.2])) < 24, (cut, kept.tolist())
 
 
-# One temperature in the main suite, the others with the slow cases: under the interpreter each
-# takes kernels.triton about 22 s.
+# One temperature in the main suite, the others with the slow cases.
 @pytest.mark.parametrize("temperature", [pytest.param(0.5, marks=pytest.mark.slow), 1.0,
                                          pytest.param(2.0, marks=pytest.mark.slow)])
-def test_draws_follow_the_softmax_at_the_temperature(backend, temperature):
+def test_draws_follow_the_softmax_at_the_temperature(counting_backend, temperature):
     row = torch.tensor([1.5, 0.45, -0.6])
-    drawn = counts(backend, row, SamplingParams(temperature=temperature), 1000)
+    drawn = counts(counting_backend, row, SamplingParams(temperature=temperature), 1000)
     # 2 degrees of freedom: P(chi2 > 28) is about 1e-6. Half or twice the temperature gives 45
     # or more at 0.5 and 2.0.
     probs = (row.double() / temperature).softmax(-1)
     assert chi2(drawn, probs) < 28, (drawn.tolist(), (probs * 1000).tolist())
 
 
-def test_a_request_seed_fixes_its_tokens(backend):
+def test_a_request_seed_fixes_its_tokens(counting_backend):
     logits = random_logits(64, 100, scale=0.5)
     seeded = [SamplingParams(temperature=1.0, seed=11)] * 64
-    same = [draw(backend, logits, seeded, seed=s) for s in (1, 2)]
+    same = [draw(counting_backend, logits, seeded, seed=s) for s in (1, 2)]
     assert same[0] == same[1], "a request seed must fix the tokens whatever the engine's generator"
-    assert draw(backend, logits, [SamplingParams(temperature=1.0, seed=12)] * 64) != same[0]
+    assert draw(counting_backend, logits, [SamplingParams(temperature=1.0, seed=12)] * 64) != same[0]
     # Without a request seed, the engine's generator decides.
-    unseeded = [draw(backend, logits, [SamplingParams(temperature=1.0)] * 64, seed=s)
+    unseeded = [draw(counting_backend, logits, [SamplingParams(temperature=1.0)] * 64, seed=s)
                 for s in (1, 1, 2)]
     assert unseeded[0] == unseeded[1] != unseeded[2]
 
