@@ -49,6 +49,7 @@ import urllib.request
 import torch
 
 import fastgen
+from fastgen.bench.processes import cpu_seconds
 from fastgen.plugins.transports.metrics import STEP_PARTS
 from offline_throughput import status
 from random_checkpoint import SHAPES, temporary_random_checkpoint
@@ -73,29 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--json", default=None, help="also write every run's numbers to this file")
     return p.parse_args(argv)
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command's name (field 3 on)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process and its running children (an engine process)."""
-    pids = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(_stat(int(entry))[1]) == pid:
-                    pids.append(int(entry))
-            except (OSError, IndexError):   # gone since listed
-                continue
-    ticks = 0
-    for p in pids:
-        fields = _stat(p)
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def engine_counts(metrics_text: str) -> dict[str, float]:
@@ -191,11 +169,11 @@ class HttpRun:
             await asyncio.gather(*(self._stream(target, i, p, gen_len)
                                    for i, p in enumerate(requests[:WARMUP])))
             counts = engine_counts(self._get("/metrics"))
-            cpu, start = process_cpu_seconds(self.proc.pid), time.perf_counter()
+            cpu, start = cpu_seconds(self.proc.pid), time.perf_counter()
             done = await asyncio.gather(*(self._stream(target, i, p, gen_len)
                                           for i, p in enumerate(requests)))
             wall = time.perf_counter() - start
-            cpu = process_cpu_seconds(self.proc.pid) - cpu
+            cpu = cpu_seconds(self.proc.pid) - cpu
             after = engine_counts(self._get("/metrics"))
         finally:
             await target.stop()
@@ -249,9 +227,9 @@ class EngineRun:
     async def measure(self, requests: list[list[int]], gen_len: int) -> dict:
         async_engine = self.async_engine
         await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests[:WARMUP]))
-        counts, cpu, start = dict(self.totals.counts), process_cpu_seconds(os.getpid()), time.perf_counter()
+        counts, cpu, start = dict(self.totals.counts), cpu_seconds(os.getpid()), time.perf_counter()
         done = await asyncio.gather(*(self._stream(async_engine, p, gen_len) for p in requests))
-        wall, cpu = time.perf_counter() - start, process_cpu_seconds(os.getpid()) - cpu
+        wall, cpu = time.perf_counter() - start, cpu_seconds(os.getpid()) - cpu
         after = self.totals.counts
         return result(done, wall, cpu, {k: after[k] - counts[k] for k in counts})
 

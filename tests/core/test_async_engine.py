@@ -15,6 +15,8 @@ from fastgen import RequestError, SamplingParams
 from fastgen.async_engine import AsyncEngine, EngineDeadError
 from fastgen.engine import Engine
 
+from waiting import wait_until_async
+
 LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)   # runs for seconds
 
 
@@ -44,13 +46,6 @@ async def collect(async_engine: AsyncEngine, prompt, params: SamplingParams, req
     for before, after in zip(outputs, outputs[1:]):
         assert after.token_ids[:len(before.token_ids)] == before.token_ids
     return final
-
-
-async def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the engine"
-        await asyncio.sleep(0.01)
 
 
 def blocks_all_free(engine: Engine):
@@ -127,7 +122,7 @@ def test_a_reader_that_falls_behind_gets_the_steps_it_missed_merged(engine, llm,
         async for out in async_engine.generate("The quick brown fox", params, delta_outputs=delta):
             outputs.append(out)
             if len(outputs) == 2:
-                await wait_until(lambda: engine.totals.steps >= steps_at_start + 12)
+                await wait_until_async(lambda: engine.totals.steps >= steps_at_start + 12)
                 time.sleep(0.2)   # the loop blocked: what the engine delivers now waits for it
         return outputs
 
@@ -177,12 +172,12 @@ def test_consumer_leaving_aborts_and_frees_blocks(engine, how):
                     break
 
         task = asyncio.create_task(consume())
-        await wait_until(lambda: len(seen) >= 3)
+        await wait_until_async(lambda: len(seen) >= 3)
         if how == "cancel":
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await other   # a request beside the one that left is served to the end
-        await wait_until(blocks_all_free(engine))
+        await wait_until_async(blocks_all_free(engine))
         assert async_engine.num_in_flight == 0
         return seen
 

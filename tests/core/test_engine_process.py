@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from fastgen.engine_process import EngineProcess
 from fastgen.plugins.transports.http import HttpTransport
 
 from tiny_models import SERVE_SETTINGS
+from waiting import wait_until_async
 
 LONG = SamplingParams(max_tokens=900, ignore_eos=True, temperature=0)   # runs for seconds
 
@@ -60,13 +60,6 @@ async def final(engine_process: EngineProcess, prompt, params: SamplingParams, d
     return last
 
 
-async def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the engine process"
-        await asyncio.sleep(0.01)
-
-
 def all_free(engine_process: EngineProcess):
     running, waiting, used, _ = engine_process.engine.occupancy()
     return running == waiting == used == 0 and engine_process.num_in_flight == 0
@@ -98,7 +91,7 @@ def test_concurrent_requests_match_the_offline_engine(engine_process, llm):
     assert [(lp.token_id, [t for t, _ in lp.top]) for lp in got] == [(lp.token_id, [t for t, _ in lp.top]) for lp in want]
     assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in want], abs=1e-4)
     assert all(o.metrics.first_token_time >= o.metrics.arrival_time for o in served)
-    run(wait_until(lambda: all_free(engine_process)))
+    run(wait_until_async(lambda: all_free(engine_process)))
 
 
 def test_a_bad_request_is_refused_before_it_reaches_the_engine(engine_process, llm):
@@ -120,7 +113,7 @@ def test_a_request_left_early_is_aborted_and_its_blocks_freed(engine_process):
         stream = engine_process.generate([9, 9, 9], LONG)
         outputs = [await anext(stream), await anext(stream)]
         await stream.aclose()
-        await wait_until(lambda: all_free(engine_process))
+        await wait_until_async(lambda: all_free(engine_process))
         return outputs
 
     outputs = run(body())
@@ -215,7 +208,7 @@ def test_a_child_that_dies_fails_its_requests_and_refuses_new_ones(tiny_llama):
         with pytest.raises(EngineDeadError, match="engine process stopped"):
             async for _ in stream:
                 pass
-        await wait_until(lambda: not process.alive)
+        await wait_until_async(lambda: not process.alive)
         with pytest.raises(EngineDeadError, match="not accepting"):
             await final(process, [1, 2], SamplingParams(max_tokens=2))
 

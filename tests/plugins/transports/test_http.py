@@ -25,9 +25,12 @@ import pytest
 
 from fastgen import LLM, SamplingParams
 from fastgen.async_engine import AsyncEngine
+from fastgen.bench.processes import children, stat_fields
 from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugins.transports.http import SERVER_KEY, HttpTransport, OpenAIServer
+
+from waiting import wait_until
 
 GREEDY = dict(temperature=0)
 
@@ -659,13 +662,6 @@ def slow_steps(engine, monkeypatch) -> list:
     return aborted
 
 
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def open_stream(port: int, path: str = COMPLETIONS, headers: dict[str, str] | None = None,
                 **fields) -> http.client.HTTPResponse:
     """A streamed request whose first event has been read: it is generating."""
@@ -730,23 +726,8 @@ def test_registered_as_transports_http(plugin_manager):
     assert plugin_manager.registry.get("transports", "http").cls is HttpTransport
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields from the state on, or None for a process that is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def children(pid: int) -> set[int]:
-    """The live processes whose parent is `pid`."""
-    return {int(e) for e in filter(str.isdigit, os.listdir("/proc"))
-            if (fields := _stat(int(e))) and fields[0] != "Z" and int(fields[1]) == pid}
-
-
 def running(pid: int) -> bool:
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"   # a zombie has exited
 
 
