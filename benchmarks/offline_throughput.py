@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -94,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cuda_graphs on (decode steps and steps with prompt chunks), "
                         "NAME+decodegraphs with cuda_graphs on for decode steps only, "
                         "NAME+overlap with overlap_steps on, NAME+nocache with "
-                        "prefix_caching off, together as NAME+graphs+overlap (e.g. "
-                        "triton,triton+graphs)")
+                        "prefix_caching off, NAME+block64 with 64-token KV cache blocks, "
+                        "triton+tma with those blocks read as TMA copies (sm_90+), together as "
+                        "NAME+graphs+overlap (e.g. triton,triton+graphs)")
     p.add_argument("--token-budget", type=int, default=512, help="fastgen token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="fastgen max sequences per step")
     p.add_argument("--kv-cache-gb", type=float, default=1.0,
@@ -143,8 +145,26 @@ def make_prompts(tokenizer, vocab_size: int, n: int, length: int, seed: int) -> 
 
 # --- fastgen ---------------------------------------------------------------------------------
 
-# --kernels NAME+OPTION: cuda_graphs on (for decode steps only), overlap_steps on, prefix_caching off
-KERNEL_OPTIONS = {"graphs", "decodegraphs", "overlap", "nocache"}
+# --kernels NAME+OPTION: cuda_graphs on (for decode steps only), overlap_steps on, prefix_caching
+# off, 64-token KV cache blocks, those blocks read by kernels.triton's attention as TMA copies
+KERNEL_OPTIONS = {"graphs", "decodegraphs", "overlap", "nocache", "block64", "tma"}
+
+
+@contextmanager
+def triton_tma(on: bool):
+    """kernels.triton's attention reads K/V as TMA copies (`attention_tma`) in the engines made
+    within: set on the class, so the decode graphs captured at start use them too."""
+    if not on:
+        yield
+        return
+    from fastgen.plugins.kernels.triton.backend import TritonBackend
+
+    TritonBackend.attention_tma = True
+    try:
+        yield
+    finally:
+        TritonBackend.attention_tma = False
+
 
 def bench_fastgen(args, prompts, kernels: str) -> dict:
     from fastgen import LLM, SamplingParams
@@ -161,9 +181,14 @@ def bench_fastgen(args, prompts, kernels: str) -> dict:
                     overlap_steps="overlap" in options, prefix_caching="nocache" not in options)
     if "decodegraphs" in options:
         settings["cuda_graph_max_tokens"] = 0
+    if {"block64", "tma"} & set(options):
+        settings["block_size"] = 64
+    if "tma" in options and name != "triton":
+        raise SystemExit(f"--kernels: {kernels!r}: +tma is kernels.triton's (triton+tma).")
     if args.threads:
         settings["threads"] = args.threads
-    llm = LLM(model=args.model, **settings)
+    with triton_tma("tma" in options):
+        llm = LLM(model=args.model, **settings)
     engine = llm.engine
     params = SamplingParams(max_tokens=args.gen_len, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, ignore_eos=True)

@@ -371,7 +371,7 @@ step_e2e() {
         kernels=${kernels#,}
         [ -n "$kernels" ] || kernels=$BACKENDS
     else
-        kernels+=",torch+overlap"
+        kernels+=",torch+overlap,torch+block64"
     fi
     # e2e_part NAME MODEL KERNELS ARGS...: one offline_throughput run, its table appended to
     # e2e.md and its JSON merged, within what is left of the step's cap.
@@ -409,6 +409,11 @@ step_e2e() {
             e2e_part "$m-256req-seqs$seqs" "$m" "$overlapped" "${sampling[@]}" --requests 256 \
                 --token-budget 2048 --max-num-seqs "$seqs" --kv-cache-gb 8 --repeat 1
         done
+        # 64-token KV cache blocks, read by a gather (+block64) and as TMA copies (+tma,
+        # attention_tma): whether the attention sweep's cache_block rows carry to a whole model,
+        # at the GPU's default budget (2048 tokens a step: prompt tiles in most steps).
+        e2e_part "$m-cache-blocks" "$m" "$overlapped,$overlapped+block64,$overlapped+tma" \
+            "${sampling[@]}" --token-budget 2048
     fi
 }
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from kernel_batches import BLOCK_SIZE_DEFAULT, device_fixture, make_backend, ragged_batch
+from kernel_batches import BLOCK_SIZE_DEFAULT, device_fixture, devices_for, make_backend, ragged_batch
 from kernel_targets import CPU
 from sampling_inputs import metadata, random_logits
 
@@ -262,6 +262,31 @@ def test_engine_with_triton_generates_what_the_reference_generates(tiny_llama, d
     # The seeded request reproduces itself (samplers' streams differ between backends).
     again = fastgen.LLM(kernels="triton", **settings).generate(prompts, params)
     assert again[1].token_ids == triton_out[1].token_ids
+
+
+# Under the interpreter it costs the main suite 8 s for a path the kernel tests above cover: there
+# it runs with the slow cases; on a GPU (sm_90+) it is the first whole-engine run of the TMA path,
+# with CUDA graphs captured over it (the engine's GPU default).
+@pytest.mark.parametrize("device", [pytest.param(d, marks=[pytest.mark.slow] if d.type == "cpu" else [])
+                                    for d in devices_for("triton")], ids=lambda d: d.type)
+def test_engine_reading_kv_as_tma_copies_generates_what_the_reference_generates(tiny_llama, device,
+                                                                               monkeypatch):
+    import fastgen
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA copies need sm_90 or later")
+    monkeypatch.setattr(TritonBackend, "attention_tma", True)
+    folder, model = tiny_llama
+    g = torch.Generator().manual_seed(4)
+    # Prompts that end inside their first 64-token block and past it; chunks of 16 tokens.
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 70, 130)]
+    params = fastgen.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    settings = dict(model=str(folder), token_budget=16, max_num_seqs=64, device=device.type,
+                    dtype="float32", kv_cache_gb=1.0, block_size=64)
+    tma = fastgen.LLM(kernels="triton", **settings)
+    assert tma.engine.backend.attention_tma
+    want = fastgen.LLM(kernels="torch", **settings).generate(prompts, params)
+    assert [o.token_ids for o in tma.generate(prompts, params)] == [o.token_ids for o in want]
 
 
 def test_more_tiles_than_a_launch_takes_is_a_clear_error(device):
