@@ -105,7 +105,10 @@ PROMPT_SETTINGS = [Setting(t, n, 4, st) for t in (16, 32) for n in (32, 64) for 
 CACHE_BLOCK_SETTINGS = [Setting(cache_block=64), Setting(cache_block=64, tma=True)]
 PROMPT_SETTINGS += CACHE_BLOCK_SETTINGS + [
     Setting(t, 64, w, 3, cache_block=64, tma=tma) for t, w in ((16, 4), (32, 8)) for tma in (False, True)
-] + [Setting(16, 64, 4, 2, cache_block=64, tma=True), Setting(32, 128, 8, 2, cache_block=128, tma=True)]
+] + [Setting(16, 64, 4, 2, cache_block=64, tma=True), Setting(32, 128, 8, 2, cache_block=128, tma=True),
+      # two stages by gather from 16-token blocks (200 registers, 80 KiB: two programs an SM fit
+      # too): the control for TMA's two-stage row
+      Setting(16, 64, 4, 2)]
 DECODE_SETTINGS += CACHE_BLOCK_SETTINGS + [Setting(block_n=64, warps=4, stages=3, cache_block=64, tma=True)]
 QUICK_SETTINGS = [Setting(block_n=32, warps=4), Setting(16, 64, 4),
                   Setting(16, 32, 4, cache_block=32, tma=True)]
