@@ -333,6 +333,7 @@ step_tests() {
         --junitxml="$OUT/tests.xml" "${PYTEST_ARGS[@]}" tests/core/test_kv_memory.py \
         tests/core/test_ragged_batch.py tests/bench/test_cuda_device_timing.py \
         tests/core/test_overlap_steps.py tests/core/test_prefix_caching.py \
+        tests/core/test_engine_process.py::test_on_cuda_an_engine_process_answers_as_the_offline_engine \
         tests/plugins/models/test_llama_parity.py tests/plugins/kernels
 }
 
