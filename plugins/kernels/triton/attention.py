@@ -358,19 +358,20 @@ def tma_unfit_reason(k_cache: torch.Tensor, block_n: int, block_d: int) -> str |
     return None
 
 
-# (K and V caches' addresses, shape, dtype, keys a step) -> their descriptors. A descriptor keeps
-# its cache's memory alive, so no other cache can take that address while its entry is here.
-_DESCRIPTORS: dict[tuple, tuple] = {}
-_MAX_DESCRIPTORS = 256
+MAX_KEPT_DESCRIPTORS = 256
 
 
-def cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block_d: int):
+def cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block_d: int,
+                      kept: dict | None = None):
     """Tensor descriptors of the K and V caches seen as [blocks x block size, KV heads x head size]
     matrices, each copy a [block_n, head size] box; ValueError where the cache does not allow them.
-    Made once per layer's caches (16 us for the pair on the host, every layer of every step)."""
+    `kept`: descriptors made before, by the caches' addresses, shape, dtype and keys a step (16 us
+    for the pair on the host, every layer of every step, saved). A descriptor keeps its cache's
+    memory alive, so no other cache can take that address while its entry is kept; whoever owns
+    `kept` (a backend, with its engine) lets the memory go with it."""
     key = (k_cache.data_ptr(), v_cache.data_ptr(), k_cache.device, tuple(k_cache.shape),
            k_cache.dtype, block_n)
-    found = _DESCRIPTORS.get(key)
+    found = kept.get(key) if kept is not None else None
     if found is not None:
         return found
     reason = tma_unfit_reason(k_cache, block_n, block_d)
@@ -382,16 +383,18 @@ def cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int
     shape = [num_blocks * block_size, kv_heads * dim]
     found = tuple(TensorDescriptor(cache.view(shape), shape, [shape[1], 1], [block_n, dim])
                   for cache in (k_cache, v_cache))
-    if k_cache.device.type != "meta":    # meta tensors (compile_check) all sit at address 0
-        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
-            _DESCRIPTORS.clear()
-        _DESCRIPTORS[key] = found
+    if kept is not None and k_cache.device.type != "meta":   # meta tensors all sit at address 0
+        if len(kept) >= MAX_KEPT_DESCRIPTORS:
+            kept.clear()
+        kept[key] = found
     return found
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    plan: AttentionPlan, scale: float, window: int | None) -> torch.Tensor:
-    """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
+                    plan: AttentionPlan, scale: float, window: int | None,
+                    descriptors: dict | None = None) -> torch.Tensor:
+    """q: [T, H, D] (last dim contiguous); caches: [num_blocks, block_size, Hkv, D] -> [T, H, D].
+    `descriptors`: where the caches' TMA descriptors are kept between calls (cache_descriptors)."""
     tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     cache_strides = k_cache.stride()
@@ -417,7 +420,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                 max_shared_bytes(q.device))
     k_source, v_source = k_cache, v_cache
     if plan.tma:
-        k_source, v_source = cache_descriptors(k_cache, v_cache, block_n, block_d)
+        k_source, v_source = cache_descriptors(k_cache, v_cache, block_n, block_d, descriptors)
     grid = (kv_heads, plan.num_tiles, splits)
     # A decode-only step's kernel reads no tiles: any int32 tensor stands in for them.
     listed = not decode_only(plan)

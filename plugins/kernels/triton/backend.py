@@ -45,6 +45,8 @@ class TritonBackend:
         from . import activation, attention, cache, norm, rotary, sampling
         self._attention, self._cache, self._norm = attention, cache, norm
         self._rotary, self._activation, self._sampling = rotary, activation, sampling
+        # The KV caches' TMA descriptors (attention_tma), kept while this backend's engine lives.
+        self._cache_descriptors: dict = {}
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
@@ -104,7 +106,7 @@ class TritonBackend:
     def attention(self, q, k_cache, v_cache, batch, scale, sliding_window=None):
         # q: [T, H, D] -> [T, H, D]
         return self._attention.paged_attention(q, k_cache, v_cache, batch.attn_metadata, scale,
-                                               sliding_window)
+                                               sliding_window, self._cache_descriptors)
 
     def rms_norm(self, x, weight, eps, residual=None):
         # x: [T, E] -> (normed [T, E], new residual [T, E])
