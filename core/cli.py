@@ -232,7 +232,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
         results, notes, failed = run_suite(
             backends=args.backends, ops=args.ops, models=args.models, sets=args.sets, quick=args.quick,
             device=args.device, dtypes=args.dtype, threads=args.threads, json_path=args.json,
-            keyword=args.k, check=args.check)
+            keyword=args.k, check=args.check, block_size=args.block_size)
     print(format_table(results, notes))
     if baseline is not None:
         from .bench.kernel_compare import Run, format_comparison
@@ -267,6 +267,8 @@ def _bench_kernels_parser(bench_sub) -> None:
     kernels.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     kernels.add_argument("--dtype", metavar="A,B", help="dtypes (default: bfloat16 on CUDA, float32 on CPU)")
     kernels.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    kernels.add_argument("--block-size", type=int, metavar="N",
+                         help="tokens per KV cache block for write_kv and attention (default: 16)")
     kernels.add_argument("--check", action="store_true",
                          help="also check each case's outputs against kernels.torch's on the same inputs "
                               "(a case that differs fails, with what differs)")

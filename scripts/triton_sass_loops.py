@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 ops=["attention"], arch=args.arch,
                                                                 cache_block=args.block_size,
                                                                 tma=args.tma)
-                if launch.case.endswith(f"-{args.shape}-attention")
+                if f"-{args.shape}-attention" in launch.case
                 and launch.kernel.__name__ == "_attention_kernel"]
     if not launches:
         print(f"no attention launch for shape {args.shape!r} of {args.model}", file=sys.stderr)

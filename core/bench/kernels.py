@@ -206,6 +206,7 @@ class KernelCase:
     model: ModelShape
     shape: BatchShape
     op: str
+    block_size: int = BLOCK_SIZE      # tokens per KV cache block the attention ops read and write
     cost: Cost = field(init=False)
 
     def __post_init__(self) -> None:
@@ -213,7 +214,9 @@ class KernelCase:
 
     @property
     def id(self) -> str:
-        return f"{self.backend.name}-{self.dtype}-{self.model.name}-{self.shape.name}-{self.op}"
+        # Cache blocks of the default size go unnamed, so ids compare with earlier runs'.
+        blocks = f"-block{self.block_size}" if self.block_size != BLOCK_SIZE else ""
+        return f"{self.backend.name}-{self.dtype}-{self.model.name}-{self.shape.name}-{self.op}{blocks}"
 
     @property
     def group(self) -> str:
@@ -224,6 +227,7 @@ class KernelCase:
         return {"backend": self.backend.name, "package": self.backend.package, "op": self.op,
                 "model": self.model.name, "shape": self.shape.name, "set": self.shape.kind,
                 "dtype": self.dtype, "device": str(self.device), "tokens": self.shape.num_tokens,
+                "block_size": self.block_size,
                 "bytes": self.cost.bytes, "flops": self.cost.flops,
                 "threads": torch.get_num_threads() if self.device.type == "cpu" else None}
 
@@ -231,7 +235,7 @@ class KernelCase:
         """A generous estimate of the memory the case needs, to skip what cannot fit."""
         e = torch.finfo(DTYPES[self.dtype]).bits // 8
         m = self.model
-        cache = 2 * self.shape.num_blocks * BLOCK_SIZE * m.num_kv_heads * m.head_dim * e
+        cache = 2 * self.shape.blocks(self.block_size) * self.block_size * m.num_kv_heads * m.head_dim * e
         if self.op not in ("attention", "write_kv"):
             cache = 0
         # Gathering backends copy the context (twice, to be safe), unfused attention holds the
@@ -284,12 +288,12 @@ class KernelCase:
             linear = linear_of(backend)
             return lambda: linear(x, weight), lambda r: {"out": r}
 
-        batch = build_batch(self.shape, dev)
+        batch = build_batch(self.shape, dev, self.block_size)
         if self.op == "sample":
             logits = randn(len(batch.sampling_seqs), m.vocab_size, dt=torch.float32)
             meta = SamplingMetadata.build(batch.sampling_seqs, dev)
             return lambda: backend.sample(logits, meta), lambda r: {"tokens": r, "kept": kept_tokens(logits, meta)}
-        cache_shape = (self.shape.num_blocks, BLOCK_SIZE, m.num_kv_heads, m.head_dim)
+        cache_shape = (self.shape.blocks(self.block_size), self.block_size, m.num_kv_heads, m.head_dim)
         k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
         if self.op == "write_kv":
             key, value = randn(t, m.num_kv_heads, m.head_dim), randn(t, m.num_kv_heads, m.head_dim)
@@ -469,10 +473,11 @@ class Selection:
     ops: list[str]
     pairs: list[tuple[ModelShape, BatchShape]]
     quick: bool
+    block_size: int = BLOCK_SIZE
 
     @classmethod
     def from_options(cls, *, backends=None, ops=None, models=None, sets=None, quick=False,
-                     device="auto", dtypes=None, registry=None) -> "Selection":
+                     device="auto", dtypes=None, block_size=None, registry=None) -> "Selection":
         from ..engine import resolve_device
 
         dev = resolve_device(device or "auto")
@@ -489,15 +494,17 @@ class Selection:
                 unavailable[info.name] = reason
         dtype_names = _check("dtype", _names(dtypes), list(DTYPES)) or (
             ["bfloat16"] if dev.type == "cuda" else ["float32"])
+        if block_size is not None and block_size < 1:
+            raise FastgenError(f"block size {block_size}: a KV cache block holds at least 1 token.")
         return cls(dev, dtype_names, [i for i in chosen if i.name not in unavailable], unavailable,
                    _check("op", _names(ops), OPS) or list(OPS),
                    shape_set(quick, _check("shape set", _names(sets), SETS) or SETS,
                              _check("model", _names(models), list(MODELS)) or None),
-                   quick)
+                   quick, block_size or BLOCK_SIZE)
 
     def cases(self) -> list[KernelCase]:
-        return [KernelCase(b, self.device, dt, m, s, op) for b in self.backends for dt in self.dtypes
-                for m, s in self.pairs for op in self.ops]
+        return [KernelCase(b, self.device, dt, m, s, op, self.block_size) for b in self.backends
+                for dt in self.dtypes for m, s in self.pairs for op in self.ops]
 
 
 # --- the comparison table --------------------------------------------------------------------

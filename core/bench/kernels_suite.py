@@ -47,6 +47,8 @@ def pytest_addoption(parser) -> None:
     group.addoption("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     group.addoption("--dtype", help="comma-separated dtypes (default: bfloat16 on CUDA, float32 on CPU)")
     group.addoption("--threads", type=int, help="torch CPU threads (default: torch's)")
+    group.addoption("--block-size", type=int,
+                    help="tokens per KV cache block for write_kv and attention (default: 16)")
     group.addoption("--check", action="store_true",
                     help="also check each case's outputs against kernels.torch's on the same inputs")
 
@@ -61,7 +63,7 @@ def pytest_configure(config) -> None:
             backends=config.getoption("backends"), ops=config.getoption("ops"),
             models=config.getoption("models"), sets=config.getoption("sets"),
             quick=config.getoption("quick"), device=config.getoption("device"),
-            dtypes=config.getoption("dtype"))
+            dtypes=config.getoption("dtype"), block_size=config.getoption("block_size"))
     except FastgenError as e:
         raise pytest.UsageError(str(e)) from None
     if sel.device.type == "cuda" and sel.device.index is not None:
@@ -174,20 +176,21 @@ _TEST_MODULE = "from fastgen.bench.kernels_suite import test_kernel  # noqa: F40
 
 
 def run_suite(*, backends=None, ops=None, models=None, sets=None, quick=False, device="auto",
-              dtypes=None, threads=None, json_path=None, keyword=None,
-              check=False) -> tuple[dict, list[str], list[str]]:
+              dtypes=None, threads=None, json_path=None, keyword=None, check=False,
+              block_size=None) -> tuple[dict, list[str], list[str]]:
     """Run the suite in this process; its output goes to stderr. Returns pytest-benchmark's JSON,
     notes (why cases were skipped or failed) and the ids of failed cases: one backend failing an
     op does not hide the others' results. Bad options raise before anything runs."""
     Selection.from_options(backends=backends, ops=ops, models=models, sets=sets, quick=quick,
-                           device=device, dtypes=dtypes)
+                           device=device, dtypes=dtypes, block_size=block_size)
     try:
         import pytest_benchmark  # noqa: F401
     except ImportError:
         raise FastgenError("fastgen bench kernels needs pytest-benchmark; "
                            "install it with `pip install pytest-benchmark`.") from None
     options = {"--backends": backends, "--ops": ops, "--models": models, "--sets": sets,
-               "--device": device, "--dtype": dtypes, "--threads": threads, "-k": keyword}
+               "--device": device, "--dtype": dtypes, "--threads": threads,
+               "--block-size": block_size, "-k": keyword}
     with tempfile.TemporaryDirectory(prefix="fastgen-kernels-") as tmp:
         folder = Path(tmp)
         (folder / "test_kernels.py").write_text(_TEST_MODULE)

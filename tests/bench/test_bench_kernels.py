@@ -236,6 +236,36 @@ def test_a_failing_case_is_noted_and_the_others_still_run(capsys):
     assert "failed" in capsys.readouterr().err
 
 
+def test_cases_run_and_check_on_cache_blocks_of_the_size_given():
+    """--block-size: every attention and write_kv case's cache in blocks of that size, checked
+    against kernels.torch on the same layout (kernels.cpu, the fast backend here); the ids say the
+    size where it is not the default. A block of no tokens is refused."""
+    from fastgen.bench.kernels_suite import run_suite
+    from fastgen.plugin_manager import load_plugins
+
+    reason = load_plugins().registry.get("kernels", "cpu").cls.unavailable_reason(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    results, notes, failed = run_suite(backends="cpu", ops="attention,write_kv", quick=True,
+                                       device="cpu", check=True, block_size=64)
+    assert failed == [] and notes == []
+    benches = results["benchmarks"]
+    assert benches and all(b["extra_info"]["block_size"] == 64 for b in benches)
+    assert all(b["name"].endswith("-block64]") for b in benches), [b["name"] for b in benches]
+    # What the backend is handed: a batch of 64-token blocks and caches laid out in them.
+    sel = Selection.from_options(quick=True, device="cpu", ops="attention", backends="torch",
+                                 block_size=64)
+    backend, seen = fastgen.kernels.make_backend(sel.backends[0].cls, sel.device), []
+    attend = backend.attention
+    backend.attention = lambda q, k, v, batch, *rest: (seen.append((batch.block_size, k.shape[1]))
+                                                       or attend(q, k, v, batch, *rest))
+    for case in sel.cases():
+        case.build(backend)()
+    assert len(seen) == len(sel.cases()) and set(seen) == {(64, 64)}
+    with pytest.raises(FastgenError, match="block size 0: a KV cache block holds at least 1 token"):
+        Selection.from_options(quick=True, device="cpu", block_size=0)
+
+
 def test_a_saved_run_is_tabled_and_plotted_without_running(tmp_path, capsys):
     import matplotlib.image
     import numpy as np

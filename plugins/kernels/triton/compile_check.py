@@ -96,21 +96,17 @@ def record_cases(dtypes: list[str], models=None, sets=None, ops=None, arch: int 
     launch settings chosen as on an sm_`arch` GPU (the shared memory a program may use); the KV
     cache in blocks of `cache_block` tokens (the benchmark's own unless told), its K/V read as
     TMA copies where `tma`."""
-    from fastgen.bench import kernels as bench_kernels
-
     from . import _tiling
 
     _tiling.META_SHARED_BYTES = SHARED_LIMIT.get(arch)
-    block_size = bench_kernels.BLOCK_SIZE
-    bench_kernels.BLOCK_SIZE = cache_block or block_size
     try:
-        return _record_cases(dtypes, models, sets, ops, tma)
+        return _record_cases(dtypes, models, sets, ops, cache_block, tma)
     finally:
         _tiling.META_SHARED_BYTES = None
-        bench_kernels.BLOCK_SIZE = block_size
 
 
-def _record_cases(dtypes: list[str], models, sets, ops, tma: bool) -> list[Launch]:
+def _record_cases(dtypes: list[str], models, sets, ops, cache_block: int | None,
+                  tma: bool) -> list[Launch]:
     from fastgen.bench.kernels import Selection
     from fastgen.plugin_manager import load_plugins
 
@@ -118,7 +114,8 @@ def _record_cases(dtypes: list[str], models, sets, ops, tma: bool) -> list[Launc
 
     registry = load_plugins().registry
     selection = Selection.from_options(backends=None, ops=ops, models=models, sets=sets,
-                                       device="cpu", dtypes=dtypes, registry=registry)
+                                       device="cpu", dtypes=dtypes, block_size=cache_block,
+                                       registry=registry)
     selection.backends = [registry.get("kernels", TritonBackend.name)]
     selection.device = META
     backend = TritonBackend(META)
