@@ -42,6 +42,7 @@ def _rows(table: str, window: str) -> dict[str, list[str]]:
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
 
 
+@pytest.mark.slow   # a benchmark script end to end under torch.profiler: 11 s
 def test_profiles_a_prompt_window_and_a_decode_window(tmp_path):
     out = tmp_path / "steps.md"
     done = subprocess.run([sys.executable, str(SCRIPT), "--random-model", "llama-tiny", "--device", "cpu",

@@ -3,7 +3,8 @@
 The interpreter runs in this process (tests/conftest.py sets TRITON_INTERPRET), so every check
 runs in a process of its own without it, compiling with the toolchain that ships in the triton
 wheel. The main suite compiles the bfloat16 launches of every benchmark case for Hopper (sm_90);
-the slow step adds float16 and float32, and Ampere (sm_80).
+the slow step adds float16 and float32, Ampere (sm_80), and the checks that read the compiled
+code (PTX, TTGIR, SASS) for one property each.
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def _printed_compiling_for_hopper(script: str) -> str:
     return done.stdout
 
 
+# What the compiled code looks like (SASS and TTGIR read for one property each: 5-8 s a check):
+# the slow step's, as the compile check of every launch above is the main suite's.
+@pytest.mark.slow
 def test_rotary_rounds_each_16bit_product_on_hopper():
     # Compiled for a GPU, a 16-bit product and the sum after it fuse into one fma (rounded once)
     # unless the launch turns fusion off; the reference rounds each, and where the products
@@ -178,6 +182,7 @@ def test_rotary_rounds_each_16bit_product_on_hopper():
                                "bfloat16", "_rotary_kernel", "False", "True"], printed
 
 
+@pytest.mark.slow   # reads the compiled code, as the test above
 def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper():
     # The pipeliner's async copies of K/V are waited for with `num` groups left in flight. A K/V
     # address that comes from a load in its own loop step (the block table) was issued only after
@@ -202,6 +207,7 @@ def test_attention_keeps_the_next_keys_in_flight_while_a_step_computes_on_hopper
     assert len(printed.splitlines()) == 2, printed
 
 
+@pytest.mark.slow   # reads the compiled code, as the tests above
 @pytest.mark.parametrize("shape", ["prefill_2048_cached0", "decode_b64_ctx1024"])
 def test_attention_addresses_keys_with_few_integer_instructions_on_hopper(shape):
     # Each key's K and V rows were addressed apart, in 64-bit arithmetic, with the slot within its
