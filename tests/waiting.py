@@ -1,5 +1,5 @@
 """Waiting, in a test, for what another thread or process does: a condition polled until a
-deadline, which fails the test with what it waited for."""
+deadline, past which the test fails."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import asyncio
 import time
 
 
-def wait_until(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
         time.sleep(0.01)
 
 
-async def wait_until_async(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+async def wait_until_async(condition, timeout: float = 10.0) -> None:
     """As wait_until, letting the event loop run between polls."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
         await asyncio.sleep(0.01)

@@ -76,10 +76,6 @@ class BatchShape:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.sequences)
 
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks(BLOCK_SIZE)
-
     def blocks(self, block_size: int) -> int:
         """The cache blocks of `block_size` tokens the shape's sequences hold."""
         return sum(-(-(c + n) // block_size) for c, n in self.sequences)
@@ -326,10 +322,9 @@ def kept_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return torch.where(greedy[:, None], logits == logits.amax(dim=-1, keepdim=True), kept)
 
 
-def build_batch(shape: BatchShape, device: torch.device, block_size: int | None = None) -> RaggedBatch:
-    """The RaggedBatch of a shape, every sequence sampling, its blocks (of BLOCK_SIZE tokens
-    unless told) scattered over the cache in a random order as they are after a while of serving."""
-    block_size = block_size or BLOCK_SIZE
+def build_batch(shape: BatchShape, device: torch.device, block_size: int = BLOCK_SIZE) -> RaggedBatch:
+    """The RaggedBatch of a shape, every sequence sampling, its blocks of `block_size` tokens
+    scattered over the cache in a random order as they are after a while of serving."""
     order = torch.randperm(shape.blocks(block_size), generator=torch.Generator().manual_seed(0)).tolist()
     pairs, used = [], 0
     for i, (cached, new) in enumerate(shape.sequences):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fastgen
-from fastgen.bench.kernels import (MODELS, OPS, QUICK_SHAPES, BatchShape, Ceilings, Cost, ModelShape,
-                                   Selection, achieved, build_batch, decode, format_table, mixed, op_cost,
-                                   prefill)
+from fastgen.bench.kernels import (BLOCK_SIZE, MODELS, OPS, QUICK_SHAPES, BatchShape, Ceilings, Cost,
+                                   ModelShape, Selection, achieved, build_batch, decode, format_table,
+                                   mixed, op_cost, prefill)
 from fastgen.cli import main
 from fastgen.errors import FastgenError, PluginError
 
@@ -87,7 +87,7 @@ def test_mixed_batch_fills_the_budget_and_builds_a_ragged_batch():
     assert len(batch.sampling_seqs) == 5
     # Every sequence owns its own blocks, and together they are exactly the shape's blocks.
     blocks = [b for s in batch.sequences for b in s.block_ids]
-    assert sorted(blocks) == list(range(shape.num_blocks))
+    assert sorted(blocks) == list(range(shape.blocks(BLOCK_SIZE)))
 
 
 class _Unavailable:
