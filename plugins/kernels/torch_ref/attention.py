@@ -27,6 +27,7 @@ class AttentionPlan:
     num_decodes: int
     decode_blocks: torch.Tensor | None      # [D, nb]
     decode_seq_lens: torch.Tensor | None    # [D]
+    decode_stale: torch.Tensor | None       # the slots past each decode's keys, in [D x L] order
     chunks: list[ChunkPlan]
     decode_masks: dict = field(default_factory=dict)   # sliding window -> [D, 1, 1, L] bool
 
@@ -34,11 +35,13 @@ class AttentionPlan:
 def plan_attention(batch) -> AttentionPlan:
     bs = batch.block_size
     d = batch.num_decodes
-    decode_blocks = decode_seq_lens = None
+    decode_blocks = decode_seq_lens = decode_stale = None
     if d:
         longest = max(c + 1 for c in batch.context_lens[:d])
         decode_blocks = batch.block_tables[:d, :-(-longest // bs)].long()
         decode_seq_lens = batch.seq_lens[:d].long()
+        keys = torch.arange(decode_blocks.shape[1] * bs, device=decode_blocks.device)
+        decode_stale = (keys[None, :] >= decode_seq_lens[:, None]).flatten().nonzero().squeeze(1)
     chunks = []
     start = d
     for i in range(d, batch.num_seqs):
@@ -46,14 +49,17 @@ def plan_attention(batch) -> AttentionPlan:
         nb = -(-(ctx + q_len) // bs)
         chunks.append(ChunkPlan(start, q_len, ctx, batch.block_tables[i, :nb].long()))
         start += q_len
-    return AttentionPlan(d, decode_blocks, decode_seq_lens, chunks)
+    return AttentionPlan(d, decode_blocks, decode_seq_lens, decode_stale, chunks)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache [N, bs, Hkv, D], blocks [..., nb] -> [..., Hkv, nb*bs, D]"""
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, stale: torch.Tensor | None = None) -> torch.Tensor:
+    """cache [N, bs, Hkv, D], blocks [..., nb] -> [..., Hkv, nb*bs, D], the keys at `stale` (in
+    [... x nb*bs] order) zeroed."""
     # index_select, not cache[blocks]: advanced indexing takes a much slower path (bf16 above all).
     kv = cache.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *cache.shape[1:])
     kv = kv.flatten(-4, -3)                              # [..., L, Hkv, D]
+    if stale is not None:
+        kv.view(-1, *cache.shape[2:]).index_fill_(0, stale, 0)   # a masked_fill_ is ten times slower
     return kv.transpose(-3, -2)
 
 
@@ -91,8 +97,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     d = plan.num_decodes
     if d:
         # Each decode's query heads of one group share a key head: treat the group as the query axis.
-        k = _gather(k_cache, plan.decode_blocks)                 # [D, Hkv, L, Dh]
-        v = _gather(v_cache, plan.decode_blocks)
+        # The blocks are read whole, so a decode also reads slots past its keys (the rest of its
+        # last block, the blocks its padded table row points at): whatever a block's earlier owner
+        # left there. A weight of 0 does not drop a NaN or inf (0 x inf is NaN): zero them.
+        k = _gather(k_cache, plan.decode_blocks, plan.decode_stale)   # [D, Hkv, L, Dh]
+        v = _gather(v_cache, plan.decode_blocks, plan.decode_stale)
         mask = _decode_mask(plan, window, k.shape[2])
         qd = q[:d].view(d, kv_heads, heads // kv_heads, dim)     # [D, Hkv, G, Dh]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)

@@ -151,8 +151,7 @@ def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_
         key_ok = keys < hi
     if TMA:
         # A box copy has no per-key mask: keys at or past `hi` in the step's block are read as they
-        # are (the cache is zeroed when made and only ever holds written keys, so they are finite)
-        # and get no weight below.
+        # are, whatever an earlier owner of the block left there; their scores are dropped below.
         k = k_cache_ptr.load([block, head_off])
     else:
         if BLOCK_N % CACHE_BLOCK != 0:
@@ -187,6 +186,10 @@ def _attend(acc, running_max, running_sum, q, keys, block, k_cache_ptr, v_cache_
     running_sum = running_sum * alpha + tl.sum(p, axis=1)
     if TMA:
         v = v_cache_ptr.load([block, head_off])
+        if MASKED:
+            # A weight of 0 does not drop a non-finite value (0 x inf is NaN), and a block's
+            # earlier owner may have left one (a model that overflowed in float16).
+            v = tl.where(key_ok[:, None], v, 0.0)
     else:
         v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
     if FP32_DOT:

@@ -139,6 +139,40 @@ def test_attention_matches_reference_with_other_block_sizes(backend, reference, 
     assert_close(actual, expected, torch.float32)
 
 
+EVERY_TARGET = with_emulated_cuda(kernel_targets())
+
+
+@pytest.mark.parametrize("target", EVERY_TARGET, ids=[target_name(t) for t in EVERY_TARGET])
+@pytest.mark.parametrize("stale", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("window", [None, 24], ids=["full", "window"])
+def test_slots_that_hold_no_key_of_the_sequence_never_reach_its_output(target, stale, window):
+    """Every cache slot that is not one of a sequence's keys holds NaN or inf: the rest of its
+    last block (left by the block's earlier owner, say a request whose model overflowed in
+    float16), the blocks of other sequences and those of none (what a short decode's padded block
+    table points at). The output equals the one from a cache of finite values everywhere: a key
+    that gets no weight may still not be read as 0 x inf."""
+    be = make_backend(*target)
+    heads, kv_heads, dim = HEADS["gqa2-d128"]
+    k_cache, v_cache = fill_cache(kv_heads, dim, torch.float16, seed=1)
+    q = random(sum(new for _, new in MIXED), heads, dim, dtype=torch.float16, seed=3)
+    batch = ragged_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS, device=be.device)
+    keys = torch.zeros(NUM_BLOCKS * BLOCK_SIZE, dtype=torch.bool)
+    for table, seq_len in zip(batch.block_tables.tolist(), batch.seq_lens.tolist()):
+        slots = torch.tensor(table).repeat_interleave(BLOCK_SIZE) * BLOCK_SIZE + torch.arange(
+            len(table) * BLOCK_SIZE) % BLOCK_SIZE
+        keys[slots[:seq_len]] = True
+    keys = keys.view(NUM_BLOCKS, BLOCK_SIZE)
+    batch.attn_metadata = be.prepare(batch)
+
+    def attention(k_cache, v_cache):
+        return be.attention(*on(be, q, k_cache, v_cache), batch, dim ** -0.5, window).cpu()
+
+    poisoned = [cache.masked_fill(~keys[:, :, None, None], stale) for cache in (k_cache, v_cache)]
+    actual = attention(*poisoned)
+    assert actual.isfinite().all()
+    assert_close(actual, attention(k_cache, v_cache), torch.float16)
+
+
 # A graph's padded batch (core/step_graphs.py, MixedRows): the step's tokens padded to 128 with a
 # sink sequence over the scratch block (the pool's last), its sequences to 8 + 2.
 GRAPH_MAX_TOKENS, GRAPH_MAX_SEQS = 128, 8

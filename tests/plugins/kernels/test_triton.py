@@ -71,15 +71,23 @@ def test_split_kv_counts_each_tiles_programs_one_per_kv_head(device):
     assert backend.prepare(few_long).num_splits == 1
 
 
-def _with_reference(backend, shapes, num_blocks, seed, window, block_size=BLOCK_SIZE_DEFAULT):
+def _with_reference(backend, shapes, num_blocks, seed, window, block_size=BLOCK_SIZE_DEFAULT,
+                    stale=None):
     """(backend's attention, the reference's, the batch) on a batch of (cached, new) `shapes`, with
     random caches (2 KV heads of 64) and queries (4 heads) drawn on the CPU: the same values on
-    every device."""
+    every device. `stale`: the value every slot past a sequence's end in its last block holds (what
+    an earlier owner of the block left there)."""
     device = backend.device
     batch = ragged_batch(shapes, block_size, num_blocks=num_blocks, device=device)
     g = torch.Generator().manual_seed(seed)
-    k_cache, v_cache = (torch.randn(num_blocks, block_size, 2, 64, generator=g).to(device)
-                        for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, 2, 64, generator=g) for _ in range(2))
+    if stale is not None:
+        for table, seq_len in zip(batch.block_tables.tolist(), batch.seq_lens.tolist()):
+            last, used = divmod(seq_len, block_size)
+            if used:
+                for cache in (k_cache, v_cache):
+                    cache[table[last], used:] = stale
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
     q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
     outs = []
     for be in (backend, make_backend("torch", device)):
@@ -141,6 +149,23 @@ def test_cache_blocks_holding_whole_steps_match_reference(device, tma, block_n, 
     actual, expected, batch = _with_reference(backend, [(150, 1), (33, 1), (97, 30), (0, 45)],
                                               num_blocks=20, seed=5, window=window, block_size=32)
     assert backend.prepare(batch).num_splits == backend.num_kv_splits
+    torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
+@pytest.mark.parametrize("stale", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_what_a_blocks_earlier_owner_left_past_a_sequences_end_is_never_read(device, tma, stale):
+    """The slots past each sequence's end in its last block hold NaN or inf (a model that
+    overflowed in float16 wrote them before the block was freed): a TMA box reads them with the
+    sequence's keys, and none may reach the output, not even as 0 x inf."""
+    if tma and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA copies need sm_90 or later")
+    backend = make_backend("triton", device)
+    backend.attention_block_n, backend.tile_tokens, backend.attention_tma = 32, 8, tma
+    actual, expected, _ = _with_reference(backend, [(150, 1), (33, 1), (97, 30), (0, 45)],
+                                          num_blocks=20, seed=5, window=None, block_size=32,
+                                          stale=stale)
+    assert expected.isfinite().all()
     torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 

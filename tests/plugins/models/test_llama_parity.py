@@ -29,3 +29,17 @@ def test_greedy_matches_transformers(reference, kernels, device):
 def test_greedy_matches_transformers_with_preemption(tiny_checkpoint, kernels, device):
     _, folder, model = tiny_checkpoint
     assert_parity_with_preemption(folder, model, kernels, device)
+
+
+@pytest.mark.parametrize("kernels,device", KERNELS)
+def test_greedy_matches_transformers_over_a_kv_cache_that_holds_nan(reference, kernels, device):
+    """Every slot of the KV cache starts as NaN, as if earlier requests whose model overflowed in
+    float16 had left it everywhere: each request reads only its own keys, so nothing changes. The
+    kernels read blocks whole (the rest of a sequence's last block, the block a short row of the
+    block table is padded with) and must keep what they did not write out of the output."""
+    _, folder, prompts, expected = reference
+    llm = fastgen.LLM(model=str(folder), kernels=kernels, device=device, **SETTINGS)
+    for k_cache, v_cache in llm.engine.kv_cache:
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
+    assert_greedy_parity(llm, prompts, expected)
