@@ -78,6 +78,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def check_vocab(self, vocab_size: int) -> None:
         """Refuse token ids the model does not have (only the model knows its vocabulary size)."""
+        if self.top_k >= vocab_size:
+            # Keeps every token: the same as no cut, which also spares the sampler a top_k that
+            # does not fit its int64 tensors (a client may send any integer).
+            self.top_k = 0
         for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
             outside = sorted({t for t in ids if t >= vocab_size})
             if outside:
