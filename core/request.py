@@ -13,6 +13,9 @@ import numpy as np
 
 from .errors import RequestError
 
+# The sampler divides by temperatures in float32: a larger one would be inf (and sample as much
+# at random as any temperature past a few hundred already does).
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
 
 MAX_LOGPROBS = 20   # most alternatives a request may ask for per token (OpenAI's top_logprobs cap)
 MAX_LOGIT_BIAS = 100.0   # OpenAI's range for a logit_bias value: [-100, 100]
@@ -50,6 +53,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}.", param="max_tokens")
         if not self.temperature >= 0:  # also refuses NaN
             raise RequestError(f"temperature must be 0 or more, got {self.temperature}.", param="temperature")
+        if self.temperature > MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be at most {MAX_TEMPERATURE:.4g} (the sampler's "
+                               f"float32), got {self.temperature}.", param="temperature")
         if self.top_k < 0:
             raise RequestError(f"top_k must be 0 (off) or more, got {self.top_k}.", param="top_k")
         if not 0 < self.top_p <= 1:

@@ -468,6 +468,8 @@ ERRORS = [
     (CHAT, {"messages": HI, "max_completion_tokens": 0}, 400, "max_completion_tokens",
      "max_completion_tokens must be at least 1"),
     (COMPLETIONS, {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature must be 0 or more"),
+    (CHAT, {"messages": HI, "temperature": 1e300}, 400, "temperature",
+     r"temperature must be at most 3.403e\+38 \(the sampler's float32\), got 1e\+300"),
     (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p", r"top_p must be in \(0, 1\]"),
     (COMPLETIONS, {"prompt": "x", "seed": -1}, 400, "seed", "seed must be in"),
     (COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n", "n must be at least 1"),
@@ -509,6 +511,46 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, patte
     assert error["param"] == param
     assert re.search(pattern, error["message"]), error["message"]
     assert error["message"].endswith("."), error["message"]
+
+
+# Values of every JSON type and the edges a client might send: ints beyond 64 bits, floats beyond
+# the fields' ranges, empty and odd strings and containers.
+ODD_VALUES = [None, True, False, 0, -1, 1, 2, 2**31, 2**63, 2**64, -2**63, 10**30, 0.5, -0.5, 1e308,
+              -1e308, 1e-300, "", "x", "\u0000", "a" * 2000, [], [1], [[1]], [[]], [""], [None], [-1],
+              [1.5], ["a", 1], {}, {"a": 1}, {"5": 1}, {"type": "text"}, [{"role": "user"}],
+              [{"role": "user", "content": 1}]]
+FIELDS = [(COMPLETIONS, field) for field in (
+    "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logit_bias", "stream", "stream_options", "logprobs", "echo", "best_of", "user", "model",
+    "suffix")] + [(CHAT, field) for field in (
+    "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "stop",
+    "logprobs", "top_logprobs", "stream", "stream_options", "logit_bias", "tools", "tool_choice",
+    "response_format", "model", "user")]
+
+
+# A value that only makes numpy warn (a float32 overflow) is one the engine mishandles too.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("path, field", FIELDS, ids=[f"{'chat' if p == CHAT else 'completions'}-{f}" for p, f in FIELDS])
+def test_no_value_of_a_field_gets_a_server_error(server, path, field):
+    """Each odd value in the field of an otherwise good request: an answer, or a 4xx that says
+    what is wrong; never a 5xx (a top_k of 2**63 reached an int64 tensor and failed once)."""
+    for value in ODD_VALUES:
+        body = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HI}
+        # 2 tokens unless the field is drawn: left out, chat generates to the end of the context.
+        body["max_tokens"] = 2
+        body[field] = value
+        if field.startswith("max_") and value is None:
+            continue
+        status, headers, raw = request(server, "POST", path, body)
+        assert status in (200, 400, 404), (value, raw[:500])
+        if status != 200:
+            error = json.loads(raw)["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], (value, error)
+        elif headers["Content-Type"].startswith("text/event-stream"):
+            assert events(raw)[-1] == "[DONE]" and all("error" not in e for e in events(raw)[:-1])
+        else:
+            assert json.loads(raw)["choices"], value
 
 
 def test_openai_client_sees_the_error(client, server):
