@@ -16,6 +16,8 @@ import msgspec
 
 from .errors import ConfigError
 
+MAX_THREADS = 1024   # past any CPU's cores; torch starts every thread asked for (a million crash it)
+
 
 def _doc(text: str) -> msgspec.Meta:
     return msgspec.Meta(description=text)
@@ -123,6 +125,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be more than 0 and at most 1, got "
                               f"{self.gpu_memory_utilization}.")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535] (0: any free port), got {self.port}.")
+        if not self.shutdown_timeout >= 0:   # also refuses NaN
+            raise ConfigError(f"shutdown_timeout must be 0 or more seconds, got {self.shutdown_timeout}.")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), as a request's is, got {self.seed}.")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ConfigError(f"threads must be at most {MAX_THREADS}, got {self.threads}.")
 
 
 def config_fields() -> list[msgspec.structs.FieldInfo]:
@@ -140,7 +150,8 @@ def make_config(base: Config | None = None, **overrides: Any) -> Config:
     try:
         return msgspec.convert(values, Config, strict=False)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"Invalid setting: {e}.") from None
+        # A check of __post_init__'s ends its message with a period already; msgspec's own do not.
+        raise ConfigError(f"Invalid setting: {str(e).rstrip('.')}.") from None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

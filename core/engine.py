@@ -17,7 +17,7 @@ from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
 from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
-from .kv_memory import (CPU_KV_CACHE_GB, GiB, GpuMemory, default_token_budget,
+from .kv_memory import (CPU_KV_CACHE_GB, GiB, GpuMemory, check_kv_cache_fits, default_token_budget,
                         gpu_kv_cache_bytes, step_reserve_bytes)
 from .logits_processors import apply_logits_processors
 from .logprobs import PromptLogprobPlan, SampledLogprobs, extend_for_prompt_logprobs
@@ -88,12 +88,26 @@ class LaunchedStep:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `name` (a `device` setting) names, once it is known to run here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise FastgenError(f"Unknown device {name!r}; use auto, cpu or cuda[:N].") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise FastgenError(f"Unknown device {name!r}; use auto, cpu or cuda[:N].")
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise FastgenError(f"Device {name!r}: this torch build ({torch.__version__}) has no CUDA "
+                               f"support; use --device cpu, or install a CUDA build of torch.")
+        if not torch.cuda.is_available():
+            raise FastgenError(f"Device {name!r}: torch sees no CUDA GPU; check the NVIDIA driver "
+                               f"and CUDA_VISIBLE_DEVICES, or use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FastgenError(f"Device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                               f"GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    return device
 
 
 def overlap_steps_on(config: Config, device: torch.device) -> bool:
@@ -244,8 +258,10 @@ class Engine(RequestIntake):
         bs = self.config.block_size
         per_block = 2 * layers * bs * kv_heads * head_dim * self.dtype.itemsize
         num_blocks = self.config.num_blocks or max(1, self._kv_cache_bytes() // per_block)
+        check_kv_cache_fits(num_blocks * per_block, num_blocks, bs, self.device)
         shape = (num_blocks, bs, kv_heads, head_dim)
-        # Zeroed, not empty: padding slots are masked out, but 0 * NaN garbage would still be NaN.
+        # Zeroed, though attention keeps a slot that holds none of a sequence's keys out of its
+        # output whatever the slot holds (docs/plugins.md): a block's first use is the same each run.
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(layers)]
 

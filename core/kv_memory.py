@@ -14,6 +14,7 @@ with a prompt chunk waits for the whole step, so the step stays at vLLM's online
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,31 @@ GPU_BUDGET_RESERVE_SHARE = 0.25
 # cuBLAS's workspaces, the kernel backends' scratch, the allocator's rounding.
 GPU_FIXED_RESERVE = 512 * 2**20
 GiB = 2**30
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the device can still hand out (on CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_kv_cache_fits(size: int, num_blocks: int, block_size: int, device: torch.device) -> None:
+    """ConfigError if a KV cache of `size` bytes cannot be had on `device` now: asked for outright
+    (kv_cache_gb, num_blocks), it could be more than the machine has, and a CPU's allocator may
+    grant it and let the kernel kill the process as the zeros land."""
+    free = free_memory(device)
+    if size > free:
+        raise ConfigError(f"A KV cache of {size / GiB:.2f} GiB ({num_blocks} blocks of {block_size} "
+                          f"tokens) does not fit in the {free / GiB:.2f} GiB free on {device}; "
+                          f"lower kv_cache_gb or num_blocks.")
 
 
 def step_activation_bytes(hf_config: Any, token_budget: int, max_num_seqs: int, itemsize: int) -> int:

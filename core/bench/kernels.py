@@ -8,7 +8,6 @@ kernels` and `pytest benchmarks/kernels` both run it.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import statistics
 import time
@@ -334,20 +333,6 @@ def build_batch(shape: BatchShape, device: torch.device, block_size: int = BLOCK
         seq.block_ids, used = order[used:used + blocks], used + blocks
         pairs.append((seq, new))
     return RaggedBatch.build(pairs, block_size, device)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes the device can still hand out (on CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_name(device: torch.device) -> str:

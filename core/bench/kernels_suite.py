@@ -24,8 +24,8 @@ import pytest
 from ..errors import FastgenError
 from .kernel_check import check_case
 from .device_timing import DeviceTimer, device_clock
-from .kernels import (REFERENCE_BACKEND, Selection, achieved, device_name, free_memory,
-                      measure_ceilings)
+from ..kv_memory import free_memory
+from .kernels import REFERENCE_BACKEND, Selection, achieved, device_name, measure_ceilings
 
 __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
            "pytest_benchmark_update_machine_info", "kernel_ceilings", "kernel_reference", "test_kernel"]

@@ -88,10 +88,36 @@ def test_out_of_range_settings(settings):
 
 
 @pytest.mark.parametrize("settings", [dict(max_model_len=-5), dict(kv_cache_gb=-1.0),
-                                      dict(threads=-1)], ids=lambda d: next(iter(d)))
+                                      dict(threads=-1), dict(threads=10**6), dict(port=-1),
+                                      dict(port=70000), dict(shutdown_timeout=-1.0),
+                                      dict(shutdown_timeout=math.nan), dict(seed=-1),
+                                      dict(seed=2**64)],
+                         ids=lambda d: "=".join(map(str, next(iter(d.items())))))
 def test_more_out_of_range_settings(settings):
-    with pytest.raises(ConfigError, match=next(iter(settings))):
+    """Each refused with its name and value, in one sentence (a million threads crashed torch; a
+    seed past 64 bits failed as an overflow deep in the engine)."""
+    name, value = next(iter(settings.items()))
+    with pytest.raises(ConfigError, match=f"{name} must be .*, got {value}") as e:
         make_config(**settings)
+    assert str(e.value).endswith(".") and not str(e.value).endswith("..")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("meta", r"Unknown device 'meta'; use auto, cpu or cuda\[:N\]\."),
+    ("tpu", r"Unknown device 'tpu'"),
+    ("cuda:99", r"Device 'cuda:99': (this torch build .* has no CUDA support|torch sees no CUDA GPU|"
+                r"this machine has \d+ CUDA GPUs)")])
+def test_a_device_that_is_not_here_says_why(tiny_llama, device, message):
+    with pytest.raises(fastgen.FastgenError, match=message):
+        fastgen.LLM(model=str(tiny_llama[0]), device=device)
+
+
+@pytest.mark.parametrize("settings", [dict(kv_cache_gb=10.0**6), dict(num_blocks=10**9)],
+                         ids=["kv_cache_gb", "num_blocks"])
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_before_it_is_allocated(tiny_llama, settings):
+    with pytest.raises(ConfigError, match=r"A KV cache of [\d.]+ GiB \(\d+ blocks of 16 tokens\) does not "
+                                          r"fit in the [\d.]+ GiB free on cpu; lower kv_cache_gb or num_blocks"):
+        fastgen.LLM(model=str(tiny_llama[0]), device="cpu", **settings)
 
 
 # --- requests -----------------------------------------------------------------------------------
