@@ -144,7 +144,7 @@ class CpuBackend(ReferenceFallbackBackend):
             else:
                 kernel_ids.append(i)
             start += q_len
-        sdpa_plan = AttentionPlan(0, None, None, None, sdpa_chunks) if sdpa_chunks else None
+        sdpa_plan = AttentionPlan(0, None, None, sdpa_chunks) if sdpa_chunks else None
         return StepMetadata(torch.tensor(kernel_ids, dtype=torch.int32), sdpa_plan,
                             LazyReferencePlan(batch))
 

@@ -25,9 +25,8 @@ class ChunkPlan:
 @dataclass
 class AttentionPlan:
     num_decodes: int
-    decode_blocks: torch.Tensor | None      # [D, nb]
+    decode_slots: torch.Tensor | None       # [D, L] the cache slot of each decode's keys 0..L-1
     decode_seq_lens: torch.Tensor | None    # [D]
-    decode_stale: torch.Tensor | None       # the slots past each decode's keys, in [D x L] order
     chunks: list[ChunkPlan]
     decode_masks: dict = field(default_factory=dict)   # sliding window -> [D, 1, 1, L] bool
 
@@ -35,13 +34,19 @@ class AttentionPlan:
 def plan_attention(batch) -> AttentionPlan:
     bs = batch.block_size
     d = batch.num_decodes
-    decode_blocks = decode_seq_lens = decode_stale = None
+    decode_slots = decode_seq_lens = None
     if d:
         longest = max(c + 1 for c in batch.context_lens[:d])
-        decode_blocks = batch.block_tables[:d, :-(-longest // bs)].long()
+        blocks = batch.block_tables[:d, :-(-longest // bs)].long()
         decode_seq_lens = batch.seq_lens[:d].long()
-        keys = torch.arange(decode_blocks.shape[1] * bs, device=decode_blocks.device)
-        decode_stale = (keys[None, :] >= decode_seq_lens[:, None]).flatten().nonzero().squeeze(1)
+        keys = torch.arange(blocks.shape[1] * bs, device=blocks.device)
+        slots = blocks.repeat_interleave(bs, dim=1) * bs + keys % bs
+        # Keys past a decode's end (the rest of its last block, the blocks a shorter row of the
+        # table is padded with) hold whatever a block's earlier owner left there, NaN or inf
+        # perhaps, which a weight of 0 does not drop (0 x inf is NaN): they read its first key
+        # instead, which the mask hides. Read slot by slot, the gather costs what reading whole
+        # blocks did (this machine), and zeroing the slots after it cost 35 us a layer.
+        decode_slots = torch.where(keys[None, :] < decode_seq_lens[:, None], slots, slots[:, :1])
     chunks = []
     start = d
     for i in range(d, batch.num_seqs):
@@ -49,18 +54,20 @@ def plan_attention(batch) -> AttentionPlan:
         nb = -(-(ctx + q_len) // bs)
         chunks.append(ChunkPlan(start, q_len, ctx, batch.block_tables[i, :nb].long()))
         start += q_len
-    return AttentionPlan(d, decode_blocks, decode_seq_lens, decode_stale, chunks)
+    return AttentionPlan(d, decode_slots, decode_seq_lens, chunks)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, stale: torch.Tensor | None = None) -> torch.Tensor:
-    """cache [N, bs, Hkv, D], blocks [..., nb] -> [..., Hkv, nb*bs, D], the keys at `stale` (in
-    [... x nb*bs] order) zeroed."""
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [N, bs, Hkv, D], blocks [nb] -> [Hkv, nb*bs, D]"""
     # index_select, not cache[blocks]: advanced indexing takes a much slower path (bf16 above all).
-    kv = cache.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *cache.shape[1:])
-    kv = kv.flatten(-4, -3)                              # [..., L, Hkv, D]
-    if stale is not None:
-        kv.view(-1, *cache.shape[2:]).index_fill_(0, stale, 0)   # a masked_fill_ is ten times slower
-    return kv.transpose(-3, -2)
+    kv = cache.index_select(0, blocks).flatten(0, 1)    # [L, Hkv, D]
+    return kv.transpose(0, 1)
+
+
+def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [N, bs, Hkv, D], slots [D, L] -> [D, Hkv, L, D]"""
+    kv = cache.flatten(0, 1).index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[2:])
+    return kv.transpose(1, 2)
 
 
 def _decode_mask(plan: AttentionPlan, window: int | None, length: int) -> torch.Tensor:
@@ -97,11 +104,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     d = plan.num_decodes
     if d:
         # Each decode's query heads of one group share a key head: treat the group as the query axis.
-        # The blocks are read whole, so a decode also reads slots past its keys (the rest of its
-        # last block, the blocks its padded table row points at): whatever a block's earlier owner
-        # left there. A weight of 0 does not drop a NaN or inf (0 x inf is NaN): zero them.
-        k = _gather(k_cache, plan.decode_blocks, plan.decode_stale)   # [D, Hkv, L, Dh]
-        v = _gather(v_cache, plan.decode_blocks, plan.decode_stale)
+        k = _gather_slots(k_cache, plan.decode_slots)            # [D, Hkv, L, Dh]
+        v = _gather_slots(v_cache, plan.decode_slots)
         mask = _decode_mask(plan, window, k.shape[2])
         qd = q[:d].view(d, kv_heads, heads // kv_heads, dim)     # [D, Hkv, G, Dh]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)
