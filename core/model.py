@@ -52,20 +52,23 @@ def read_hf_config(folder: Path):
     try:
         json.loads(config_file.read_text())
         return AutoConfig.from_pretrained(str(folder))
-    except (ValueError, KeyError, OSError) as e:
-        raise ModelLoadError(f"Cannot read {config_file}: {e}") from None
+    except Exception as e:   # a config class's own checks raise anything (0 heads: ZeroDivisionError)
+        raise ModelLoadError(f"Cannot read {config_file}: {type(e).__name__}: {e}") from None
 
 
 def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"Model folder {folder} has no *.safetensors weights.")
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:   # truncated, or not safetensors at all
+            raise ModelLoadError(f"Cannot read weights file {file}: {e}.") from None
 
 
 def load_model(folder: Path, plugins: PluginManager, backend: KernelBackend,

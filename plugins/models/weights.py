@@ -30,6 +30,10 @@ def layer_target(name: str, pattern: re.Pattern, layers: nn.ModuleList,
     if match is None or match.group(2) not in table:
         return None   # rotary inv_freq and other buffers some checkpoints carry
     index = int(match.group(1))
+    if index >= len(layers):
+        raise ModelLoadError(f"Checkpoint weight {name} is for layer {index}, and config.json's "
+                             f"num_hidden_layers is {len(layers)}; check that the config matches "
+                             f"the weights.")
     attr, part = table[match.group(2)]
     return attr_target(name, layers[index], attr, part, f"layers.{index}.")
 

@@ -67,6 +67,49 @@ def test_unreadable_config_json(tmp_path):
         fastgen.LLM(model=str(tmp_path))
 
 
+def _broken_copy(tiny_llama, tmp_path, break_it):
+    """A copy of the tiny Llama's folder, broken by `break_it(folder)`."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_llama[0], folder)
+    break_it(folder)
+    return folder
+
+
+def _truncate_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+
+
+def _add_a_layer_past_the_config(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.9.mlp.up_proj.weight"] = next(
+        t for n, t in tensors.items() if n.endswith("layers.0.mlp.up_proj.weight")).clone()
+    save_file(tensors, folder / "model.safetensors")
+
+
+def _zero_heads(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["num_attention_heads"] = 0
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (_truncate_weights, r"Cannot read weights file .*model\.safetensors: .*header"),
+    (_add_a_layer_past_the_config,
+     r"Checkpoint weight model\.layers\.9\.mlp\.up_proj\.weight is for layer 9, and config\.json's "
+     r"num_hidden_layers is 2"),
+    (_zero_heads, r"Cannot read .*config\.json: ZeroDivisionError")],
+    ids=["truncated-weights", "layer-past-the-config", "zero-heads"])
+def test_a_broken_checkpoint_is_a_model_load_error_that_says_what_is_wrong(tiny_llama, tmp_path,
+                                                                           break_it, message):
+    with pytest.raises(ModelLoadError, match=message):
+        fastgen.LLM(model=str(_broken_copy(tiny_llama, tmp_path, break_it)), device="cpu")
+
+
 # --- settings -----------------------------------------------------------------------------------
 
 def test_unknown_setting_lists_the_settings(tiny_llama):
