@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -210,6 +211,33 @@ def test_bad_prompt_token_ids(llm, prompt):
     with pytest.raises(RequestError):
         llm.engine.add_request(prompt, SamplingParams(max_tokens=1))
     assert not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prompts, sampling_params, message", [
+    (None, None, "prompts must be a string, token ids, or a list of those; got NoneType"),
+    (7.5, None, "prompts must be a string, token ids, or a list of those; got float"),
+    ([{"role": "user"}], None, "A prompt is a string or token ids; got dict"),
+    ("x", {"max_tokens": 2}, "sampling_params must be a SamplingParams or a list of them; got dict")],
+    ids=["none", "a-number", "a-message", "params-as-a-dict"])
+def test_offline_arguments_of_the_wrong_type_say_what_was_expected(llm, prompts, sampling_params,
+                                                                   message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        llm.generate(prompts, sampling_params)
+
+
+def test_token_ids_in_numpy_arrays_and_tensors_are_prompts_like_lists(llm):
+    import numpy as np
+    import torch
+
+    params = SamplingParams(max_tokens=3, temperature=0)
+    want = [o.token_ids for o in llm.generate([[5, 6, 7], [9, 10, 11]], params)]
+    for prompts in (np.array([[5, 6, 7], [9, 10, 11]]), torch.tensor([[5, 6, 7], [9, 10, 11]]),
+                    [np.array([5, 6, 7]), torch.tensor([9, 10, 11])],
+                    [[np.int64(5), np.int32(6), torch.tensor(7)], (9, 10, 11)]):
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.generate(np.array([5, 6, 7]), params)[0].token_ids == want[0]
+    with pytest.raises(RequestError, match=r"integers in \[0, \d+\); got \[1.5\]"):
+        llm.generate(np.array([1.5]), params)
 
 
 def test_duplicate_request_id(llm):
