@@ -152,6 +152,9 @@ def test_cache_blocks_holding_whole_steps_match_reference(device, tma, block_n, 
     torch.testing.assert_close(actual, expected, **FLOAT32[device.type])
 
 
+# A box of keys holds the poisoned slots, whose scores come out NaN before the mask drops them:
+# numpy, running the interpreter's products, says so.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
 @pytest.mark.parametrize("stale", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_what_a_blocks_earlier_owner_left_past_a_sequences_end_is_never_read(device, tma, stale):
