@@ -30,6 +30,7 @@ from fastgen.config import make_config
 from fastgen.engine import Engine
 from fastgen.plugins.transports.http import SERVER_KEY, HttpTransport, OpenAIServer
 
+from odd_values import ODD_VALUES
 from waiting import wait_until
 
 GREEDY = dict(temperature=0)
@@ -513,12 +514,6 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, patte
     assert error["message"].endswith("."), error["message"]
 
 
-# Values of every JSON type and the edges a client might send: ints beyond 64 bits, floats beyond
-# the fields' ranges, empty and odd strings and containers.
-ODD_VALUES = [None, True, False, 0, -1, 1, 2, 2**31, 2**63, 2**64, -2**63, 10**30, 0.5, -0.5, 1e308,
-              -1e308, 1e-300, "", "x", "\u0000", "a" * 2000, [], [1], [[1]], [[]], [""], [None], [-1],
-              [1.5], ["a", 1], {}, {"a": 1}, {"5": 1}, {"type": "text"}, [{"role": "user"}],
-              [{"role": "user", "content": 1}]]
 FIELDS = [(COMPLETIONS, field) for field in (
     "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",

@@ -23,6 +23,7 @@ from fastgen.async_engine import AsyncEngine
 from fastgen.engine import Engine
 from fastgen.plugins.transports import stdin as stdin_transport
 from fastgen.plugins.transports.stdin import StdinRequest, StdinTransport
+from odd_values import ODD_VALUES
 
 GREEDY = dict(temperature=0)
 
@@ -183,6 +184,32 @@ def test_bad_lines_get_an_error_and_serving_goes_on(engine):
         matching = [e for e in errors if e["id"] == want_id and re.search(pattern, e["error"])]
         assert matching, f"no error for id {want_id!r} matching {pattern!r} in {errors}"
     assert all(set(e) == {"id", "error"} and e["error"].endswith(".") for e in errors)
+
+
+# A value that only makes numpy warn (a float32 overflow) is one the engine mishandles too.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_no_value_of_a_field_stops_serving_or_fails_in_the_engine(engine):
+    """Each odd value in each field of an otherwise good request, all in one stream of lines: each
+    line gets one answer or one error that names the problem, and none is the engine's failure."""
+    fields = [f for f in StdinRequest.__struct_fields__ if f not in ("id", "max_tokens")]
+    lines, ids = [], []
+    for field in fields + ["max_tokens"]:
+        for i, value in enumerate(ODD_VALUES):
+            if field == "max_tokens" and value is None:
+                continue   # left out, a request generates to the end of the context
+            request = {"id": f"{field}-{i}", "prompt": "Paris", "max_tokens": 2, field: value}
+            if field == "messages":
+                del request["prompt"]
+            lines.append(request)
+            ids.append(request["id"])
+    answers = serve(engine, lines)
+
+    assert {a["id"] for a in answers} == set(ids)   # streamed ones in several lines
+    errors = [a for a in answers if "error" in a]
+    assert len({a["id"] for a in errors}) == len(errors)
+    assert not {a["id"] for a in errors} & {a["id"] for a in answers if "error" not in a}
+    for a in errors:
+        assert a["error"].endswith(".") and "engine failed" not in a["error"], a
 
 
 def test_duplicate_id_in_flight_is_an_error(engine):
