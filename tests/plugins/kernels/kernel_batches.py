@@ -74,3 +74,17 @@ def ragged_batch(shapes: list[tuple[int, int]], block_size: int, num_blocks: int
         seq.block_ids = [free.pop() for _ in range(-(-total // block_size))]
         scheduled.append((seq, new))
     return RaggedBatch.build(scheduled, block_size, device)
+
+
+def poisoned_outside_keys(cache: torch.Tensor, batch: RaggedBatch, value: float) -> torch.Tensor:
+    """A copy of `cache` [num_blocks, block_size, ...] holding `value` in every slot that is none
+    of the batch's keys: the rest of each sequence's last block (left by the block's earlier owner,
+    a request whose model overflowed in float16, say), other blocks, and block 0, which a short row
+    of the block table is padded with."""
+    num_blocks, block_size = cache.shape[:2]
+    keys = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    offsets = torch.arange(block_size)
+    for table, seq_len in zip(batch.block_tables.tolist(), batch.seq_lens.tolist()):
+        keys[(torch.tensor(table)[:, None] * block_size + offsets).flatten()[:seq_len]] = True
+    hidden = ~keys.view(num_blocks, block_size, *[1] * (cache.dim() - 2))
+    return cache.masked_fill(hidden.to(cache.device), value)

@@ -19,7 +19,8 @@ import torch
 
 from fastgen.kernels import linear_of, reference_tolerance
 from fastgen.step_graphs import MixedRows, padded_tokens
-from kernel_batches import REFERENCE, make_backend, ragged_batch, target_name, with_emulated_cuda
+from kernel_batches import (REFERENCE, make_backend, poisoned_outside_keys, ragged_batch, target_name,
+                           with_emulated_cuda)
 from kernel_targets import CPU, kernel_targets
 
 # bfloat16 on GPUs only: the Triton interpreter has none, so the CPU cases stay as they were.
@@ -156,19 +157,12 @@ def test_slots_that_hold_no_key_of_the_sequence_never_reach_its_output(target, s
     k_cache, v_cache = fill_cache(kv_heads, dim, torch.float16, seed=1)
     q = random(sum(new for _, new in MIXED), heads, dim, dtype=torch.float16, seed=3)
     batch = ragged_batch(MIXED, BLOCK_SIZE, NUM_BLOCKS, device=be.device)
-    keys = torch.zeros(NUM_BLOCKS * BLOCK_SIZE, dtype=torch.bool)
-    for table, seq_len in zip(batch.block_tables.tolist(), batch.seq_lens.tolist()):
-        slots = torch.tensor(table).repeat_interleave(BLOCK_SIZE) * BLOCK_SIZE + torch.arange(
-            len(table) * BLOCK_SIZE) % BLOCK_SIZE
-        keys[slots[:seq_len]] = True
-    keys = keys.view(NUM_BLOCKS, BLOCK_SIZE)
     batch.attn_metadata = be.prepare(batch)
 
     def attention(k_cache, v_cache):
         return be.attention(*on(be, q, k_cache, v_cache), batch, dim ** -0.5, window).cpu()
 
-    poisoned = [cache.masked_fill(~keys[:, :, None, None], stale) for cache in (k_cache, v_cache)]
-    actual = attention(*poisoned)
+    actual = attention(*(poisoned_outside_keys(cache, batch, stale) for cache in (k_cache, v_cache)))
     assert actual.isfinite().all()
     assert_close(actual, attention(k_cache, v_cache), torch.float16)
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fastgen import SamplingParams
-from kernel_batches import BLOCK_SIZE_DEFAULT, device_fixture, devices_for, make_backend, ragged_batch
+from kernel_batches import (BLOCK_SIZE_DEFAULT, device_fixture, devices_for, make_backend,
+                            poisoned_outside_keys, ragged_batch)
 from kernel_targets import CPU
 from sampling_inputs import metadata, random_logits
 
@@ -75,18 +76,14 @@ def _with_reference(backend, shapes, num_blocks, seed, window, block_size=BLOCK_
                     stale=None):
     """(backend's attention, the reference's, the batch) on a batch of (cached, new) `shapes`, with
     random caches (2 KV heads of 64) and queries (4 heads) drawn on the CPU: the same values on
-    every device. `stale`: the value every slot past a sequence's end in its last block holds (what
-    an earlier owner of the block left there)."""
+    every device. `stale`: the value every slot that is none of the batch's keys holds (what earlier
+    owners of the blocks left there)."""
     device = backend.device
     batch = ragged_batch(shapes, block_size, num_blocks=num_blocks, device=device)
     g = torch.Generator().manual_seed(seed)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, 2, 64, generator=g) for _ in range(2))
     if stale is not None:
-        for table, seq_len in zip(batch.block_tables.tolist(), batch.seq_lens.tolist()):
-            last, used = divmod(seq_len, block_size)
-            if used:
-                for cache in (k_cache, v_cache):
-                    cache[table[last], used:] = stale
+        k_cache, v_cache = (poisoned_outside_keys(c, batch, stale) for c in (k_cache, v_cache))
     k_cache, v_cache = k_cache.to(device), v_cache.to(device)
     q = torch.randn(batch.num_tokens, 4, 64, generator=g).to(device)
     outs = []
@@ -158,9 +155,9 @@ def test_cache_blocks_holding_whole_steps_match_reference(device, tma, block_n, 
 @pytest.mark.parametrize("tma", [False, True], ids=["gather", "tma"])
 @pytest.mark.parametrize("stale", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_what_a_blocks_earlier_owner_left_past_a_sequences_end_is_never_read(device, tma, stale):
-    """The slots past each sequence's end in its last block hold NaN or inf (a model that
-    overflowed in float16 wrote them before the block was freed): a TMA box reads them with the
-    sequence's keys, and none may reach the output, not even as 0 x inf."""
+    """The slots that are none of the sequences' keys hold NaN or inf (a model that overflowed in
+    float16 wrote them before the blocks were freed): a TMA box reads the rest of a sequence's last
+    block with its keys, and none of it may reach the output, not even as 0 x inf."""
     if tma and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA copies need sm_90 or later")
     backend = make_backend("triton", device)

@@ -531,12 +531,11 @@ def test_no_value_of_a_field_gets_a_server_error(server, path, field):
     """Each odd value in the field of an otherwise good request: an answer, or a 4xx that says
     what is wrong; never a 5xx (a top_k of 2**63 reached an int64 tensor and failed once)."""
     for value in ODD_VALUES:
-        body = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HI}
-        # 2 tokens unless the field is drawn: left out, chat generates to the end of the context.
-        body["max_tokens"] = 2
-        body[field] = value
         if field.startswith("max_") and value is None:
-            continue
+            continue   # left out, chat generates to the end of the context
+        body = {"prompt": "Hi"} if path == COMPLETIONS else {"messages": HI}
+        body["max_tokens"] = 2   # unless `field` is max_tokens
+        body[field] = value
         status, headers, raw = request(server, "POST", path, body)
         assert status in (200, 400, 404), (value, raw[:500])
         if status != 200:

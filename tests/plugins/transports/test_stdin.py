@@ -191,9 +191,8 @@ def test_bad_lines_get_an_error_and_serving_goes_on(engine):
 def test_no_value_of_a_field_stops_serving_or_fails_in_the_engine(engine):
     """Each odd value in each field of an otherwise good request, all in one stream of lines: each
     line gets one answer or one error that names the problem, and none is the engine's failure."""
-    fields = [f for f in StdinRequest.__struct_fields__ if f not in ("id", "max_tokens")]
     lines, ids = [], []
-    for field in fields + ["max_tokens"]:
+    for field in (f for f in StdinRequest.__struct_fields__ if f != "id"):
         for i, value in enumerate(ODD_VALUES):
             if field == "max_tokens" and value is None:
                 continue   # left out, a request generates to the end of the context
