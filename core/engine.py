@@ -16,7 +16,8 @@ from .block_allocator import BlockAllocator
 from .config import Config
 from .detokenizer import IncrementalDetokenizer
 from .errors import FastgenError, PluginError, RequestError
-from .kernels import AUTO, SamplingMetadata, choose_auto, configure_kv_cache, make_backend
+from .kernels import (AUTO, SamplingMetadata, choose_auto, configure_kv_cache, cuda_unavailable_reason,
+                      make_backend)
 from .kv_memory import (CPU_KV_CACHE_GB, GiB, GpuMemory, check_kv_cache_fits, default_token_budget,
                         gpu_kv_cache_bytes, step_reserve_bytes)
 from .logits_processors import apply_logits_processors
@@ -98,12 +99,9 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise FastgenError(f"Unknown device {name!r}; use auto, cpu or cuda[:N].")
     if device.type == "cuda":
-        if torch.version.cuda is None:
-            raise FastgenError(f"Device {name!r}: this torch build ({torch.__version__}) has no CUDA "
-                               f"support; use --device cpu, or install a CUDA build of torch.")
-        if not torch.cuda.is_available():
-            raise FastgenError(f"Device {name!r}: torch sees no CUDA GPU; check the NVIDIA driver "
-                               f"and CUDA_VISIBLE_DEVICES, or use --device cpu.")
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise FastgenError(f"Device {name!r}: {reason}, or use --device cpu.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise FastgenError(f"Device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
                                f"GPUs (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")

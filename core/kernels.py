@@ -69,6 +69,18 @@ REFERENCE_TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3),
 GPU_FLOAT32_TOLERANCE = (1e-4, 1e-4)
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why torch cannot run on a CUDA GPU here, None when it can: one phrasing for the `device`
+    setting and for every backend that needs a GPU. The build is checked first, as a CPU-only
+    build answers no to every later question and its fix is another install, not a driver."""
+    if torch.version.cuda is None:
+        return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build "
+                f"of torch")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU; check the NVIDIA driver and CUDA_VISIBLE_DEVICES"
+    return None
+
+
 def reference_tolerance(dtype: torch.dtype, on_gpu: bool) -> tuple[float, float]:
     """(atol, rtol) within which a backend's result of `dtype` must match the reference's."""
     return GPU_FLOAT32_TOLERANCE if on_gpu and dtype == torch.float32 else REFERENCE_TOLERANCE[dtype]

@@ -250,3 +250,21 @@ def test_on_cuda_auto_takes_kernels_triton_else_a_built_kernels_cuda(tmp_path, m
     monkeypatch.setattr(cuda_build, "_loaded", None)
     assert choose_auto(classes, CUDA, str(tmp_path)) is TorchBackend
     assert choose_auto(classes, CPU, str(tmp_path)) is TorchBackend
+
+
+@pytest.mark.parametrize("missing", ["build", "gpu"])
+def test_the_device_setting_and_every_gpu_backend_give_one_reason_cuda_cannot_run(
+        tiny_llama, monkeypatch, missing):
+    """One phrasing for a missing CUDA build or GPU, the fix included, wherever CUDA is asked for
+    (kernels.torch and kernels.triton once said a third thing, without the fix)."""
+    if missing == "build":
+        monkeypatch.setattr(torch.version, "cuda", None)
+        expected = "has no CUDA support; install a CUDA build of torch"
+    else:
+        monkeypatch.setattr(torch.version, "cuda", "12.4")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        expected = "torch sees no CUDA GPU; check the NVIDIA driver and CUDA_VISIBLE_DEVICES"
+    for backend in (TorchBackend, TritonBackend, CudaBackend):
+        assert expected in backend.unavailable_reason(CUDA), backend.name
+    with pytest.raises(fastgen.FastgenError, match=f"Device 'cuda': .*{expected}, or use --device cpu"):
+        fastgen.LLM(model=str(tiny_llama[0]), device="cuda")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen.kernels import cuda_unavailable_reason
 from fastgen.plugins.kernels.compiled import LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.query_tiles import step_tiles
 from fastgen.plugins.kernels.sampling_seeds import row_seeds
@@ -64,13 +65,11 @@ class CudaBackend(ReferenceFallbackBackend):
         # build is imported here, not at the top, so `python -m ...cuda.build` runs it only once.
         from . import build
 
-        if torch.version.cuda is None:
-            return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build "
-                    f"of torch to use kernels.cuda.")
+        cuda_reason = cuda_unavailable_reason()
+        if cuda_reason is not None:
+            return f"{cuda_reason} to use kernels.cuda."
         if device is not None and device.type != "cuda":
             return f"it runs on CUDA devices only, not {device.type}; select one with --device cuda."
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA GPU; check the NVIDIA driver and CUDA_VISIBLE_DEVICES."
         if build.nvcc_path() is None:
             return "nvcc, needed to build its kernels, was not found; install the CUDA toolkit or set CUDA_HOME."
         from torch.utils.cpp_extension import is_ninja_available

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastgen.kernels import SamplingMetadata
+from fastgen.kernels import SamplingMetadata, cuda_unavailable_reason
 
 from .attention import paged_attention, plan_attention
 from .sampling import sample
@@ -19,8 +19,9 @@ class TorchBackend:
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None) -> str | None:
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            return "CUDA was asked for but torch sees no CUDA device."
+        if device is not None and device.type == "cuda":
+            cuda_reason = cuda_unavailable_reason()
+            return None if cuda_reason is None else f"{cuda_reason}."
         return None
 
     @classmethod

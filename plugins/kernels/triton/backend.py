@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from fastgen.kernels import SamplingMetadata
+from fastgen.kernels import SamplingMetadata, cuda_unavailable_reason
 
 
 def _interpreting() -> bool:
@@ -55,9 +55,8 @@ class TritonBackend:
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
-            if not torch.cuda.is_available():
-                return "CUDA was asked for but torch sees no CUDA device."
-            return None
+            cuda_reason = cuda_unavailable_reason()
+            return None if cuda_reason is None else f"{cuda_reason}."
         if device.type == "cpu" and _interpreting():
             return None
         return (f"Triton needs a CUDA GPU (device is {device.type}), or TRITON_INTERPRET=1 for a slow "
