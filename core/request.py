@@ -84,15 +84,20 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def check_vocab(self, vocab_size: int) -> None:
         """Refuse token ids the model does not have (only the model knows its vocabulary size)."""
-        if self.top_k >= vocab_size:
-            # Keeps every token: the same as no cut, which also spares the sampler a top_k that
-            # does not fit its int64 tensors (a client may send any integer).
-            self.top_k = 0
         for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
             outside = sorted({t for t in ids if t >= vocab_size})
             if outside:
                 raise RequestError(f"{name} has token ids outside this model's vocabulary "
                                    f"[0, {vocab_size}): {outside[:3]}.", param=name)
+
+    def for_vocab(self, vocab_size: int) -> "SamplingParams":
+        """These params as a model of `vocab_size` tokens samples them: a top_k of the vocabulary
+        or more keeps every token, the same as no cut, and becomes 0, which spares the sampler a
+        top_k that does not fit its int64 tensors (a client may send any integer). A copy when it
+        changes, so the caller's params, perhaps reused on another model, stay as given."""
+        if self.top_k < vocab_size:
+            return self
+        return msgspec.structs.replace(self, top_k=0)
 
     @property
     def penalized(self) -> bool:

@@ -58,7 +58,8 @@ class RequestIntake:
         """A sequence of checked token ids (`check_request`)."""
         if request_id is None:
             request_id = self.next_request_id()
-        return Sequence(request_id, token_ids, params, frozenset(self.eos_token_ids))
+        return Sequence(request_id, token_ids, params.for_vocab(self.hf_config.vocab_size),
+                        frozenset(self.eos_token_ids))
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
                       request_id: str | None = None) -> Sequence:

@@ -156,10 +156,13 @@ def test_seeded_requests_repeat_across_batches_and_preemption(tiny_llama):
 @pytest.mark.parametrize("top_k", [None, 2**63, 2**70], ids=["vocab", "2**63", "2**70"])
 def test_a_top_k_of_the_whole_vocabulary_or_more_is_no_cut(llm, top_k):
     """A top_k of the vocabulary's size (None here) or any larger integer, even one no int64
-    holds, keeps every token and samples what no top_k does."""
+    holds, keeps every token and samples what no top_k does; the caller's params keep the top_k
+    it gave (reused on a model with a larger vocabulary, it still means what it said)."""
     def sampled(k):
         params = SamplingParams(max_tokens=12, temperature=1.0, top_k=k, seed=7, ignore_eos=True)
-        return [o.token_ids for o in llm.generate(PROMPTS, params)]
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        assert params.top_k == k
+        return tokens
 
     vocab = llm.engine.hf_config.vocab_size
     assert sampled(vocab if top_k is None else top_k) == sampled(0)
