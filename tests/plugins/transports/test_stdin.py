@@ -338,6 +338,33 @@ def test_fastgen_serve_end_to_end(tiny_llama, llm, engine_process):
     assert "".join(p["text"] for p in stream) == fox.text and stream[-1]["finished"] is True
 
 
+@pytest.mark.slow   # a serving interpreter and its engine's, each importing torch
+def test_what_the_engine_process_prints_never_reaches_the_answers(tiny_llama, tmp_path):
+    """With `--engine-process`, whatever runs beside the engine in its process (a plugin, a
+    library's progress bar) and prints goes to stderr: stdout carries answers only. The script
+    makes every engine step print; the child runs the patch too, as it imports the script again."""
+    script = tmp_path / "noisy_engine.py"
+    script.write_text(
+        "import sys\n"
+        "from fastgen import cli, engine\n"
+        "step = engine.Engine.step\n"
+        "def noisy_step(self, *args, **kwargs):\n"
+        "    print('a plugin talks on stdout', flush=True)\n"
+        "    return step(self, *args, **kwargs)\n"
+        "engine.Engine.step = noisy_step\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(cli.main(sys.argv[1:]))\n")
+    requests = [{"id": "a", "prompt": "Paris", "max_tokens": 4, **GREEDY},
+                {"id": "s", "prompt": "The quick brown fox", "max_tokens": 4, "stream": True, **GREEDY}]
+    process = subprocess.run(
+        [sys.executable, str(script), "serve", "--model", str(tiny_llama[0]), "--plugin", "transports.stdin",
+         "--num-blocks", "64", "--engine-process"], input=encode(requests), capture_output=True, timeout=120)
+    assert process.returncode == 0, process.stderr.decode()
+    assert b"a plugin talks on stdout" in process.stderr   # the patch ran: the engine printed
+    answers = [json.loads(line) for line in process.stdout.splitlines()]
+    assert {a["id"] for a in answers} == {"a", "s"} and all("error" not in a for a in answers)
+
+
 def test_logprobs_and_penalties_on_stdin_match_offline(engine, llm):
     prompt = [5, 9, 9, 14, 5, 30, 7]
     fields = dict(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=1.5, logprobs=1)
