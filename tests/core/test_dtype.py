@@ -1,4 +1,4 @@
-"""dtype = auto: float32 on a CPU; on a GPU the checkpoint's own 16-bit dtype, else bfloat16, or
+"""dtype = auto: on a CPU bfloat16 where it has bf16 matrix instructions, else float32; on a GPU the checkpoint's own 16-bit dtype, else bfloat16, or
 float16 where the GPU has none."""
 
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastgen import checkpoint
 from fastgen.checkpoint import resolve_dtype
 from fastgen.config import make_config
 from fastgen.engine import Engine
@@ -35,7 +36,20 @@ def test_auto_reads_the_newer_dtype_key_and_takes_a_gguf_or_the_demo_as_bfloat16
     assert resolve_dtype("auto", None, CUDA) == "bfloat16"
 
 
-def test_auto_on_a_cpu_is_float32_and_a_setting_wins(tmp_path, tiny_llama):
+@pytest.mark.parametrize("native", [{torch.bfloat16}, {torch.bfloat16, torch.float16}])
+def test_auto_on_a_cpu_with_bf16_matrix_instructions_is_bfloat16(tmp_path, tiny_llama, monkeypatch, native):
+    """AMX or AVX512-BF16: bf16 is the fast CPU dtype there, whatever the checkpoint's own (an
+    fp16 checkpoint too: fp16 is served slowly where AMX-FP16 is missing, and bf16 holds its range)."""
+    monkeypatch.setattr(checkpoint, "native_16bit_matmul", lambda: frozenset(native))
+    for own in ("float32", "float16", "bfloat16"):
+        assert resolve_dtype("auto", folder_with(tmp_path, torch_dtype=own), CPU) == "bfloat16"
+    assert resolve_dtype("auto", None, CPU) == "bfloat16"
+    engine = Engine(make_config(model=str(tiny_llama[0]), device="cpu", num_blocks=8))
+    assert engine.dtype == torch.bfloat16 and engine.kv_cache[0][0].dtype == torch.bfloat16
+
+
+def test_auto_on_a_cpu_without_them_is_float32_and_a_setting_wins(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setattr(checkpoint, "native_16bit_matmul", lambda: frozenset())
     model = folder_with(tmp_path, torch_dtype="bfloat16")
     assert resolve_dtype("auto", model, CPU) == "float32"
     assert resolve_dtype("float16", model, CUDA) == "float16"

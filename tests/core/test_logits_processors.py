@@ -121,7 +121,8 @@ def test_prompt_logprobs_survive_chunking_and_preemption(tiny_llama):
     is still scored exactly once."""
     from fastgen import LLM
 
-    small = LLM(model=str(tiny_llama[0]), token_budget=16, num_blocks=6, block_size=16)
+    small = LLM(model=str(tiny_llama[0]), token_budget=16, num_blocks=6, block_size=16,
+                dtype="float32")   # transformers' dtype, whatever auto is on this CPU
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=0,
                             logprobs=0)
     outs = small.generate(PROMPTS, params)

@@ -11,7 +11,6 @@ the torch reference, noted once in the log.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastgen.cpu_features import native_16bit_matmul
 from fastgen.plugins.kernels.compiled import DTYPES, LazyReferencePlan, ReferenceFallbackBackend
 from fastgen.plugins.kernels.torch_ref.attention import AttentionPlan, ChunkPlan, paged_attention
 
@@ -44,26 +44,6 @@ WIDE_OUTPUTS = 16384   # weights with at least this many rows (outputs) count as
 # once for all rows: 1.0-2.8x oneDNN's inner product on SmolLM2's shapes (weights not in cache) on
 # the AVX2 machine, even at 8 rows, slower from 16.
 OWN_FP32_MAX_ROWS = 8
-
-
-@functools.cache
-def native_16bit_matmul() -> frozenset[torch.dtype]:
-    """The 16-bit dtypes this CPU multiplies with matrix instructions of their own (AVX512-BF16 or
-    AMX for bf16, AMX-FP16 for fp16), where torch's matmul is the fast path. Elsewhere torch widens
-    them slowly (bf16 at 11-17 GFLOP/s against fp32's 56-113 on the AVX2 machine) and the backend's
-    own linear kernel, which widens in registers, runs them instead (3-6x from 4 rows on)."""
-    native = set()
-    if _cpu_has("avx512_bf16") or _cpu_has("amx_tile"):
-        native.add(torch.bfloat16)
-    if _cpu_has("amx_fp16"):
-        native.add(torch.float16)
-    return frozenset(native)
-
-
-def _cpu_has(feature: str) -> bool:
-    """torch.cpu's probe `_is_<feature>_supported` (private), False where this torch has none."""
-    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 @dataclass
@@ -108,6 +88,8 @@ class CpuBackend(ReferenceFallbackBackend):
         # x: [T, K], weight: [N, K] -> [T, N], as F.linear
         if x.dim() == 2 and x.dtype == weight.dtype and weight.is_contiguous() \
                 and (bias is None or bias.dtype == x.dtype):
+            # 16-bit products where the CPU has no matrix instructions for them: the own kernel
+            # widens in registers, 3-6x torch's widening from 4 rows on.
             if x.dtype == torch.float32 and x.shape[0] <= OWN_FP32_MAX_ROWS \
                     or x.dtype in (torch.bfloat16, torch.float16) and x.dtype not in native_16bit_matmul():
                 return self.ops.linear(x, weight, bias)

@@ -54,7 +54,7 @@ def greedy_reference(tiny_llama):
 def test_every_scheduler_gives_the_same_greedy_tokens(greedy_reference, name, num_blocks):
     folder, prompts, expected = greedy_reference
     llm = fastgen.LLM(model=folder, scheduler=name, token_budget=64, device="cpu",
-                      num_blocks=num_blocks)
+                      num_blocks=num_blocks, dtype="float32")   # transformers' dtype
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     # 10 blocks of 16 tokens hold the 130-token prompt and its answer, but not much beside it.
