@@ -38,8 +38,8 @@ class IncrementalDetokenizer:
             tokenizer, "is_fast", False) else None
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
         # With a fast tokenizer, the tokenizers library's DecodeStream runs the window below in
-        # Rust, one call a token: 1.4 against 3.2 us a token over 256 streams of SmolLM2's
-        # tokens (docs/benchmarks.md), the largest of the host's per-sequence costs. Not after a
+        # Rust, one call a token: 1.5-1.9x the window's speed over 256 streams of SmolLM2's
+        # tokens (docs/benchmarks.md), one of the host's larger per-sequence costs. Not after a
         # prompt that ends inside a character: the stream would give the prompt's broken bytes
         # to the first piece of the answer, where the window leaves them to the prompt.
         self._stream = None

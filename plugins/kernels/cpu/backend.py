@@ -88,8 +88,9 @@ class CpuBackend(ReferenceFallbackBackend):
         # x: [T, K], weight: [N, K] -> [T, N], as F.linear
         if x.dim() == 2 and x.dtype == weight.dtype and weight.is_contiguous() \
                 and (bias is None or bias.dtype == x.dtype):
-            # 16-bit products where the CPU has no matrix instructions for them: the own kernel
-            # widens in registers, 3-6x torch's widening from 4 rows on.
+            # The own kernel: fp32 products of few rows, and 16-bit ones where the CPU has no
+            # matrix instructions for them (it widens in registers: 3-6x torch's widening from 4
+            # rows on).
             if x.dtype == torch.float32 and x.shape[0] <= OWN_FP32_MAX_ROWS \
                     or x.dtype in (torch.bfloat16, torch.float16) and x.dtype not in native_16bit_matmul():
                 return self.ops.linear(x, weight, bias)
