@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import logging
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:   # tokenizers before 0.21
+    DecodeStream = None
+
 log = logging.getLogger(__name__)
 
 _CONTEXT_TOKENS = 5   # prompt tokens the first window starts with, for leading-space rules
@@ -18,9 +23,7 @@ _CONTEXT_TOKENS = 5   # prompt tokens the first window starts with, for leading-
 def _decode_stream(backend, context: list[int]):
     """The tokenizers library's own incremental decoder over `backend`, past `context` (its text
     is not the stream's); None where the library has none (before tokenizers 0.21)."""
-    try:
-        from tokenizers.decoders import DecodeStream
-    except ImportError:
+    if DecodeStream is None:
         return None
     stream = DecodeStream(skip_special_tokens=True)
     for token_id in context:
