@@ -1,5 +1,5 @@
-"""dtype = auto: on a CPU bfloat16 where it has bf16 matrix instructions, else float32; on a GPU the checkpoint's own 16-bit dtype, else bfloat16, or
-float16 where the GPU has none."""
+"""dtype = auto: on a CPU bfloat16 where it has bf16 matrix instructions, else float32; on a GPU
+the checkpoint's own 16-bit dtype, else bfloat16, or float16 where the GPU has none."""
 
 import json
 
